@@ -50,7 +50,7 @@ from orchestrator.follow import tell_end
 from orchestrator.ids import new_id
 from orchestrator.ledger import Balance, Ledger
 from orchestrator.models import Asset, Job, Project
-from orchestrator.routing import Decision, Router, leaves_machine
+from orchestrator.routing import BUDGET_SKIP, Decision, Router, leaves_machine
 from orchestrator.schemas import (
     MAX_SCALE,
     MAX_SIDE,
@@ -957,7 +957,9 @@ def _within_budget(decision: Decision, balance: Balance) -> bool:
     available = (f"{to_credits(left)} credits available" if left >= 0 else
                  f"none available: {to_credits(-left)} credits over the limit")
     for candidate in usable[:usable.index(fitting)]:
-        candidate.skipped = f"does not fit the budget ({available})"
+        # Said so for the fallbacks too: room made by the time the choice fails, the policy's
+        # preference is tried again (`routing.fallbacks`), held to the budget as it is then.
+        candidate.skipped = f"{BUDGET_SKIP} ({available})"
     decision.chosen, decision.estimate = fitting.engine, fitting.estimate or 0
     decision.reason = f"the first candidate the project's budget can hold ({available})"
     # As the router leaves them: usable ones first, in the order the runner falls back through.

@@ -101,12 +101,32 @@ class Decision:
                 "candidates": [c.as_dict() for c in self.candidates], **self.extra}
 
 
+# How a candidate passed over because the project's budget could not hold its estimate then is
+# recorded (`orchestrator.jobs._within_budget`): the one skip a fallback looks at again.
+BUDGET_SKIP = "does not fit the budget"
+
+
+def skipped_for_budget(candidate: dict[str, Any]) -> bool:
+    """Whether a recorded candidate was passed over for the budget alone (it serves the request,
+    priced, within every cap, its circuit closed when it was routed)."""
+    skipped = candidate.get("skipped")
+    return isinstance(skipped, str) and skipped.startswith(BUDGET_SKIP)
+
+
 def fallbacks(routing: dict[str, Any] | None, tried: set[str]) -> list[str]:
-    """Usable candidates of a recorded decision that have not been tried yet, in order."""
+    """Candidates of a recorded decision that have not been tried yet, in the order to try them.
+
+    Those passed over because the budget could not hold them come first: the policy ranked them
+    before its choice (the budget moved the choice down to the first it could hold), and room may
+    have been made since (the failed engine's hold released, a grant, a limit raised, a new
+    window). Each is priced and held to the budget as it is at the move, and skipped again when it
+    still does not fit. Then the usable ones, in order. Left out, they were never tried, however
+    much room a fallback found."""
     if not routing:
         return []
-    return [c["engine"] for c in routing.get("candidates", [])
-            if c.get("skipped") is None and c["engine"] not in tried]
+    candidates = routing.get("candidates", [])
+    order = [c for c in candidates if skipped_for_budget(c)] + [c for c in candidates if c.get("skipped") is None]
+    return [c["engine"] for c in order if c["engine"] not in tried]
 
 
 class Router:

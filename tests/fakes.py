@@ -89,6 +89,8 @@ class FakePaidEngine:
                     await cancel.sleep(0.02)
             else:
                 await cancel.sleep(float(req.tags.get("seconds", "1")))
+        if behaviour == "wait-before-send" and req.tags.get("then") == "fail":  # the test acted meanwhile
+            raise EngineError("fake engine failed after its wait", retryable=True)
         if behaviour == "fail":  # a failure that made nothing; before the send, so a cancel cannot stop it first
             raise EngineError("fake engine failed", retryable=True)
         if behaviour == "too-large":  # as a local engine's out-of-memory: the request's fault, not the engine's

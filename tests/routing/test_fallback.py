@@ -29,6 +29,7 @@ from orchestrator.schemas import PolishCreate, PromoteCreate
 from orchestrator.services import Services
 from tests import fakes
 from tests.api import read_events
+from tests.credits import assert_settled_once
 from tests.routing import assert_error, ledger, poll, promote, run_draft, wait_for_job
 from tests.routing.conftest import FAKE_ENGINES, FALLBACK_POLICY, SettingsFactory, running, write_policies
 
@@ -85,7 +86,8 @@ def paid_server(new_settings: SettingsFactory, tmp_path_factory: pytest.TempPath
     folder = write_policies(tmp_path_factory.mktemp("policies"), {"fallback-test": FALLBACK_POLICY,
                                                                    "soft-budget-test": SOFT_BUDGET_POLICY,
                                                                    "client-private-test": CLIENT_PRIVATE_POLICY,
-                                                                   "paid-only-test": PAID_ONLY_POLICY})
+                                                                   "paid-only-test": PAID_ONLY_POLICY,
+                                                                   "budget-first-test": BUDGET_FIRST_POLICY})
     settings = new_settings(engines=FAKE_ENGINES, policy="fallback-test", policy_dir=folder)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr("orchestrator.services.EngineHealth", functools.partial(EngineHealth, threshold=1000))
@@ -436,8 +438,9 @@ def test_a_candidate_after_the_budget_s_choice_is_left_to_the_fallback_s_own_loo
         new_settings: SettingsFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With 15 credits left, fake-b (20) is passed over for fake-paid (10) and said not to fit;
     paid-drafts (20), after the choice, stays unskipped: a fallback, priced and held to the budget
-    when the job moves. The budget unchanged, the move skips it for money and says so; with room
-    made meanwhile (a grant), the job moves there. Skipped at routing, it would not be tried."""
+    when the job moves. The budget unchanged, the move skips both for money and says so (fake-b,
+    the policy's first, looked at again first); with room made meanwhile (a grant), the job moves
+    to fake-b, the policy's first choice, which the budget can hold now."""
     folder = write_policies(tmp_path / "policies", {"budget-order-test": BUDGET_ORDER_POLICY})
     with running(new_settings(engines=f"{FAKE_ENGINES},paid-drafts=tests.routing:paid_drafts_factory",
                               policy="budget-order-test", policy_dir=folder)) as client:
@@ -454,7 +457,8 @@ def test_a_candidate_after_the_budget_s_choice_is_left_to_the_fallback_s_own_loo
         assert [(a["engine"], a["status"]) for a in done["attempts"]] == [
             ("fake-paid", "failed"), ("local-hifi", "succeeded")]
         assert [(m["to"], m["skipped"]) for m in moved] == [
-            ("local-hifi", [{"engine": "paid-drafts", "reason": "budget", "estimate": 20.0}])]
+            ("local-hifi", [{"engine": "fake-b", "reason": "budget", "estimate": 20.0},
+                            {"engine": "paid-drafts", "reason": "budget", "estimate": 20.0}])]
         assert kinds(ledger(client, project_id, job["id"])) == [("hold", 10.0, "fake-paid"),
                                                                 ("release", 10.0, "fake-paid")]
 
@@ -471,8 +475,77 @@ def test_a_candidate_after_the_budget_s_choice_is_left_to_the_fallback_s_own_loo
             "fake-paid", "paid-drafts", "local-hifi"]
         done = wait_for_job(client, job["id"])
         assert [(a["engine"], a["status"]) for a in done["attempts"]] == [
-            ("fake-paid", "failed"), ("paid-drafts", "succeeded")]
+            ("fake-paid", "failed"), ("fake-b", "succeeded")]
         assert done["cost"]["charged"] == 20.0
+        assert kinds(ledger(client, project_id, job["id"])) == [
+            ("hold", 10.0, "fake-paid"), ("release", 10.0, "fake-paid"), ("hold", 20.0, "fake-b"),
+            ("capture", 20.0, "fake-b")]
+
+
+BUDGET_FIRST_POLICY = """
+name = "budget-first-test"
+
+[[rules]]
+name = "drafts"
+match = { stage = "ideation" }
+engines = ["lite"]
+
+[[rules]]
+name = "paid"
+match = { stage = ["bridge", "polish"] }
+engines = ["fake-b", "fake-paid", "local-hifi"]
+"""
+
+
+def test_a_candidate_skipped_for_the_budget_is_tried_at_fallback_once_it_fits(paid_server: httpx.Client,
+                                                                              tmp_path: Path) -> None:
+    """fake-b (20), the policy's first, does not fit a budget of 15: the job goes to fake-paid (10).
+    The studio raises the limit to 40 while it waits; fake-paid then fails unsent. The fallback
+    took local-hifi: a candidate skipped for the budget was never looked at again. Now fake-b is,
+    with a hold of its own: fake-paid's hold released once, fake-b's held and captured once."""
+    project_id, asset_id = draft_asset(paid_server, policy="budget-first-test", budget={"limit": 15, "period": "month"})
+    go = tmp_path / "go"
+    job = promote(paid_server, asset_id, tags={"fake": "wait-before-send", "until": str(go), "then": "fail"})
+    assert (job["engine"], job["cost"]["estimated"]) == ("fake-paid", 10.0)
+    assert [(c["engine"], c["skipped"]) for c in job["routing"]["candidates"]] == [
+        ("fake-paid", None), ("local-hifi", None), ("fake-b", "does not fit the budget (15.0 credits available)")]
+    assert paid_server.patch(f"/v1/projects/{project_id}", json={"budget": {"limit": 40}}).status_code == 200
+    go.touch()
+    done = wait_for_job(paid_server, job["id"])
+    assert (done["status"], done["engine"]) == ("succeeded", "fake-b"), done
+    assert [(a["engine"], a["status"]) for a in done["attempts"]] == [("fake-paid", "failed"), ("fake-b", "succeeded")]
+    assert (done["cost"]["estimated"], done["cost"]["held"], done["cost"]["charged"]) == (20.0, 0, 20.0)
+    entries = ledger(paid_server, project_id, job["id"])
+    assert kinds(entries) == [("hold", 10.0, "fake-paid"), ("release", 10.0, "fake-paid"),
+                              ("hold", 20.0, "fake-b"), ("capture", 20.0, "fake-b")]
+    assert_settled_once(entries)
+    budget = paid_server.get(f"/v1/projects/{project_id}/budget").json()
+    assert (budget["charged"], budget["held"], budget["available"]) == (20.0, 0, 20.0)
+    moved = [e.data for e in read_events(paid_server, job["id"]) if e.data.get("state") == "fallback"]
+    assert [(m["from"], m["to"], m["estimate"], m.get("skipped")) for m in moved] == [
+        ("fake-paid", "fake-b", 20.0, None)]
+
+
+def test_a_candidate_skipped_for_the_budget_that_still_does_not_fit_is_skipped_again(
+        paid_server: httpx.Client) -> None:
+    """fake-paid's hold released, 15 credits are available: fake-b (20) is looked at again and
+    still does not fit. Nothing is written for it (its hold refused with the move, in one
+    transaction), the skip is said, and the job goes on to local-hifi; fake-paid's hold is
+    released exactly once."""
+    project_id, asset_id = draft_asset(paid_server, policy="budget-first-test", budget={"limit": 15, "period": "month"})
+    job = promote(paid_server, asset_id, tags={"fake": "fail"})
+    assert job["engine"] == "fake-paid"
+    moved = [e.data for e in read_events(paid_server, job["id"]) if e.data.get("state") == "fallback"]
+    done = wait_for_job(paid_server, job["id"])
+    assert (done["status"], done["engine"]) == ("succeeded", "local-hifi"), done
+    assert [(m["to"], m.get("skipped")) for m in moved] == [
+        ("local-hifi", [{"engine": "fake-b", "reason": "budget", "estimate": 20.0}])]
+    entries = ledger(paid_server, project_id, job["id"])
+    assert kinds(entries) == [("hold", 10.0, "fake-paid"), ("release", 10.0, "fake-paid")]
+    assert_settled_once(entries)
+    assert (done["cost"]["held"], done["cost"]["charged"]) == (0, 0)
+    budget = paid_server.get(f"/v1/projects/{project_id}/budget").json()
+    assert (budget["charged"], budget["held"], budget["available"]) == (0, 0, 15.0)
 
 
 def test_a_window_over_its_limit_is_said_so_where_the_choice_moved_for_the_budget(paid_server: httpx.Client) -> None:
