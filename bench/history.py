@@ -182,7 +182,7 @@ def main() -> None:
 
     with db.session() as s:
         listed = [f"job_d{i}" for i in range(50)]
-        results["credits of a page of 50 jobs"] = timed(functools.partial(ledger.job_totals, s, listed),
+        results["credits of a page of 50 jobs"] = timed(functools.partial(ledger.job_costs, s, listed),
                                                          args.repeats)
         # As /v1/jobs and /v1/projects/{id}/assets read a page.
         jobs = paged(select(Job).where(col(Job.project_id) == "prj_big").limit(51), col(Job.id), None, "desc")

@@ -30,11 +30,12 @@ import logging
 import math
 import numbers
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, func, literal, update
+from sqlalchemy import select as sa_select
 from sqlalchemy.orm import aliased
 from sqlmodel import Session, col, select
 
@@ -129,6 +130,28 @@ class Balance:
         }
 
 
+@dataclass(frozen=True)
+class EngineCost:
+    """One engine's entries of a job, in millicredits: what was held for it (`estimated`, its
+    holds' amounts), what of that is still held, what it was charged (captures and adjustments,
+    a capture without a hold included) and what was released."""
+
+    engine: str | None
+    estimated: int = 0
+    held: int = 0
+    charged: int = 0
+    released: int = 0
+
+
+@dataclass(frozen=True)
+class JobCost:
+    """A job's entries: still held and charged in all, and by engine (see `Ledger.job_costs`)."""
+
+    held: int = 0
+    charged: int = 0
+    engines: list[EngineCost] = field(default_factory=list)
+
+
 def open_holds() -> Any:
     return and_(col(LedgerEntry.kind) == "hold", col(LedgerEntry.settled).is_(False))
 
@@ -168,22 +191,38 @@ class Ledger:
 
     def job_totals(self, s: Session, job_ids: list[str]) -> dict[str, tuple[int, int]]:
         """(held, charged) per job."""
+        return {job_id: (cost.held, cost.charged) for job_id, cost in self.job_costs(s, job_ids).items()}
+
+    def job_costs(self, s: Session, job_ids: list[str]) -> dict[str, JobCost]:
+        """What each job's entries hold and charge, in all and by engine (a job that fell back
+        has entries of each engine it was held for). One read of `ix_ledger_entries_job_id` alone,
+        so the totals and the engines' figures are the same rows' sums: they cannot disagree."""
         if not job_ids:
             return {}
-        out: dict[str, tuple[int, int]] = {}
-        held = s.exec(select(LedgerEntry.job_id, func.sum(LedgerEntry.amount))
-                      .where(col(LedgerEntry.job_id).in_(job_ids), open_holds())
-                      .group_by(col(LedgerEntry.job_id))).all()
-        charged = s.exec(select(LedgerEntry.job_id, func.sum(LedgerEntry.amount))
-                         .where(col(LedgerEntry.job_id).in_(job_ids), charges())
-                         .group_by(col(LedgerEntry.job_id))).all()
-        for job_id, amount in held:
-            if job_id:
-                out[job_id] = (int(amount), 0)
-        for job_id, amount in charged:
-            if job_id:
-                out[job_id] = (out.get(job_id, (0, 0))[0], int(amount))
-        return out
+        # SQLAlchemy's select: SQLModel's types a select of four columns at most.
+        rows = s.execute(sa_select(col(LedgerEntry.job_id), col(LedgerEntry.engine), col(LedgerEntry.kind),
+                                   col(LedgerEntry.settled), func.sum(col(LedgerEntry.amount)))
+                         .where(col(LedgerEntry.job_id).in_(job_ids))
+                         .group_by(col(LedgerEntry.job_id), col(LedgerEntry.kind), col(LedgerEntry.settled),
+                                   col(LedgerEntry.engine))).all()
+        engines: dict[str, dict[str | None, EngineCost]] = {}
+        for job_id, engine, kind, settled, amount in rows:
+            if not job_id:
+                continue
+            mine = engines.setdefault(job_id, {})
+            cost = mine.get(engine) or EngineCost(engine)
+            amount = int(amount)
+            if kind == "hold":
+                cost = replace(cost, estimated=cost.estimated + amount,
+                               held=cost.held + (0 if settled else amount))
+            elif kind in ("capture", "adjustment"):
+                cost = replace(cost, charged=cost.charged + amount)
+            elif kind == "release":
+                cost = replace(cost, released=cost.released + amount)
+            mine[engine] = cost
+        return {job_id: JobCost(held=sum(c.held for c in mine.values()), charged=sum(c.charged for c in mine.values()),
+                                engines=list(mine.values()))
+                for job_id, mine in engines.items()}
 
     # -- moving money ------------------------------------------------------------------------
 

@@ -274,8 +274,9 @@ class LedgerEntry(SQLModel, table=True):
                       sa.Index("ix_ledger_open_holds", "kind", "settled", "project_id"),
                       # What a page of jobs shows each job held and charged, from the index alone:
                       # with the job alone in it, SQLite summed 50 jobs' charges by walking every
-                      # capture of the ledger (its kind was the better-looking index).
-                      sa.Index("ix_ledger_entries_job_id", "job_id", "kind", "settled", "amount"),
+                      # capture of the ledger (its kind was the better-looking index). The engine
+                      # too, for each engine's share of a job that fell back (migration 0035).
+                      sa.Index("ix_ledger_entries_job_id", "job_id", "kind", "settled", "engine", "amount"),
                       sa.Index("ix_ledger_project_window", "project_id", "kind", "created_at", "amount"),
                       # A spend report's window of every project, read from the index alone: with
                       # the kind alone, SQLite walked every capture ever written (migration 0023).

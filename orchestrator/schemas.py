@@ -603,16 +603,33 @@ class Progress(BaseModel):
     fraction: float = Field(description="`step / total`, 0 to 1 (0 until the job starts, 1 once it succeeded).")
 
 
+class EngineCost(BaseModel):
+    """One engine's share of a job's ledger entries, in credits."""
+
+    engine: str | None = Field(description="The engine its entries name.")
+    estimated: float = Field(description="Held for the job on this engine: its estimate when the job was moved "
+                             "to it (0 where nothing was held: free work, a copy).")
+    held: float = Field(description="Of that, still held (the job runs or waits on it).")
+    charged: float = Field(description="Charged on it: captures and reconciling adjustments, metered local work "
+                           "included.")
+    released: float = Field(description="Released: what it held and did not charge (all of it for an engine that "
+                            "failed before it billed, and the job then fell back).")
+
+
 class Cost(BaseModel):
     """What the job costs, in credits."""
 
-    estimated: float = Field(description="The estimate of the engine it runs on, held against the budget: the "
-                             "routing's when the job was made, the fallback's after it moved to another engine "
-                             "(the ledger keeps each hold).")
+    estimated: float = Field(description="The estimate of the engine it runs (or ran last) on, held against the "
+                             "budget: the routing's when the job was made, the fallback's after it moved to another "
+                             "engine. What each engine tried was held and charged is in `engines`.")
     held: float = Field(description="Still held for it: 0 once the job ended (the hold is captured or released).")
-    charged: float = Field(description="Charged: what it cost (0 for a cache hit, and for local work unless "
-                           "ORCH_LOCAL_GPU_SECOND_CREDITS meters it).")
+    charged: float = Field(description="Charged: what it cost, on every engine it was tried on (0 for a cache hit, "
+                           "and for local work unless ORCH_LOCAL_GPU_SECOND_CREDITS meters it).")
     cache_hit: bool = Field(description="It copied an identical earlier job's result, for nothing.")
+    engines: list[EngineCost] = Field(default_factory=list, description=(
+        "Its ledger entries by engine, in the order it was tried on them (one for a job that never fell back; "
+        "none for a job that held and charged nothing): their `held` and `charged` add up to the job's, to the "
+        "thousandth, and to what the project's ledger, budget, spend report and /metrics count for it."))
 
 
 class ErrorBody(BaseModel):

@@ -786,8 +786,8 @@ class Services:
             job = s.get(Job, job_id)
             if job is None:
                 return None
-            held, charged = self.ledger.job_totals(s, [job_id]).get(job_id, (0, 0))
-            return job_public(job, asset_ids_in(s, [job_id])[job_id], held, charged).model_dump(mode="json")
+            money = self.ledger.job_costs(s, [job_id]).get(job_id)
+            return job_public(job, asset_ids_in(s, [job_id])[job_id], money).model_dump(mode="json")
 
     def log_engine_notes(self) -> None:
         """What an operator must know at start-up (the smoke model's images are noise, ...)."""

@@ -57,8 +57,8 @@ def publics_in(services: Services, s: Session, jobs: list[Job]) -> list[JobPubli
     """`jobs` as shown, their assets and money read in `s` (the snapshot the rows were read in)."""
     ids = [j.id for j in jobs]
     assets = asset_ids_in(s, ids)
-    money = services.ledger.job_totals(s, ids)
-    return [job_public(j, assets[j.id], *money.get(j.id, (0, 0))) for j in jobs]
+    money = services.ledger.job_costs(s, ids)
+    return [job_public(j, assets[j.id], money.get(j.id)) for j in jobs]
 
 
 @router.get("/jobs/{job_id}", response_model=JobPublic, summary="Get a job",

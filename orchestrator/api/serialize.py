@@ -11,9 +11,11 @@ from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.functions import FunctionElement
 
 from orchestrator.device_time import quota_seconds, shown
+from orchestrator.ledger import JobCost
 from orchestrator.models import Asset, Job, Project
 from orchestrator.quota import quota_bytes
 from orchestrator.schemas import AssetPublic, Cost, ErrorBody, JobPublic, ProjectBudget, ProjectPublic
+from orchestrator.schemas import EngineCost as EngineCostPublic
 from orchestrator.schemas import Progress as ProgressBody
 from orchestrator.store import model_name
 from tiers.base import to_credits
@@ -47,7 +49,13 @@ def project_public(p: Project, default_quota_mb: int, reserved: int = 0, *, defa
                          local_seconds_used=shown(local_used))
 
 
-def job_public(job: Job, asset_ids: list[str], held: int = 0, charged: int = 0) -> JobPublic:
+def job_public(job: Job, asset_ids: list[str], money: JobCost | None = None) -> JobPublic:
+    """`money`: the job's ledger entries summed (`Ledger.job_costs`; None: it has none)."""
+    money = money or JobCost()
+    # The engines in the order the job was tried on them (its attempts, then the one it is on).
+    tried = [a.get("engine") for a in job.attempts or [] if isinstance(a, dict)] + [job.engine]
+    rank = {engine: index for index, engine in reversed(list(enumerate(tried)))}
+    engines = sorted(money.engines, key=lambda c: (rank.get(c.engine, len(rank)), c.engine or ""))
     total = job.progress_total
     step = job.progress_step
     return JobPublic(
@@ -57,8 +65,11 @@ def job_public(job: Job, asset_ids: list[str], held: int = 0, charged: int = 0) 
         progress=ProgressBody(step=step, total=total, fraction=round(step / total, 4) if total else 0.0),
         assets=asset_ids, source_asset_id=job.source_asset_id,
         error=ErrorBody(**job.error) if job.error else None,
-        cost=Cost(estimated=to_credits(job.estimated), held=to_credits(held), charged=to_credits(charged),
-                  cache_hit=job.cache_hit),
+        cost=Cost(estimated=to_credits(job.estimated), held=to_credits(money.held), charged=to_credits(money.charged),
+                  cache_hit=job.cache_hit,
+                  engines=[EngineCostPublic(engine=c.engine, estimated=to_credits(c.estimated), held=to_credits(c.held),
+                                            charged=to_credits(c.charged), released=to_credits(c.released))
+                           for c in engines]),
         routing=job.routing, attempts=job.attempts or [], provider_request_id=job.provider_request_id,
         created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
         webhook_url=job.webhook_url,

@@ -22,6 +22,7 @@ from orchestrator.api.json_body import StrictJSONRoute
 from orchestrator.api.paths import AssetId, ProjectId
 from orchestrator.api.serialize import job_public
 from orchestrator.jobs import Prepared
+from orchestrator.ledger import EngineCost, JobCost
 from orchestrator.models import Asset, Job
 from orchestrator.schemas import DraftCreate, JobPublic, PolishCreate, PromoteCreate
 
@@ -135,7 +136,9 @@ def first_answer(job: Job, copies: list[Asset]) -> JobPublic:
     cache hit is finished, its assets copies of an earlier result's), so the rows in hand say it all."""
     if job.cache_hit:
         return job_public(job, [a.id for a in copies])
-    return job_public(job, [], held=job.estimated, charged=0)
+    # Its hold, as the ledger has it now (a job held nothing for free work).
+    held = [EngineCost(job.engine, estimated=job.estimated, held=job.estimated)] if job.estimated > 0 else []
+    return job_public(job, [], JobCost(held=job.estimated, engines=held))
 
 
 def _answer(services: ServicesDep, job: Job, created: bool, response: Response, key: str | None,

@@ -59,7 +59,8 @@ def check_budget_race(client: httpx.Client, total: int, fits: int) -> None:
         assert job["cost"]["estimated"] == PRICE
         done = wait_for_job(client, job["id"])
         assert done["status"] == "succeeded", done
-        assert done["cost"] == {"estimated": PRICE, "held": 0, "charged": PRICE, "cache_hit": False}
+        assert done["cost"] == {"estimated": PRICE, "held": 0, "charged": PRICE, "cache_hit": False, "engines": [
+            {"engine": "fake-paid", "estimated": PRICE, "held": 0, "charged": PRICE, "released": 0}]}
 
     balance = budget(client, project_id)
     assert balance["held"] == 0

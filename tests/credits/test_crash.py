@@ -93,7 +93,8 @@ def test_kill_with_accepted_provider_work_reattaches_to_it(service_env: dict[str
     with httpx.Client(base_url=services[1].url, timeout=30.0) as client:
         job = wait_for_job(client, job_id)
         assert job["status"] == "succeeded", job
-        assert job["cost"] == {"estimated": PRICE, "held": 0, "charged": 7, "cache_hit": False}
+        assert job["cost"] == {"estimated": PRICE, "held": 0, "charged": 7, "cache_hit": False, "engines": [
+            {"engine": "fake-queue", "estimated": PRICE, "held": 0, "charged": 7, "released": PRICE - 7}]}
         assert [a["status"] for a in job["attempts"]] == ["interrupted", "succeeded"]
         assert len(job["assets"]) == 1
         with client.stream("GET", f"/v1/jobs/{job_id}/events") as stream:

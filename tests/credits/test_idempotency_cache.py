@@ -152,7 +152,7 @@ def test_identical_paid_request_is_served_from_the_cache(api: httpx.Client) -> N
     copied = len(api.get(f"/v1/assets/{first['assets'][0]}/content").content)
     assert get_json(api, f"/v1/projects/{project_id}")["storage_bytes"] == stored + copied
     assert second["status"] == "succeeded"  # at once, in the 202
-    assert second["cost"] == {"estimated": PRICE, "held": 0, "charged": 0, "cache_hit": True}
+    assert second["cost"] == {"estimated": PRICE, "held": 0, "charged": 0, "cache_hit": True, "engines": []}
     assert len(second["assets"]) == len(first["assets"]) == 1
     shas = {get_json(api, f"/v1/assets/{a}")["sha256"] for a in first["assets"] + second["assets"]}
     assert len(shas) == 1

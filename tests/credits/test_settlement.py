@@ -43,7 +43,8 @@ def test_provider_cost_below_the_hold_releases_the_rest(api: httpx.Client) -> No
     project_id, asset_id = project_with_draft(api, {"limit": 100, "period": "month"})
     job = wait_for_job(api, promote_ok(api, asset_id, tags={"cost": "7.5"})["id"])
     assert job["status"] == "succeeded", job
-    assert job["cost"] == {"estimated": PRICE, "held": 0, "charged": 7.5, "cache_hit": False}
+    assert job["cost"] == {"estimated": PRICE, "held": 0, "charged": 7.5, "cache_hit": False, "engines": [
+        {"engine": "fake-paid", "estimated": PRICE, "held": 0, "charged": 7.5, "released": PRICE - 7.5}]}
 
     entries = ledger(api, project_id)
     assert kinds(entries) == {"hold": 1, "capture": 1, "release": 1}
@@ -116,7 +117,8 @@ def test_failure_releases_the_hold(api: httpx.Client, behaviour: str, code: str)
     assert job["status"] == "failed", job
     assert job["error"]["code"] == code
     assert job["assets"] == []
-    assert job["cost"] == {"estimated": PRICE, "held": 0, "charged": 0, "cache_hit": False}
+    assert job["cost"] == {"estimated": PRICE, "held": 0, "charged": 0, "cache_hit": False, "engines": [
+        {"engine": "fake-paid", "estimated": PRICE, "held": 0, "charged": 0, "released": PRICE}]}
 
     entries = ledger(api, project_id)
     assert kinds(entries) == {"hold": 1, "release": 1}
@@ -162,7 +164,8 @@ def test_a_source_image_that_cannot_be_read_releases_the_hold(api: httpx.Client,
     job = wait_for_job(api, promote_ok(api, asset_id)["id"])
     assert job["status"] == "failed" and job["error"]["code"] == "content_unavailable", job
     assert "the source image" in job["error"]["message"] and "could not be read" in job["error"]["message"]
-    assert job["cost"] == {"estimated": PRICE, "held": 0, "charged": 0, "cache_hit": False}
+    assert job["cost"] == {"estimated": PRICE, "held": 0, "charged": 0, "cache_hit": False, "engines": [
+        {"engine": "fake-paid", "estimated": PRICE, "held": 0, "charged": 0, "released": PRICE}]}
     entries = ledger(api, project_id)
     assert kinds(entries) == {"hold": 1, "release": 1}
     assert_settled_once(entries)

@@ -97,14 +97,63 @@ def _budgets_and_jobs_agree(api: httpx.Client, project_id: str, entries: list[di
         assert (_ms(job["cost"]["held"]), _ms(job["cost"]["charged"])) == (
             sum(_ms(e["amount"]) for e in its if e["kind"] == "hold" and not e["settled"]),
             sum(_ms(e["amount"]) for e in its if e["kind"] in CHARGES)), (job, its)
+        _engines_agree(job, its)
+
+
+def _engines_agree(job: dict[str, Any], its: list[dict[str, Any]]) -> None:
+    """A job's `cost.engines`: each engine's entries of the job, in the order it was tried on them,
+    adding up to the job's totals (a job that fell back was held, and maybe charged, by several)."""
+    by_engine: dict[str | None, dict[str, int]] = {}
+    for e in its:
+        figures = by_engine.setdefault(e["engine"], {"estimated": 0, "held": 0, "charged": 0, "released": 0})
+        if e["kind"] == "hold":
+            figures["estimated"] += _ms(e["amount"])
+            figures["held"] += 0 if e["settled"] else _ms(e["amount"])
+        elif e["kind"] in CHARGES:
+            figures["charged"] += _ms(e["amount"])
+        elif e["kind"] == "release":
+            figures["released"] += _ms(e["amount"])
+    shown = job["cost"]["engines"]
+    assert {c["engine"]: {k: _ms(c[k]) for k in ("estimated", "held", "charged", "released")}
+            for c in shown} == by_engine, (job, its)
+    assert len(shown) == len(by_engine), shown
+    tried = list(dict.fromkeys([a["engine"] for a in job["attempts"]] + [job["engine"]]))
+    assert [c["engine"] for c in shown] == [e for e in tried if e in by_engine], (job, shown)
+    assert sum(_ms(c["held"]) for c in shown) == _ms(job["cost"]["held"]), job
+    assert sum(_ms(c["charged"]) for c in shown) == _ms(job["cost"]["charged"]), job
+
+
+def _views_agree_with_the_jobs(api: httpx.Client, project_ids: list[str]) -> None:
+    """What the spend report and /metrics count by engine is what the jobs' views say each engine
+    held and charged them (every charge is a job's), to the thousandth."""
+    charged: dict[str, int] = defaultdict(int)
+    held: dict[str, int] = defaultdict(int)
+    for project_id in project_ids:
+        for job in jobs_of(api, project_id):
+            for cost in job["cost"]["engines"]:
+                charged[cost["engine"] or "-"] += _ms(cost["charged"])
+                held[cost["engine"] or "-"] += _ms(cost["held"])
+    report = {g["key"]: _ms(g["charged"]) for g in get_json(api, "/v1/spend", group_by="engine")["groups"]}
+    assert report == {k: v for k, v in charged.items() if k in report or v}, report
+    series = dict(line.rsplit(" ", 1) for line in api.get("/metrics").text.splitlines()
+                  if line.startswith(("orchestrator_credits_charged{", "orchestrator_credits_held{")))
+    by_metrics: dict[str, int] = defaultdict(int)
+    for name, value in series.items():
+        if name.startswith("orchestrator_credits_charged{"):
+            by_metrics[name.split('engine="', 1)[1].split('"', 1)[0]] += _ms(float(value))
+    assert {k: v for k, v in by_metrics.items() if v} == {k: v for k, v in charged.items() if v}, by_metrics
+    for engine, amount in held.items():
+        assert _ms(float(series.get(f'orchestrator_credits_held{{engine="{engine}"}}', 0))) == amount, engine
 
 
 def all_agree(api: httpx.Client, project_ids: list[str]) -> list[dict[str, Any]]:
+    """`project_ids`: every project of the service (the spend report and /metrics count them all)."""
     entries = [e for project_id in project_ids for e in ledger(api, project_id)]
     _spend_agrees(api, entries)
     _metrics_agree(api, entries)
     for project_id in project_ids:
         _budgets_and_jobs_agree(api, project_id, entries)
+    _views_agree_with_the_jobs(api, project_ids)
     return entries
 
 
