@@ -962,7 +962,8 @@ def _within_budget(decision: Decision, balance: Balance) -> bool:
         candidate.skipped = f"{BUDGET_SKIP} ({available})"
     decision.chosen, decision.estimate = fitting.engine, fitting.estimate or 0
     decision.reason = f"the first candidate the project's budget can hold ({available})"
-    # As the router leaves them: usable ones first, in the order the runner falls back through.
+    # As the router leaves them: usable ones first, in order (the runner falls back through those
+    # skipped here first, then the rest: `routing.fallbacks`).
     decision.candidates.sort(key=lambda c: c.skipped is not None)
     return True
 

@@ -78,7 +78,8 @@ class Decision:
     stage: Stage
     chosen: str
     estimate: int
-    candidates: list[Candidate]  # usable ones first, in the order they are to be tried
+    # Usable ones first, in order; a fallback tries those skipped for the budget before the rest (`fallbacks`).
+    candidates: list[Candidate]
     policy: str | None = None
     policy_hash: str | None = None
     rule: str | None = None
