@@ -449,6 +449,22 @@ def test_fallbacks_lists_the_usable_rest_in_order(decide: Decide) -> None:
     assert fallbacks(None, set()) == []
 
 
+def test_fallbacks_look_again_at_candidates_skipped_for_the_budget_first() -> None:
+    """As `_within_budget` records them: passed over for the budget, ranked above the choice by the
+    policy; other skips (a cap, no price, an engine not set up) are never fallbacks."""
+    routing = {"candidates": [
+        {"engine": "cheap", "estimate": 1.0, "skipped": None},
+        {"engine": "local", "estimate": 0.0, "skipped": None},
+        {"engine": "unpriced", "estimate": None, "skipped": "unpriced: no price"},
+        {"engine": "capped", "estimate": 50.0, "skipped": "estimate above max_credits (20.0)"},
+        {"engine": "best", "estimate": 20.0, "skipped": "does not fit the budget (5.0 credits available)"},
+        {"engine": "good", "estimate": 10.0,
+         "skipped": "does not fit the budget (none available: 1.0 credits over the limit)"}]}
+    assert fallbacks(routing, {"cheap"}) == ["best", "good", "local"]
+    assert fallbacks(routing, {"cheap", "best"}) == ["good", "local"]
+    assert fallbacks(routing, {"cheap", "best", "good", "local"}) == []
+
+
 def test_no_usable_engine_is_503(decide: Decide, health: EngineHealth, clock: Clock) -> None:
     """One candidate may take the request later (its circuit is open): 'try later'."""
     for _ in range(health.threshold):
