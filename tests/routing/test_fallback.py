@@ -982,6 +982,35 @@ def two_paid_and_full(new_settings: SettingsFactory, tmp_path: Path, monkeypatch
         yield client, clock, made, fill_fake_paid(client, busy_asset)
 
 
+def test_a_job_moved_off_an_open_circuit_takes_a_candidate_skipped_for_the_budget_once_it_fits(
+        new_settings: SettingsFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Queued on fake-paid (fake-b, the policy's first, did not fit 15 credits), moved unsent when
+    fake-paid's circuit opened, after the studio raised the limit: it went to local-hifi, fake-b
+    never looked at again. Now fake-b takes it, held and charged there once."""
+    clock = Clock()
+    made = breakers(monkeypatch, clock)
+    folder = write_policies(tmp_path / "policies", {"budget-first-test": BUDGET_FIRST_POLICY})
+    with running(new_settings(engines=FAKE_ENGINES, policy="budget-first-test", policy_dir=folder)) as client:
+        project_id, asset_id = draft_asset(client, budget={"limit": 55, "period": "none"})
+        busy = fill_fake_paid(client, asset_id)  # 40 held: 15 left
+        routed = promote(client, asset_id)
+        assert routed["engine"] == "fake-paid"
+        assert [(c["engine"], c["skipped"]) for c in routed["routing"]["candidates"]][-1] == (
+            "fake-b", "does not fit the budget (15.0 credits available)")
+        assert client.patch(f"/v1/projects/{project_id}", json={"budget": {"limit": 100}}).status_code == 200
+        for _ in range(2):
+            made[0].failed("fake-paid")  # the circuit opens (other jobs failed meanwhile)
+        for job in busy:  # lanes free
+            assert client.post(f"/v1/jobs/{job['id']}/cancel").status_code == 202
+        moved = wait_for_job(client, routed["id"])
+        assert (moved["status"], moved["engine"]) == ("succeeded", "fake-b"), moved
+        assert moved["attempts"][0]["error"]["details"]["circuit"] == "open"
+        entries = ledger(client, project_id, routed["id"])
+        assert kinds(entries) == [("hold", 10.0, "fake-paid"), ("release", 10.0, "fake-paid"),
+                                  ("hold", 20.0, "fake-b"), ("capture", 20.0, "fake-b")]
+        assert_settled_once(entries)
+
+
 def test_a_job_no_candidate_takes_off_an_open_circuit_waits_rather_than_fails(
         new_settings: SettingsFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Claimed to be moved, a job whose other candidate then refused it (its price over what the
