@@ -29,6 +29,7 @@ may still be billed. Stability does not report what it charged, so `cost_millicr
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Any, Literal
 
 import httpx
@@ -167,6 +168,15 @@ def _whole_image(content: bytes) -> bool | None:
 # JPEG markers that stand alone, without a length: TEM and RST0-7 (SOI and EOI are read apart).
 JPEG_STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})
 JPEG_SOS, JPEG_EOI = 0xDA, 0xD9
+# In a scan's coded data, the first marker that ends it: an FF followed by neither a stuffed 00, a
+# restart marker (or TEM), nor another FF (a fill byte). Found by the regex engine, not a byte at a
+# time in Python: a body of fill bytes or restart markers took some 0.4 us a byte, 100 s and more
+# for an answer of 256 MiB (`tiers._http.MAX_ANSWER_BYTES`), read on the event loop (`_readable`).
+JPEG_SCAN_END = re.compile(rb"\xff[^\x00\x01\xd0-\xd7\xff]")
+JPEG_FILL = re.compile(rb"\xff+")
+# Markers read before the walk gives up (None: the old rule judges): a JPEG has tens of them, its
+# restart markers read with its scans; a body of thousands of empty segments is bounded so too.
+JPEG_MAX_MARKERS = 1024
 
 
 def _jpeg_ended(content: bytes) -> bool | None:
@@ -175,20 +185,23 @@ def _jpeg_ended(content: bytes) -> bool | None:
     PNG's IEND: a body not ending with FFD9 was taken for one cut short. Its marker segments are
     stepped over by their lengths (they hold any bytes, an EXIF thumbnail's own FFD9 among them,
     which would take a JPEG cut after it for a whole one), and a scan's coded data is read to the
-    next marker (an FF there is followed by 00, or is a restart marker). False: cut before its EOI;
-    None: not laid out as this reads a JPEG."""
+    next marker (an FF there is followed by 00, or is a restart marker). Bytes between segments
+    that are no marker are skipped, as libjpeg and Pillow skip them (such a JPEG cut after a
+    thumbnail's FFD9 was judged by the old rule, and taken for whole). False: cut before its EOI;
+    None: not laid out as this reads a JPEG, or too many markers to read."""
     at = 2  # after SOI
-    while True:
-        while at < len(content) and content[at] == 0xFF and at + 1 < len(content) and content[at + 1] == 0xFF:
-            at += 1  # fill bytes before a marker
+    for _ in range(JPEG_MAX_MARKERS):
+        at = content.find(b"\xff", at)  # past bytes that are no marker
+        if at < 0:
+            return False
+        fill = JPEG_FILL.match(content, at)
+        at = fill.end() - 1 if fill is not None else at  # the last of its fill bytes
         if at + 2 > len(content):
             return False
-        if content[at] != 0xFF:
-            return None
         marker = content[at + 1]
         if marker == JPEG_EOI:
             return True
-        if marker in JPEG_STANDALONE:
+        if marker in JPEG_STANDALONE or marker == 0x00:  # FF00 outside a scan: skipped, as decoders do
             at += 2
             continue
         if at + 4 > len(content):
@@ -197,17 +210,12 @@ def _jpeg_ended(content: bytes) -> bool | None:
         if length < 2:
             return None
         at += 2 + length
-        if marker != JPEG_SOS:
-            continue
-        while True:  # the scan's coded data, to the next marker
-            at = content.find(b"\xff", at)
-            if at < 0 or at + 1 >= len(content):
+        if marker == JPEG_SOS:  # the scan's coded data, to the marker that ends it
+            end = JPEG_SCAN_END.search(content, at)
+            if end is None:
                 return False
-            following = content[at + 1]
-            if following == 0x00 or following in JPEG_STANDALONE or following == 0xFF:
-                at += 1 if following == 0xFF else 2  # a stuffed FF, a restart marker, or a fill byte
-                continue
-            break
+            at = end.start()
+    return None
 
 
 def _image_bytes(response: httpx.Response) -> bool:

@@ -4,6 +4,8 @@ import asyncio
 import base64
 import io
 import json
+import sys
+from types import FrameType
 from typing import Any
 
 import httpx
@@ -24,7 +26,7 @@ from orchestrator.errors import (
 from tests.tiers.conftest import LoopSpy, NoAnswer, RecordingProgress, draft_image, multipart, png_bytes
 from tests.tiers.conftest import bridge as base_bridge
 from tiers.base import CancelToken, NullProgress, RenderRequest
-from tiers.stability import StabilityEngine, operation
+from tiers.stability import StabilityEngine, _jpeg_ended, _whole_image, operation
 
 BASE = "https://stability.test"
 SD3 = f"{BASE}/v2beta/stable-image/generate/sd3"
@@ -1038,3 +1040,80 @@ async def test_a_creative_result_of_a_jpeg_cut_short_then_padded_is_asked_again(
         httpx.Response(200, content=whole, headers=headers)])
     result = await engine.run(polish(creativity=0.45), NullProgress(), CancelToken())
     assert poll.call_count == 3 and result.images[0].seed == 7
+
+
+def python_lines(function: Any, *args: Any, limit: int = 100_000) -> int:
+    """How many lines of `function`'s own body Python runs for `args` (what the regex engine or a
+    bytes method does in C is not counted), counted up to `limit`: a bound on its work that does
+    not hang on the machine's load, as a timing would."""
+    lines = 0
+    code = function.__code__
+
+    def local(frame: FrameType, event: str, arg: Any) -> Any:
+        nonlocal lines
+        if event == "line":
+            lines += 1
+            if lines >= limit:
+                frame.f_trace_lines = False  # enough: the rest runs untraced
+        return local
+
+    before = sys.gettrace()
+    sys.settrace(lambda frame, event, arg: local if frame.f_code is code else None)
+    try:
+        function(*args)
+    finally:
+        sys.settrace(before)
+    return lines
+
+
+SOS = b"\xff\xda\x00\x02"  # a scan's header, as short as one can be: its coded data follows
+
+
+@pytest.mark.parametrize(("body", "whole"), [
+    (b"\xff\xd8" + b"\xff" * 2**18 + b"\xd9", True),  # fill bytes before a marker
+    (b"\xff\xd8" + SOS + b"\xff" * 2**18, False),  # fill bytes in a scan, and no end
+    (b"\xff\xd8" + SOS + b"\xff\xd0" * 2**17 + b"\xff\xd9", True),  # restart markers
+    (b"\xff\xd8" + SOS + b"\xff\x00" * 2**17, False),  # stuffed bytes, cut short
+    (b"\xff\xd8" + b"\xff\x01" * 2**17, False),  # TEM markers, standing alone
+    (b"\xff\xd8" + b"\xff\xfe\x00\x02" * 2**16 + b"\xff\xd9", True),  # empty comments
+], ids=["fill", "scan-fill", "restarts", "stuffed", "tem", "comments"])
+def test_a_jpeg_s_end_is_found_in_a_bounded_number_of_python_steps(body: bytes, whole: bool) -> None:
+    # Each byte of these took a turn of a Python loop (some 0.4 us): 256 MiB, as large as an answer
+    # is read (`tiers._http.MAX_ANSWER_BYTES`; gzip makes that some 250 KiB sent), held the event
+    # loop (`_readable` runs on it) for 100 s and more where `rstrip` had taken milliseconds.
+    assert python_lines(_jpeg_ended, body) < 20_000
+    assert _whole_image(body) is whole
+
+
+def jpeg_with_junk_and_a_thumbnail() -> tuple[bytes, int]:
+    """`jpeg_bytes()` with two bytes that are no marker after its APP0, then an APP1 holding a JPEG
+    thumbnail (which ends with its own FFD9); and where that thumbnail ends."""
+    whole = jpeg_bytes()
+    assert whole[2:4] == b"\xff\xe0"
+    after_app0 = 4 + int.from_bytes(whole[4:6], "big")
+    thumbnail = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(thumbnail, format="JPEG")
+    payload = b"Exif\x00\x00" + thumbnail.getvalue()
+    app1 = b"\xff\xe1" + (len(payload) + 2).to_bytes(2, "big") + payload
+    body = whole[:after_app0] + b"\x00\x00" + app1 + whole[after_app0:]
+    return body, after_app0 + 2 + len(app1)
+
+
+@respx.mock
+@pytest.mark.parametrize("content_type", [None, "image/jpeg"])
+async def test_a_creative_result_of_a_jpeg_with_bytes_between_its_segments_is_read_as_decoders_read_it(
+        engine: StabilityEngine, content_type: str | None) -> None:
+    # Bytes between two segments that are no marker: libjpeg and Pillow skip them (it loads), but
+    # the walk gave up there and the old rule judged: cut just after its thumbnail's own FFD9, the
+    # body was taken for whole, failed to decode and the upscale, paid for, was lost with no second
+    # look; whole and padded, it was asked for until the poll gave up.
+    whole, thumbnail_end = jpeg_with_junk_and_a_thumbnail()
+    Image.open(io.BytesIO(whole)).load()
+    assert whole[thumbnail_end - 2:thumbnail_end] == b"\xff\xd9"
+    headers = {"seed": "7"} if content_type is None else {"content-type": content_type, "seed": "7"}
+    respx.post(CREATIVE).mock(return_value=httpx.Response(200, json={"id": "job-42"}))
+    poll = respx.get(RESULT).mock(side_effect=[
+        httpx.Response(200, content=whole[:thumbnail_end], headers=headers),
+        httpx.Response(200, content=whole + b"\x00" * 16 + b"trailer", headers=headers)])
+    result = await engine.run(polish(creativity=0.45), NullProgress(), CancelToken())
+    assert poll.call_count == 2 and result.images[0].seed == 7
