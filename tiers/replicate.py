@@ -581,8 +581,13 @@ class _Stops:
     async def settled(self) -> list[tuple[str, EngineError, dict[str, Any]]]:
         """Until every stop sent so far is answered, each failure then judged by its answer; returns
         those whose stop answered that the prediction succeeded, with it (`ReplicateEngine._stopped`)."""
-        out, self._out = self._out, []
-        answers = await asyncio.gather(*(task for _, _, task in out))
+        out = list(self._out)
+        if out:
+            # Not a gather: cancelled (its reattach's task), that cancelled the stops with it, cut
+            # mid-request; they stay in `_out` until answered, for `kept` to hold them.
+            await asyncio.wait([task for _, _, task in out])
+        self._out = self._out[len(out):]
+        answers = [task.result() for _, _, task in out]
         finished = []
         for (prediction_id, exc, _), answer in zip(out, answers, strict=True):
             if (prediction := await self._engine._stopped(prediction_id, exc, answer, self._progress)) is not None:
@@ -592,8 +597,8 @@ class _Stops:
     @contextmanager
     def kept(self) -> Iterator[None]:
         """Around the reattach: stops still out when it ends otherwise than through `settled` (its
-        task cancelled) are left to finish, each bounded by its cancel's 10 s, as the engine's
-        other requests left out are (`CloudEngine.aclose` ends them)."""
+        task cancelled, while `settled` waits for them too) are left to finish, each bounded by its
+        cancel's 10 s, as the engine's other requests left out are (`CloudEngine.aclose` ends them)."""
         try:
             yield
         finally:

@@ -1172,3 +1172,30 @@ async def test_a_prediction_that_succeeds_as_it_is_stopped_at_the_deadline_keeps
     result = await engine.run(bridge(), NullProgress(), CancelToken())
     assert cancel.call_count == 1 and output.call_count == 1
     assert len(result.images) == 1 and result.provider_request_id == "p-1"
+
+
+@respx.mock
+async def test_a_reattach_cancelled_while_its_stops_are_answered_leaves_them_out(engine: ReplicateEngine) -> None:
+    # 1a29997: "stops left out by a cancelled reattach are held until done". Those still out when
+    # the reattach waited for their answers (its last step) were cut instead, the wait's gather
+    # cancelling them with it: p-1, given up on, ran on, and billed, until its Cancel-After.
+    respx.get(POLL).mock(return_value=httpx.Response(404, json={"detail": "Not found."}))
+    held = HeldRequest(httpx.Response(200, json=prediction("canceled")))
+    respx.post(CANCEL).mock(side_effect=held)
+    respx.get(f"{BASE}/v1/predictions/p-2").mock(return_value=httpx.Response(200, json=numbered(2)))
+    fetch = respx.get("https://cdn.replicate.test/p-2/out.png").mock(
+        return_value=httpx.Response(200, content=png_bytes()))
+    progress = RecordingProgress()
+    reattach = asyncio.create_task(engine.reattach(bridge(n=2), [{"id": "p-1"}, {"id": "p-2"}], progress,
+                                                   CancelToken()))
+    await asyncio.wait_for(held.sent.wait(), 5)
+    # p-2 read, fetched and kept: the reattach waits on p-1's stop.
+    await until(lambda: fetch.called and bool(progress.steps))
+    reattach.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await reattach
+    await asyncio.sleep(0)
+    assert not held.dropped
+    held.answer.set()
+    await until(lambda: held.answered or held.dropped)
+    assert held.answered and not held.dropped
