@@ -150,9 +150,10 @@ def _whole_image(content: bytes) -> bool | None:
     those): a body cut short (a proxy ending it early) was taken for the image, failed to decode,
     and the upscale, paid for, was lost where a second look would have found it."""
     if content.startswith(b"\x89PNG\r\n\x1a\n"):
-        # Its IEND chunk (length 0, type, CRC), wherever it is: decoders stop there and ignore bytes
-        # after it (padding, an appended trailer), a PNG so sent was asked for until the poll gave up.
-        return b"\x00\x00\x00\x00IEND\xaeB`\x82" in content
+        # Its IEND chunk: decoders stop there and ignore bytes after it (padding, an appended
+        # trailer), a PNG so sent was asked for until the poll gave up.
+        ended = _png_ended(content)
+        return PNG_IEND in content if ended is None else ended
     if content.startswith(b"\xff\xd8\xff"):
         ended = _jpeg_ended(content)
         # A layout this reading does not know: whole when it ends as a JPEG does, as before.
@@ -162,6 +163,27 @@ def _whole_image(content: bytes) -> bool | None:
     signatures = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"RIFF")
     if len(content) < 12 and (content[:4] == b"RIFF" or any(start.startswith(content) for start in signatures)):
         return False  # cut before its signature ended (or, for a WebP, before it said it was one)
+    return None
+
+
+PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # its length (0), type and CRC
+# Chunks read before the walk gives up (None: an IEND anywhere is the end, as before): libpng
+# writes IDAT chunks of 8 KiB, some 32000 for as large an answer as is read (256 MiB).
+PNG_MAX_CHUNKS = 65536
+
+
+def _png_ended(content: bytes) -> bool | None:
+    """Whether a PNG's IEND chunk, whole, comes before `content` ends, found chunk by chunk as
+    decoders find it: its bytes anywhere were taken for it, and a PNG holding another in a chunk
+    (a thumbnail, as a C2PA manifest may) cut just after that one's IEND for a whole one. False:
+    cut before; None: too many chunks to read."""
+    at = 8  # after the signature
+    for _ in range(PNG_MAX_CHUNKS):
+        if at + 8 > len(content):
+            return False
+        if content[at + 4:at + 8] == b"IEND":
+            return content[at:at + 12] == PNG_IEND  # whole, its CRC too (one cut in it, then padded: not)
+        at += 12 + int.from_bytes(content[at:at + 4], "big")  # length, type, data, CRC
     return None
 
 

@@ -5,6 +5,7 @@ import base64
 import io
 import json
 import sys
+import zlib
 from types import FrameType
 from typing import Any
 
@@ -1110,6 +1111,37 @@ async def test_a_creative_result_of_a_jpeg_with_bytes_between_its_segments_is_re
     whole, thumbnail_end = jpeg_with_junk_and_a_thumbnail()
     Image.open(io.BytesIO(whole)).load()
     assert whole[thumbnail_end - 2:thumbnail_end] == b"\xff\xd9"
+    headers = {"seed": "7"} if content_type is None else {"content-type": content_type, "seed": "7"}
+    respx.post(CREATIVE).mock(return_value=httpx.Response(200, json={"id": "job-42"}))
+    poll = respx.get(RESULT).mock(side_effect=[
+        httpx.Response(200, content=whole[:thumbnail_end], headers=headers),
+        httpx.Response(200, content=whole + b"\x00" * 16 + b"trailer", headers=headers)])
+    result = await engine.run(polish(creativity=0.45), NullProgress(), CancelToken())
+    assert poll.call_count == 2 and result.images[0].seed == 7
+
+
+def png_with_a_thumbnail() -> tuple[bytes, int]:
+    """`png_bytes()` with an ancillary chunk of its own holding a PNG thumbnail (as a C2PA manifest's
+    `caBX` chunk may), whose IEND chunk it holds too; and where that thumbnail ends."""
+    whole = png_bytes()
+    thumbnail = png_bytes((10, 10, 200), (8, 8))
+    chunk = len(thumbnail).to_bytes(4, "big") + b"thMb" + thumbnail
+    chunk += zlib.crc32(b"thMb" + thumbnail).to_bytes(4, "big")
+    after_ihdr = 8 + 12 + 13
+    return whole[:after_ihdr] + chunk + whole[after_ihdr:], after_ihdr + 8 + len(thumbnail)
+
+
+@respx.mock
+@pytest.mark.parametrize("content_type", [None, "image/png"])
+async def test_a_creative_result_of_a_png_cut_after_an_iend_its_chunks_hold_is_asked_again(
+        engine: StabilityEngine, content_type: str | None) -> None:
+    # A PNG's IEND bytes anywhere were its end (832eb65): one holding a PNG of its own in a chunk (a
+    # thumbnail), cut just after that one's IEND, was taken for whole, failed to decode, and the
+    # upscale, paid for, was lost without a second look. Its end is found chunk by chunk now, as a
+    # JPEG's is segment by segment (af3a9b0).
+    whole, thumbnail_end = png_with_a_thumbnail()
+    Image.open(io.BytesIO(whole)).load()
+    assert whole[thumbnail_end - 8:thumbnail_end - 4] == b"IEND"
     headers = {"seed": "7"} if content_type is None else {"content-type": content_type, "seed": "7"}
     respx.post(CREATIVE).mock(return_value=httpx.Response(200, json={"id": "job-42"}))
     poll = respx.get(RESULT).mock(side_effect=[
