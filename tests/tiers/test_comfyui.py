@@ -1283,3 +1283,65 @@ async def test_a_cancel_still_interrupts_when_the_queue_delete_fails(engine: Com
     with pytest.raises(Canceled):
         await engine.run(bridge(), NullProgress(), token)
     assert routes["interrupt"].called
+
+
+@respx.mock
+@pytest.mark.parametrize("where", ["sending", "following"])
+@pytest.mark.parametrize("abandon", [False, True])
+async def test_a_cancel_names_the_prompt_whether_it_was_being_sent_or_followed(
+        engine: ComfyUIEngine, where: str, abandon: bool) -> None:
+    """The same error from `_execute` and `_follow` (one `_let_go_and_say` since b5113e2), pinned as
+    each said it before: the prompt named, charged nothing, the server asked to drop it only on a
+    cancel (a stopping process leaves it to the next attempt)."""
+    routes = mock_server()
+    token = CancelToken()
+    sent: list[str] = []
+    if where == "sending":
+        held = HeldRequest(httpx.Response(200, json={"prompt_id": "x", "number": 1, "node_errors": {}}))
+
+        async def out(request: httpx.Request) -> httpx.Response:
+            sent.append(json.loads(request.content)["prompt_id"])
+            return await held(request)
+
+        routes["prompt"].side_effect = out
+        run = asyncio.ensure_future(engine.run(bridge(), NullProgress(), token))
+        await asyncio.wait_for(held.sent.wait(), 5)
+        token.cancel(abandon=abandon)
+        with pytest.raises(Canceled) as info:
+            await asyncio.wait_for(run, 10)
+    else:
+        info = await cancel_while_polling(engine, routes, abandon=abandon)
+    prompt_id = sent[0] if sent else json.loads(routes["prompt"].calls.last.request.content)["prompt_id"]
+    assert info.value.message == "comfyui: the job was canceled"
+    assert info.value.details == {"engine": "comfyui", "prompt_id": prompt_id}
+    assert info.value.charged == "no" and info.value.charged_told and not info.value.retryable
+    assert info.value.__suppress_context__ and info.value.__cause__ is None
+    assert routes["queue"].call_count == (0 if abandon else 1)
+
+
+@respx.mock
+@pytest.mark.parametrize("held", [True, False], ids=["held", "taken-over"])
+async def test_a_deadline_while_following_names_the_prompt_and_what_became_of_it(
+        make_ctx: Any, tmp_path: Path, sleep: Any, held: bool) -> None:
+    engine, now = timed_engine(make_ctx, tmp_path, sleep)
+    routes = mock_server()
+
+    def never(request: httpx.Request) -> httpx.Response:
+        now[0] += 400.0  # past the 300 s deadline
+        return httpx.Response(200, json={})
+
+    async def send() -> None:
+        pass
+
+    async def still_held() -> bool:
+        return held
+
+    routes["history"].side_effect = never
+    with before_billable_sends(send, held=still_held), pytest.raises(EngineTimeout) as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    prompt_id = json.loads(routes["prompt"].calls.last.request.content)["prompt_id"]
+    told = "asked the server to drop" if held else "left to the job's next attempt"
+    assert info.value.message == (f"comfyui: prompt {prompt_id} did not finish before the deadline "
+                                  f"(ORCH_REMOTE_DEADLINE) ({told} prompt {prompt_id})")
+    assert info.value.details == {"engine": "comfyui", "prompt_id": prompt_id}
+    assert info.value.charged == "no" and info.value.retryable and info.value.code == "timeout"

@@ -515,3 +515,35 @@ async def test_images_are_encoded_and_decoded_off_the_event_loop(engine: GeminiE
     result = await engine.run(bridge(n=2), NullProgress(), CancelToken())
     assert len(result.images) == 2 and spy.on_loop == []
     assert spy.called == {"encode_image", "decode_image", "answer_json"}  # the spies saw the work
+
+
+@respx.mock
+@pytest.mark.parametrize(("usages", "cost", "unread"), [
+    # The first block that could not be read says why, not a later one.
+    ([{"candidatesTokenCount": "x"}, None, {"candidatesTokenCount": -1}], None, "('x')"),
+    # A call that said no usage leaves the cost unknown with no reason of a block to give.
+    ([None, "good", "good"], None, None),
+    (["good", "good", "good"], 3 * 7805, None),
+])
+async def test_a_job_of_several_calls_adds_their_costs_and_names_the_calls(
+        engine: GeminiEngine, usages: list[Any], cost: int | None, unread: str | None) -> None:
+    """Pinned as the inline tally had it before `_cloud.TokenBill` took it over: a sum of the
+    calls' costs, None once one is unknown, the first unread reason, the ids of the calls that
+    named one (the second does not)."""
+    bodies = []
+    for i, usage in enumerate(usages):
+        body = ok_body()
+        body["responseId"] = "" if i == 1 else f"resp-{i}"
+        if usage is None:
+            del body["usageMetadata"]
+        elif usage != "good":
+            body["usageMetadata"] = usage
+        bodies.append(httpx.Response(200, json=body))
+    respx.post(URL).mock(side_effect=bodies)
+    result = await engine.run(bridge(n=3), NullProgress(), CancelToken())
+    assert len(result.images) == 3 and result.cost_millicredits == cost
+    assert result.provider_request_id == "resp-0,resp-2"
+    if unread is None:
+        assert result.cost_unread is None
+    else:
+        assert result.cost_unread is not None and unread in result.cost_unread

@@ -491,3 +491,35 @@ async def test_an_answer_with_more_images_than_asked_keeps_n(engine: OpenAIImage
     respx.post(URL).mock(return_value=ok(count=40))
     result = await engine.run(bridge(n=2), NullProgress(), CancelToken())
     assert len(result.images) == 2 and len(decoded) == 2
+
+
+@respx.mock
+@pytest.mark.parametrize(("usages", "cost", "unread"), [
+    # The first block that could not be read says why, not a later one.
+    ([{"output_tokens": "x"}, None, {"output_tokens": -1}], None, "('x')"),
+    # A call that said no usage leaves the cost unknown with no reason of a block to give.
+    ([None, "good", "good"], None, None),
+    (["good", "good", "good"], 3 * 16685, None),
+])
+async def test_a_job_of_several_calls_adds_their_costs_and_names_the_calls(
+        engine: OpenAIImagesEngine, usages: list[Any], cost: int | None, unread: str | None) -> None:
+    """Pinned as the inline tally had it before `_cloud.TokenBill` took it over: a sum of the
+    calls' costs, None once one is unknown, the first unread reason, the ids of the calls that
+    named one (the second does not)."""
+    answers = []
+    for i, usage in enumerate(usages):
+        body = ok_body()
+        if usage is None:
+            del body["usage"]
+        elif usage != "good":
+            body["usage"] = usage
+        answers.append(httpx.Response(200, json=body, headers={} if i == 1 else {"x-request-id": f"req_{i}"}))
+    # One image an answer: the engine asks again for the rest.
+    route = respx.post(URL).mock(side_effect=answers)
+    result = await engine.run(bridge(n=3), NullProgress(), CancelToken())
+    assert route.call_count == 3 and len(result.images) == 3 and result.cost_millicredits == cost
+    assert result.provider_request_id == "req_0,req_2"
+    if unread is None:
+        assert result.cost_unread is None
+    else:
+        assert result.cost_unread is not None and unread in result.cost_unread
