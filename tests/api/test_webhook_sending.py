@@ -570,6 +570,37 @@ def check_the_sql_filter_of_an_idn_destination_folds_its_non_ascii_capitals(db: 
     assert [i for i, row in sorted(_rows(db).items()) if row.next_attempt_at is None] == [*ids[:3], ids[5]]
 
 
+def test_the_sql_filter_folds_no_capital_into_another_host_s_letter(db: Database) -> None:
+    check_the_sql_filter_folds_no_capital_into_another_host_s_letter(db)
+
+
+def check_the_sql_filter_folds_no_capital_into_another_host_s_letter(db: Database) -> None:
+    # A capital sigma lowers to a final sigma (`ς`) at a word's end and to a sigma (U+03C3) elsewhere,
+    # as urlsplit and httpx lower it: `ΛΔΣ-ΦΨ.example` is `λδς-φψ.example` (xn----4lbu3avm), another
+    # host than the one with a sigma (xn----4lbu7aqm). Folded to a sigma in SQL (a `replace` on
+    # SQLite, `lower` on PostgreSQL), the give-up of the set-aside sigma host gave up the other's rows.
+    sigma = "\u03c3"
+    assert webhooks.destination("http://ΛΔΣ-ΦΨ.example/h") == "http://λδς-φψ.example:80"
+    ids = _deliveries(db, [(url, 1) for url in (f"http://λδ{sigma}-φψ.example/h", "http://ΛΔΣ-ΦΨ.example/h",
+                                                "http://λδς-φψ.example/h", "http://ΛΔΣ/h", f"http://λδ{sigma}/h",
+                                                "http://İooks.example/h", "http://iooks.example/h")])
+    assert webhooks.destination("http://ΛΔΣ/h") == "http://λδς:80"
+    assert _matched(db, f"http://λδ{sigma}-φψ.example/") == [ids[0]]
+    assert _matched(db, f"http://λδ{sigma}/") == [ids[4]]
+    # `İ` lowers to `i` and U+0307, two characters (httpx sends `İooks.example` as
+    # xn--iooks-7fd.example), but PostgreSQL's `lower` makes it `i`: `iooks.example` set aside took it in.
+    assert webhooks.destination("http://İooks.example/h") == "http://i\u0307ooks.example:80"
+    assert _matched(db, "http://iooks.example/") == [ids[6]]
+    old = shared_now() - timedelta(seconds=webhooks.SCHEDULE_SECONDS + 60)
+    with db.transaction() as s:
+        for row in s.exec(select(WebhookDelivery)).all():
+            row.created_at = old
+    webhooks.Deliverer(db, lambda job_id: {}, None, interval=0.1)._give_up(
+        {webhooks.destination(url): "answered 503" for url in (f"http://λδ{sigma}-φψ.example/", f"http://λδ{sigma}/",
+                                                               "http://iooks.example/")})
+    assert [i for i, row in sorted(_rows(db).items()) if row.next_attempt_at is None] == [ids[0], ids[4], ids[6]]
+
+
 def test_a_full_destination_is_read_past_not_one_that_merely_shares_its_start(db: Database) -> None:
     check_a_full_destination_is_read_past(db)
 
