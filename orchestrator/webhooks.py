@@ -204,10 +204,9 @@ def _host(host: str) -> str:
         with contextlib.suppress(ValueError):  # not an address (refused when the URL is set): as written
             address = ipaddress.IPv6Address(host)
             # httpx's IPv6 socket connects a mapped address to the IPv4 one (a receiver listening on
-            # 127.0.0.1 alone answers `[::ffff:127.0.0.1]`): one receiver. Not with a zone, which
-            # the resolver takes on a link-local address only (every attempt fails).
-            if address.ipv4_mapped is not None and address.scope_id is None:
-                return str(address.ipv4_mapped)
+            # 127.0.0.1 alone answers `[::ffff:127.0.0.1]`): one receiver, and sent so (`_sent_to`).
+            if (mapped := _mapped(address)) is not None:
+                return str(mapped)
             # Its zone as written: interface names are case-sensitive (the resolver refuses
             # `fe80::1%LO`), and httpx sends `%25lo` so, a zone `25lo` no interface has (every
             # attempt fails), so neither is a spelling of `%lo`.
@@ -223,6 +222,24 @@ def _host(host: str) -> str:
         # takes. Each a receiver of its own: merged, its failed attempts set the other's breaker aside.
         return host
     return name
+
+
+def _mapped(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv4-mapped IPv6 one maps; not with a zone, which the resolver takes on
+    a link-local address only (every attempt fails)."""
+    return address.ipv4_mapped if address.scope_id is None else None
+
+
+def _sent_to(url: str) -> str | httpx.URL:
+    """`url` as the sender POSTs it: an IPv4-mapped host as its IPv4 address, the destination it is
+    (`_host`). httpx picks a proxy by the host as written: with HTTP_PROXY and NO_PROXY=127.0.0.1,
+    `[::ffff:127.0.0.1]` went to the proxy, which connects to its own 127.0.0.1 (reproduced), so a
+    project key allowed it as its project's receiver 127.0.0.1 reached another host."""
+    with contextlib.suppress(ValueError):  # not so (httpx's own error comes with the POST)
+        host = urlsplit(url).hostname or ""
+        if ":" in host and (mapped := _mapped(ipaddress.IPv6Address(host))) is not None:
+            return httpx.URL(url).copy_with(host=str(mapped))
+    return url
 
 
 def _ipv4(host: str) -> bool:
@@ -746,7 +763,7 @@ class Deliverer:
             # The whole exchange, not each read: a receiver answering a byte at a time would
             # otherwise outlast the claim's lease, and another process send the row beside it.
             async with asyncio.timeout(SEND_TIMEOUT_SECONDS):
-                answer = await client.post(row.url, content=body, headers=headers)
+                answer = await client.post(_sent_to(row.url), content=body, headers=headers)
         except Exception as exc:
             # Any, not only httpx's: a host that is no IDNA label (`xn--a`) raises idna's
             # `UnicodeError` before any connection, and escaping it left the row claimed and its

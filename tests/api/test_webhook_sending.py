@@ -507,6 +507,34 @@ def test_an_ipv4_mapped_ipv6_address_is_the_ipv4_address_it_maps(receivers: Call
     assert _matched(db, spellings[0]) == _matched(db, spellings[1]) == ids[:3]
 
 
+def test_a_mapped_ipv4_address_is_sent_as_its_ipv4_address_past_a_proxy(
+        receivers: Callable[..., Held], db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    # One destination with 127.0.0.1, so a project key whose receiver is http://127.0.0.1:PORT may
+    # name it; but httpx routes a URL by its host as written: with HTTP_PROXY and NO_PROXY=127.0.0.1
+    # (read from the environment), `[::ffff:127.0.0.1]` went to the proxy, which connects to its own
+    # 127.0.0.1, another host than the project's receiver. Sent as the IPv4 address, it goes where
+    # 127.0.0.1 goes.
+    receiver, proxy = receivers(held=False), receivers(held=False)
+    port = receiver.server.server_address[1]
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{proxy.server.server_address[1]}")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    deliverer = webhooks.Deliverer(db, lambda job_id: {}, None, interval=0.1)
+    now = shared_now()
+
+    async def post(n: int, url: str) -> tuple[str | None, webhooks.Verdict]:
+        async with deliverer._client() as client:
+            return await deliverer._post(client, webhooks.Due(f"whd_{n}", "job_1", url, "job.failed", 0, now))
+
+    for n, url in enumerate([f"http://127.0.0.1:{port}/h", f"http://[::ffff:127.0.0.1]:{port}/h?t=1",
+                             f"http://[::FFFF:7f00:1]:{port}/h"]):
+        webhooks.refuse_foreign_receiver(url, f"http://127.0.0.1:{port}/", "p-1")
+        assert asyncio.run(post(n, url)) == (None, "delivered")
+    assert (receiver.arrived, proxy.arrived) == (["whd_0", "whd_1", "whd_2"], [])
+    # A host that is another destination is sent as written: through the proxy.
+    assert asyncio.run(post(3, f"http://localhost:{port}/h")) == (None, "delivered")
+    assert proxy.arrived == ["whd_3"]
+
+
 def test_a_single_label_host_with_a_trailing_dot_is_not_the_host_without(db: Database) -> None:
     # One trailing dot makes a name fully qualified, and a single label so is looked up as a
     # top-level name: no `/etc/hosts` entry matches it (`localhost` is there, `localhost.` is not)
