@@ -303,8 +303,13 @@ def _to(where: str) -> sa.ColumnElement[bool]:
     url: sa.ColumnElement[str] = func.lower(col(WebhookDelivery.url))
     # SQLite's `lower` folds ASCII alone (as PostgreSQL's does under the C collation): an IDN host's
     # other capitals (`BÜCHER.example`) are folded here, a `replace` for each, only for a
-    # destination that has such letters (the others' SQL as it was).
-    for capital, small in _capitals(where):
+    # destination that has such letters (the others' SQL as it was), and at most MAX_FOLDED: each
+    # `replace` is nested in the next, and past 24 SQLite's parser overflowed its stack (past about
+    # 85, SQLAlchemy's compiler its recursion): a host of more, which httpx sends (100 in three
+    # labels), raised in every read of due rows while it was full or set aside, and no delivery was
+    # sent. Such a host's capitals are not folded: its rows so written are left to `Deliverer._due`.
+    capitals = _capitals(where)
+    for capital, small in capitals if len(capitals) <= MAX_FOLDED else ():
         url = func.replace(url, capital, small)
     _, _, rest = where.partition("://")
     zone = rest.partition("]")[0].partition("%")[2] if rest.startswith("[") else ""
@@ -332,6 +337,10 @@ def _to(where: str) -> sa.ColumnElement[bool]:
 # one), and a capital I with a dot (U+0130) is `i` and U+0307, two characters; PostgreSQL's `lower`
 # makes them a sigma and `i` (SQLite's keeps them). Folded so, a set-aside host's give-up took in another's rows.
 _UNSURE_CAPITALS = {"\u03a3": "\u03c3\u03c2", "\u0130": "i"}
+
+
+# The most capitals `_to` folds (SQLite ran 24 nested, in the update that gives rows up).
+MAX_FOLDED = 16
 
 
 @functools.lru_cache(maxsize=1024)

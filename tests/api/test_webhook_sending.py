@@ -629,6 +629,32 @@ def check_the_sql_filter_folds_no_capital_into_another_host_s_letter(db: Databas
     assert [i for i, row in sorted(_rows(db).items()) if row.next_attempt_at is None] == [ids[0], ids[4], ids[6]]
 
 
+def test_the_sql_filter_of_a_host_of_many_non_ascii_letters_runs(db: Database) -> None:
+    check_the_sql_filter_of_a_host_of_many_non_ascii_letters_runs(db)
+
+
+def check_the_sql_filter_of_a_host_of_many_non_ascii_letters_runs(db: Database) -> None:
+    # A `replace` per non-ASCII letter nested one in the next: SQLite's parser overflowed its stack
+    # past 24 of them, SQLAlchemy's compiler its recursion past about 85, so the SQL filter of a
+    # host that httpx sends (three labels, 100 letters) raised. A full or set-aside destination is in
+    # every read of due rows: no delivery to any host was sent while it was one.
+    labels = ["".join(map(chr, range(0x430, 0x450))), "".join(chr(c) for c in range(0xE0, 0xFF) if c != 0xF7),
+              "".join(map(chr, range(0x561, 0x587)))]
+    url = f"https://{'.'.join(labels)}.example/h"
+    assert ProjectCreate(name="p", webhook_url=url).webhook_url == url  # taken as a project's URL
+    where = webhooks.destination(url)
+    ids = _deliveries(db, [(url, 1), (f"HTTPS://{'.'.join(labels)}.EXAMPLE:443/h", 1), ("https://hooks.example/h", 1)])
+    assert _matched(db, url) == ids[:2]
+    deliverer = webhooks.Deliverer(db, lambda job_id: {}, None, interval=0.1)
+    assert [row.id for row in deliverer._due(full=[where])] == [ids[2]]
+    old = shared_now() - timedelta(seconds=webhooks.SCHEDULE_SECONDS + 60)
+    with db.transaction() as s:
+        for row in s.exec(select(WebhookDelivery)).all():
+            row.created_at = old
+    deliverer._give_up({where: "answered 503"})
+    assert [i for i, row in sorted(_rows(db).items()) if row.next_attempt_at is None] == ids[:2]
+
+
 def test_a_full_destination_is_read_past_not_one_that_merely_shares_its_start(db: Database) -> None:
     check_a_full_destination_is_read_past(db)
 

@@ -82,6 +82,7 @@ from tests.api.test_webhook_sending import (
     check_a_set_aside_destination_s_rows_past_their_schedule_are_given_up_unsent,
     check_spellings_the_sql_filter_misses_do_not_fill_every_read,
     check_the_sql_filter_folds_no_capital_into_another_host_s_letter,
+    check_the_sql_filter_of_a_host_of_many_non_ascii_letters_runs,
     check_the_sql_filter_of_an_idn_destination,
     check_the_sql_filter_of_an_idn_destination_folds_its_non_ascii_capitals,
 )
@@ -1221,7 +1222,8 @@ def test_webhook_deliveries_are_listed_within_a_time_range_on_postgres(pg_db: Da
                                    check_spellings_the_sql_filter_misses_do_not_fill_every_read,
                                    check_the_sql_filter_of_an_idn_destination,
                                    check_the_sql_filter_of_an_idn_destination_folds_its_non_ascii_capitals,
-                                   check_the_sql_filter_folds_no_capital_into_another_host_s_letter])
+                                   check_the_sql_filter_folds_no_capital_into_another_host_s_letter,
+                                   check_the_sql_filter_of_a_host_of_many_non_ascii_letters_runs])
 def test_webhook_sends_at_once_read_and_give_back_rows_on_postgres(pg_db: Database,
                                                                    check: Callable[[Database], None]) -> None:
     check(pg_db)
