@@ -231,14 +231,16 @@ def _mapped(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
 
 
 def _sent_to(url: str) -> str | httpx.URL:
-    """`url` as the sender POSTs it: an IPv4-mapped host as its IPv4 address, the destination it is
-    (`_host`). httpx picks a proxy by the host as written: with HTTP_PROXY and NO_PROXY=127.0.0.1,
-    `[::ffff:127.0.0.1]` went to the proxy, which connects to its own 127.0.0.1 (reproduced), so a
-    project key allowed it as its project's receiver 127.0.0.1 reached another host."""
+    """`url` as the sender POSTs it: an IPv6 host (without a zone) as its destination writes it
+    (`_host`: an IPv4-mapped one as its IPv4 address, another compressed). httpx picks a proxy by
+    the host as written: with HTTP_PROXY and NO_PROXY=127.0.0.1, `[::ffff:127.0.0.1]` went to the
+    proxy, which connects to its own 127.0.0.1, and with NO_PROXY=::1 `[0:0:0:0:0:0:0:1]` did
+    (reproduced), so a project key allowed either as its project's receiver reached another host."""
     with contextlib.suppress(ValueError):  # not so (httpx's own error comes with the POST)
         host = urlsplit(url).hostname or ""
-        if ":" in host and (mapped := _mapped(ipaddress.IPv6Address(host))) is not None:
-            return httpx.URL(url).copy_with(host=str(mapped))
+        if ":" in host and (address := ipaddress.IPv6Address(host)).scope_id is None:
+            mapped = _mapped(address)
+            return httpx.URL(url).copy_with(host=address.compressed if mapped is None else str(mapped))
     return url
 
 

@@ -507,7 +507,7 @@ def test_an_ipv4_mapped_ipv6_address_is_the_ipv4_address_it_maps(receivers: Call
     assert _matched(db, spellings[0]) == _matched(db, spellings[1]) == ids[:3]
 
 
-def test_a_mapped_ipv4_address_is_sent_as_its_ipv4_address_past_a_proxy(
+def test_an_ipv6_host_is_sent_as_its_destination_writes_it_past_a_proxy(
         receivers: Callable[..., Held], db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
     # One destination with 127.0.0.1, so a project key whose receiver is http://127.0.0.1:PORT may
     # name it; but httpx routes a URL by its host as written: with HTTP_PROXY and NO_PROXY=127.0.0.1
@@ -533,6 +533,33 @@ def test_a_mapped_ipv4_address_is_sent_as_its_ipv4_address_past_a_proxy(
     # A host that is another destination is sent as written: through the proxy.
     assert asyncio.run(post(3, f"http://localhost:{port}/h")) == (None, "delivered")
     assert proxy.arrived == ["whd_3"]
+    # So with an IPv6 address not compressed: `[0:0:0:0:0:0:0:1]` is `[::1]`, and goes where it goes.
+    monkeypatch.setenv("NO_PROXY", "::1")
+    arrived: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            arrived.append(self.headers["webhook-id"])
+            self.send_response(200)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    class Server(ThreadingHTTPServer):
+        address_family = socket.AF_INET6
+
+    with Server(("::1", 0), Handler) as six:
+        threading.Thread(target=six.serve_forever, daemon=True).start()
+        try:
+            for n, host in enumerate(["[::1]", "[0:0:0:0:0:0:0:1]", "[0::1]"], start=4):
+                webhooks.refuse_foreign_receiver(f"http://{host}:{six.server_address[1]}/h",
+                                                 f"http://[::1]:{six.server_address[1]}/", "p-1")
+                assert asyncio.run(post(n, f"http://{host}:{six.server_address[1]}/h")) == (None, "delivered")
+        finally:
+            six.shutdown()
+    assert (arrived, proxy.arrived) == (["whd_4", "whd_5", "whd_6"], ["whd_3"])
 
 
 def test_a_single_label_host_with_a_trailing_dot_is_not_the_host_without(db: Database) -> None:
