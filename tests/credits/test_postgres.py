@@ -98,7 +98,11 @@ from tests.credits.test_spend import check_windows_add_up
 from tests.credits.test_views_agree import all_agree
 from tests.policies.test_shared_versions import check_a_process_that_missed_an_edit_serves_it_while_the_file_is_refused
 from tests.routing.conftest import FAKE_ENGINES, FALLBACK_POLICY, write_policies
-from tests.routing.test_fallback import BUDGET_FIRST_POLICY, check_every_view_agrees_with_the_jobs_after_fallbacks
+from tests.routing.test_fallback import (
+    BUDGET_FIRST_POLICY,
+    check_every_view_agrees_with_the_jobs_after_fallbacks,
+    check_two_fallbacks_into_room_for_one,
+)
 from tests.routing.test_health import (
     check_a_circuit_a_host_behind_opened_cools_down_on_every_host,
     check_a_circuit_opened_while_the_first_sync_runs_is_judged_by_the_database_s_clock,
@@ -971,6 +975,18 @@ def test_every_view_agrees_with_the_jobs_after_fallbacks_on_postgres(
                                  policy="fallback-test", policy_dir=folder, local_gpu_second_credits=1.5)
     with serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30.0) as client:
         check_every_view_agrees_with_the_jobs_after_fallbacks(client, tmp_path)
+
+
+def test_two_fallbacks_into_room_for_one_take_it_once_on_postgres(
+        postgres_url: str, tmp_path: Path, paid_settings_for: Callable[..., Settings]) -> None:
+    """Two moves to a candidate skipped for the budget, each releasing its own hold, under the
+    project's row lock: one takes the room, the other is refused and goes on (`FOR UPDATE`)."""
+    folder = write_policies(tmp_path / "policies", {"fallback-test": FALLBACK_POLICY,
+                                                    "budget-first-test": BUDGET_FIRST_POLICY})
+    settings = paid_settings_for(tmp_path / "data", database_url=postgres_url, engines=FAKE_ENGINES,
+                                 policy="fallback-test", policy_dir=folder)
+    with serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30.0) as client:
+        check_two_fallbacks_into_room_for_one(client, tmp_path)
 
 
 def test_every_window_adds_up_at_its_edges_on_postgres_whatever_its_time_zone(postgres_url: str) -> None:

@@ -1485,3 +1485,119 @@ def test_a_job_that_falls_back_holds_what_its_new_engine_s_images_may_take(
             assert row.reserved_bytes == quota.image_bound(2048, 2048, quota.text_bound(row.params)) > taken
     finally:
         db.dispose()
+
+
+def check_two_fallbacks_into_room_for_one(client: httpx.Client, folder: Path) -> None:
+    """Two jobs on fake-paid (10 each), fake-b (20) skipped for the budget by both, fail at once
+    with the limit raised to 35: each move releases its own 10, and fake-b fits the first (10 + 20
+    = 30) but not the second (30 + 20 = 40). Exactly one moves to fake-b, the other to local-hifi:
+    the project is never held or charged past its limit, and every hold is settled once.
+    `client`: a service with FAKE_ENGINES and the budget-first-test policy."""
+    project_id, asset_id = draft_asset(client, policy="budget-first-test", budget={"limit": 15, "period": "month"})
+    go = folder / "go"
+    tags = {"fake": "wait-before-send", "until": str(go), "then": "fail"}
+    first = promote(client, asset_id, tags=tags)
+    assert client.patch(f"/v1/projects/{project_id}", json={"budget": {"limit": 25}}).status_code == 200
+    second = promote(client, asset_id, tags=tags)
+    for job in (first, second):
+        assert job["engine"] == "fake-paid"
+        assert [c["engine"] for c in job["routing"]["candidates"] if (c["skipped"] or "").startswith(
+            "does not fit the budget")] == ["fake-b"]
+    assert client.patch(f"/v1/projects/{project_id}", json={"budget": {"limit": 35}}).status_code == 200
+    poll(lambda: all(client.get(f"/v1/jobs/{j['id']}").json()["status"] == "running" for j in (first, second)),
+         what="both jobs sent to fake-paid")
+    go.touch()
+    done = [wait_for_job(client, job["id"]) for job in (first, second)]
+    assert sorted(d["engine"] for d in done) == ["fake-b", "local-hifi"], done
+    assert all(d["status"] == "succeeded" for d in done), done
+    entries = ledger(client, project_id)
+    assert_settled_once(entries)
+    assert sorted(kinds(entries)) == sorted([
+        ("hold", 10.0, "fake-paid"), ("release", 10.0, "fake-paid"), ("hold", 10.0, "fake-paid"),
+        ("release", 10.0, "fake-paid"), ("hold", 20.0, "fake-b"), ("capture", 20.0, "fake-b")])
+    budget = client.get(f"/v1/projects/{project_id}/budget").json()
+    assert (budget["charged"], budget["held"], budget["available"]) == (20.0, 0, 15.0)
+    all_agree(client, [project_id])
+
+
+def test_two_fallbacks_into_room_for_one_take_it_once(paid_server: httpx.Client, tmp_path: Path) -> None:
+    check_two_fallbacks_into_room_for_one(paid_server, tmp_path)
+
+
+def test_a_candidate_skipped_for_the_budget_is_not_taken_off_the_machine_once_the_project_keeps_local(
+        paid_server: httpx.Client, tmp_path: Path) -> None:
+    """fake-b (20) skipped for the budget; while fake-paid's job waits, the project moves to
+    `local-only` and its limit is raised so fake-b would fit. fake-paid fails unsent: the fallback
+    must not send the now-private job to fake-b (a cloud engine), whatever the budget allows; it
+    goes to local-hifi, fake-paid's hold released once and nothing held for fake-b."""
+    project_id, asset_id = draft_asset(paid_server, policy="budget-first-test", budget={"limit": 15, "period": "month"})
+    go = tmp_path / "go"
+    job = promote(paid_server, asset_id, tags={"fake": "wait-before-send", "until": str(go), "then": "fail"})
+    assert job["engine"] == "fake-paid"
+    poll(lambda: paid_server.get(f"/v1/jobs/{job['id']}").json()["status"] == "running", what="the send")
+    assert paid_server.patch(f"/v1/projects/{project_id}",
+                             json={"budget": {"limit": 100}, "policy": "local-only"}).status_code == 200
+    go.touch()
+    done = wait_for_job(paid_server, job["id"])
+    assert [a["engine"] for a in done["attempts"]] == ["fake-paid", "local-hifi"], done
+    entries = ledger(paid_server, project_id, job["id"])
+    assert kinds(entries) == [("hold", 10.0, "fake-paid"), ("release", 10.0, "fake-paid")]
+    assert_settled_once(entries)
+
+
+def test_a_candidate_skipped_for_the_budget_is_held_to_the_job_s_max_credits_at_fallback(
+        paid_server: httpx.Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """max_credits 20: fake-b (20) fits the cap and is skipped for the budget of 15. Priced at 25
+    by the time fake-paid fails (a new prices file), with the limit raised to 100, it is over the
+    cap and skipped for it: the job goes to local-hifi with nothing held for fake-b."""
+    from tests.routing import NamedFakeEngine
+
+    project_id, asset_id = draft_asset(paid_server, policy="budget-first-test", budget={"limit": 15, "period": "month"})
+    go = tmp_path / "go"
+    job = promote(paid_server, asset_id, max_credits=20,
+                  tags={"fake": "wait-before-send", "until": str(go), "then": "fail"})
+    assert job["engine"] == "fake-paid"
+    assert {c["engine"]: c["skipped"] for c in job["routing"]["candidates"]}["fake-b"].startswith(
+        "does not fit the budget")
+    poll(lambda: paid_server.get(f"/v1/jobs/{job['id']}").json()["status"] == "running", what="the send")
+    assert paid_server.patch(f"/v1/projects/{project_id}", json={"budget": {"limit": 100}}).status_code == 200
+    monkeypatch.setattr(NamedFakeEngine, "estimate", lambda self, req: 25_000)
+    go.touch()
+    done = wait_for_job(paid_server, job["id"])
+    assert [a["engine"] for a in done["attempts"]] == ["fake-paid", "local-hifi"], done
+    moved = [e.data for e in read_events(paid_server, job["id"]) if e.data.get("state") == "fallback"]
+    assert [m.get("skipped") for m in moved] == [[{"engine": "fake-b", "reason": "max_credits", "estimate": 25.0}]]
+    entries = ledger(paid_server, project_id, job["id"])
+    assert kinds(entries) == [("hold", 10.0, "fake-paid"), ("release", 10.0, "fake-paid")]
+    assert_settled_once(entries)
+
+
+def test_a_candidate_skipped_for_the_budget_whose_circuit_opened_since_is_not_taken_at_fallback(
+        new_settings: SettingsFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """fake-b (20) skipped for a budget of 15; while fake-paid's job waits, the limit is raised to
+    100 and fake-b fails two jobs asked of it by name (its circuit opens). fake-paid fails unsent:
+    fake-b fits the budget now, but its circuit keeps the fallback off it (said as `circuit_open`);
+    the job goes to local-hifi, nothing held for fake-b."""
+    folder = write_policies(tmp_path / "policies", {"fallback-test": FALLBACK_POLICY,
+                                                    "budget-first-test": BUDGET_FIRST_POLICY})
+    monkeypatch.setattr("orchestrator.services.EngineHealth", functools.partial(EngineHealth, threshold=2))
+    with running(new_settings(engines=FAKE_ENGINES, policy="fallback-test", policy_dir=folder)) as client:
+        project_id, asset_id = draft_asset(client, policy="budget-first-test", budget={"limit": 15, "period": "month"})
+        go = tmp_path / "go"
+        job = promote(client, asset_id, tags={"fake": "wait-before-send", "until": str(go), "then": "fail"})
+        assert job["engine"] == "fake-paid"
+        poll(lambda: client.get(f"/v1/jobs/{job['id']}").json()["status"] == "running", what="the send")
+        assert client.patch(f"/v1/projects/{project_id}", json={"budget": {"limit": 100}}).status_code == 200
+        _, other = draft_asset(client)
+        for _ in range(2):
+            failed = wait_for_job(client, promote(client, other, engine="fake-b", tags={"fake-b": "fail"})["id"])
+            assert failed["status"] == "failed", failed
+        assert health(client)["fake-b"] == "open"
+        go.touch()
+        done = wait_for_job(client, job["id"])
+        assert [a["engine"] for a in done["attempts"]] == ["fake-paid", "local-hifi"], done
+        moved = [e.data for e in read_events(client, job["id"]) if e.data.get("state") == "fallback"]
+        assert [m.get("skipped") for m in moved] == [[{"engine": "fake-b", "reason": "circuit_open"}]]
+        entries = ledger(client, project_id, job["id"])
+        assert kinds(entries) == [("hold", 10.0, "fake-paid"), ("release", 10.0, "fake-paid")]
+        assert_settled_once(entries)
