@@ -1492,7 +1492,8 @@ def check_two_fallbacks_into_room_for_one(client: httpx.Client, folder: Path) ->
     with the limit raised to 35: each move releases its own 10, and fake-b fits the first (10 + 20
     = 30) but not the second (30 + 20 = 40). Exactly one moves to fake-b, the other to local-hifi:
     the project is never held or charged past its limit, and every hold is settled once.
-    `client`: a service with FAKE_ENGINES and the budget-first-test policy."""
+    `client`: a fresh service (`all_agree` counts every project) with FAKE_ENGINES and the
+    budget-first-test policy."""
     project_id, asset_id = draft_asset(client, policy="budget-first-test", budget={"limit": 15, "period": "month"})
     go = folder / "go"
     tags = {"fake": "wait-before-send", "until": str(go), "then": "fail"}
@@ -1520,8 +1521,12 @@ def check_two_fallbacks_into_room_for_one(client: httpx.Client, folder: Path) ->
     all_agree(client, [project_id])
 
 
-def test_two_fallbacks_into_room_for_one_take_it_once(paid_server: httpx.Client, tmp_path: Path) -> None:
-    check_two_fallbacks_into_room_for_one(paid_server, tmp_path)
+def test_two_fallbacks_into_room_for_one_take_it_once(new_settings: SettingsFactory, tmp_path: Path) -> None:
+    # A service of its own: `all_agree` compares the spend report and /metrics of every project.
+    folder = write_policies(tmp_path / "policies", {"fallback-test": FALLBACK_POLICY,
+                                                    "budget-first-test": BUDGET_FIRST_POLICY})
+    with running(new_settings(engines=FAKE_ENGINES, policy="fallback-test", policy_dir=folder)) as client:
+        check_two_fallbacks_into_room_for_one(client, tmp_path)
 
 
 def test_a_candidate_skipped_for_the_budget_is_not_taken_off_the_machine_once_the_project_keeps_local(
