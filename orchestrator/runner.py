@@ -169,6 +169,10 @@ class Claim:
     # `time.monotonic()` as the runner started the engine on it; None: no engine was (a claim to
     # move it, or given back unstarted). What an end without a result counts of the device's time.
     began: float | None = None
+    # `time.monotonic()` as the engine returned or raised: the device is let go then, so what an
+    # end without a result counts stops there (a fallback's looks at its candidates, a thread's
+    # wait for the end's write, held no device). None: not yet, or no engine was started.
+    engine_ended: float | None = None
     # The write that marks the attempt unsent again once every request of it was answered that
     # nothing was made (see `JobRunner._send_refused`), and how many such writes landed: the next
     # request waits for it, then records its send anew.
@@ -541,6 +545,7 @@ class JobRunner:
             self.health.failed(job.engine)
             raise
         finally:
+            claim.engine_ended = time.monotonic()
             self.health.finished(job.engine, job.id)  # whatever the verdict, this probe is over
 
     async def _store(self, claim: Claim, result: RenderResult, started: float) -> list[str] | None:
@@ -1632,13 +1637,16 @@ class JobRunner:
         """The values that add an attempt on a local engine that ended without a result (failed,
         canceled, moved by a fallback, queued again by a stop) to its job's `device_seconds`: a
         project's quota counts the device-seconds of every attempt, not only a success's (metering
-        still charges a success alone). Measured here, from the engine's start to now: the engine's
-        own count, which leaves a model's loading out, comes only with a result. {} for another
-        engine's attempt, or a claim no engine was started on."""
+        still charges a success alone). Measured here, from the engine's start: the engine's
+        own count, which leaves a model's loading out, comes only with a result; up to the engine's
+        return (`Claim.engine_ended`), not this end's write: what comes between (a fallback asking
+        its candidates' availability, storing images) holds no device. {} for another engine's
+        attempt, or a claim no engine was started on."""
         job = claim.job
         if claim.began is None or job.engine not in self.registry or self.registry.get(job.engine).kind != "local":
             return {}
-        return {"device_seconds": device_time.added(time.monotonic() - claim.began)}
+        until = claim.engine_ended if claim.engine_ended is not None else time.monotonic()
+        return {"device_seconds": device_time.added(max(0.0, until - claim.began))}
 
     def _doubt_a_free_cancel(self, claim: Claim, exc: Canceled) -> None:
         """A remote engine's cancel that says nothing of its cost (a token's own `Canceled`, as a

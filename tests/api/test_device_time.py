@@ -489,3 +489,37 @@ def test_a_local_job_a_stop_queued_again_counts_its_attempt_once_it_ends(make_se
         assert kept_seconds(services_of(client), job["id"]) == held
         assert client.get(f"/v1/projects/{project_id}").json()["local_seconds_used"] == math.floor(
             held * 1000) / 1000
+
+
+def test_a_local_attempt_that_falls_back_counts_its_engine_s_time_not_the_fallback_s_looks(
+        make_settings: SettingsFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A local attempt's seconds were measured up to its end's write, not its engine's end: a bridge
+    that failed on local-hifi at once, while its fallback's availability took a second to answer (a
+    plugin asking its server), was counted that second though the device had been let go."""
+    with client_for(with_fallback(make_settings, tmp_path)) as client:
+        project_id = create_project(client, local_seconds_per_day=3600)["id"]
+        services = services_of(client)
+        [draft] = run_draft(client, project_id, seed=6)["assets"]
+        failed = []
+        hifi, remote = services.registry.get("local-hifi"), services.registry.get("fake-free")
+
+        async def fail_at_once(*args: Any) -> Any:
+            failed.append(time.monotonic())
+            raise EngineError("out of memory, say", retryable=True, charged="no")
+
+        available = remote.availability
+
+        def slow_look() -> tuple[bool, str | None]:
+            if failed:  # the fallback's look, not routing's: its server answers after a second
+                time.sleep(1.0)
+            return available()
+
+        monkeypatch.setattr(hifi, "run", fail_at_once)
+        monkeypatch.setattr(remote, "availability", slow_look)
+        promoted = client.post(f"/v1/assets/{draft}/promote", json={})
+        assert promoted.status_code == 202 and promoted.json()["engine"] == "local-hifi", promoted.text
+        done = wait_for_job(client, promoted.json()["id"], ("succeeded",))
+        assert [a["engine"] for a in done["attempts"]] == ["local-hifi", "fake-free"] and len(failed) == 1
+        seconds = kept_seconds(services, done["id"])
+        # The engine raised at once: the second its fallback's look took held no device.
+        assert seconds is not None and 0 <= seconds < 0.5, seconds
