@@ -430,7 +430,12 @@ def test_a_local_job_a_dead_process_left_counts_what_it_held_until_its_last_rene
     """Rows as a dead process left them on Lite: started 100 s before, its lease last renewed 30 s
     before. Recovery counts the 70 s between, whether it cancels the job (a cancel was asked) or
     queues it again (its rerun's own seconds are added at its success)."""
-    settings = make_settings(lease_seconds=60)
+    check_a_local_job_a_dead_process_left_counts_what_it_held(make_settings)
+
+
+def check_a_local_job_a_dead_process_left_counts_what_it_held(make_settings: SettingsFactory,
+                                                              **database: Any) -> None:
+    settings = make_settings(lease_seconds=60, **database)
     settings.data_dir.mkdir(parents=True)
     db = Database(settings.resolved_database_url)
     db.migrate()

@@ -47,6 +47,7 @@ from tests.api import (
     worker_process,
 )
 from tests.api.test_device_time import (
+    check_a_local_job_a_dead_process_left_counts_what_it_held,
     check_a_local_job_s_success_keeps_its_device_seconds,
     check_a_local_job_that_fails_after_its_work_counts_it,
     check_a_project_at_its_quota_is_refused_429_until_its_seconds_age_out,
@@ -272,6 +273,12 @@ def test_a_local_failure_s_device_seconds_on_postgres(postgres_url: str, make_se
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     # The column's sum with the attempt's seconds (coalesce + a float parameter), as PostgreSQL adds them.
     check_a_local_job_that_fails_after_its_work_counts_it(make_settings, monkeypatch, database_url=postgres_url)
+
+
+def test_a_dead_process_s_local_attempt_counts_on_postgres(postgres_url: str,
+                                                          make_settings: Callable[..., Settings]) -> None:
+    # Recovery's count from started_at (a timestamptz) to the lease's last renewal, as PostgreSQL reads them.
+    check_a_local_job_a_dead_process_left_counts_what_it_held(make_settings, database_url=postgres_url)
 
 
 def test_a_quota_lowered_while_a_request_is_routed_refuses_it_on_postgres(
