@@ -528,3 +528,58 @@ def test_a_local_attempt_that_falls_back_counts_its_engine_s_time_not_the_fallba
         seconds = kept_seconds(services, done["id"])
         # The engine raised at once: the second its fallback's look took held no device.
         assert seconds is not None and 0 <= seconds < 0.5, seconds
+
+
+def test_metered_local_work_charges_a_success_s_own_seconds_alone(make_settings: SettingsFactory,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ORCH_LOCAL_GPU_SECOND_CREDITS set, the quota counts every attempt while the ledger is as
+    before: a draft a dead process left (70 s to its last renewal), run again to its success, is
+    charged its success's seconds alone, not the 70 s the quota counts too; one canceled at its
+    recovery, and one that fails on Lite after its work, are charged nothing."""
+    rate = 10.0
+    settings = make_settings(lease_seconds=60, local_gpu_second_credits=rate)
+    settings.data_dir.mkdir(parents=True)
+    db = Database(settings.resolved_database_url)
+    db.migrate()
+    now = utcnow()
+    project_id, canceled_id, requeued_id = new_id("prj"), new_id("job"), new_id("job")
+    left: dict[str, Any] = {"status": "running", "attempt": 1, "lease_owner": "dead-host:1:0",
+                            "started_at": now - timedelta(seconds=100),
+                            "lease_expires_at": now - timedelta(seconds=30) + timedelta(seconds=60)}
+    params = {"stage": "ideation", "prompt": "a lighthouse", "negative_prompt": "", "n": 1, "seed": 5,
+              "width": 64, "height": 64, "steps": 2, "tags": {}}
+    with db.transaction() as s:
+        s.add(Project(id=project_id, name="metered", policy="balanced", local_seconds_per_day=3600))
+        s.flush()
+        s.add(Job(id=canceled_id, project_id=project_id, stage="ideation", engine="lite", model=tiny.NAME,
+                  params=params, cancel_requested_at=now, **left))
+        s.add(Job(id=requeued_id, project_id=project_id, stage="ideation", engine="lite", model=tiny.NAME,
+                  params=params, **left))
+    db.dispose()
+
+    with client_for(settings) as client:
+        services = services_of(client)
+        assert wait_for_job(client, canceled_id)["status"] == "canceled"
+        assert wait_for_job(client, requeued_id)["status"] == "succeeded"
+        held = kept_seconds(services, requeued_id)
+        assert held is not None and held > 70.0
+        made: list[float] = []
+        wrapped_run(services.registry.get("lite"), monkeypatch, EngineError(
+            "the device broke after its work", retryable=False, charged="no"), made)
+        failed = submit_draft(client, project_id, steps=2)
+        assert wait_for_job(client, failed["id"], ("failed",))["error"]["code"] == "engine_error"
+        assert (kept_seconds(services, failed["id"]) or 0.0) >= made[0] > 0
+        with services.db.session() as s:
+            entries = s.exec(select(LedgerEntry).where(col(LedgerEntry.project_id) == project_id)).all()
+        [capture] = [e for e in entries if e.amount]
+        assert (capture.job_id, capture.kind, capture.hold_id) == (requeued_id, "capture", None)
+        success = held - 70.0  # the rerun's own seconds: what metering charges
+        # In millicredits: the sum on the row less 70 s is that float to within a rounding.
+        assert abs(capture.amount - success * rate * 1000) <= 1, (capture.amount, capture.note, held)
+        assert capture.note == f"{success:.2f} device-seconds" or float((capture.note or "").split()[0]) == (
+            pytest.approx(success, abs=0.006)), capture.note
+        # The spend report and the project's budget read the same capture, and nothing else.
+        budget = client.get(f"/v1/projects/{project_id}/budget").json()
+        assert budget["charged"] == round(capture.amount / 1000, 3)
+        report = client.get("/v1/spend", params={"group_by": "project", "project_id": project_id}).json()
+        assert [g["charged"] for g in report["groups"]] == [budget["charged"]], report
