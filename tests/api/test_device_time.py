@@ -583,3 +583,50 @@ def test_metered_local_work_charges_a_success_s_own_seconds_alone(make_settings:
         assert budget["charged"] == round(capture.amount / 1000, 3)
         report = client.get("/v1/spend", params={"group_by": "project", "project_id": project_id}).json()
         assert [g["charged"] for g in report["groups"]] == [budget["charged"]], report
+
+
+def test_a_job_recovered_again_and_again_and_rows_lacking_times_count_sanely(make_settings: SettingsFactory) -> None:
+    """Recovery's count, adversarially: a draft that already holds 50 s of two earlier recoveries
+    and is given up at its third adds only this attempt's 70 s (120 s in all, counted once from its
+    end); one whose lease is null, or whose start is null, adds nothing; one whose start is after
+    its lease's last renewal (its host's clock ahead) adds 0, never a negative count."""
+    settings = make_settings(lease_seconds=60)
+    settings.data_dir.mkdir(parents=True)
+    db = Database(settings.resolved_database_url)
+    db.migrate()
+    now = utcnow()
+    project_id = new_id("prj")
+    died = {"engine": "lite", "status": "interrupted",
+            "error": {"code": "interrupted", "message": "its process died", "details": {}}}
+    renewed_30s_ago = now - timedelta(seconds=30) + timedelta(seconds=60)
+    rows = {
+        "given_up": {"started_at": now - timedelta(seconds=100), "lease_expires_at": renewed_30s_ago,
+                     "device_seconds": 50.0, "attempts": [died, died], "attempt": 3},
+        "no_lease": {"started_at": now - timedelta(seconds=100), "lease_expires_at": None},
+        "no_start": {"started_at": None, "lease_expires_at": renewed_30s_ago},
+        "ahead": {"started_at": now + timedelta(seconds=600), "lease_expires_at": renewed_30s_ago},
+    }
+    ids = {name: new_id("job") for name in rows}
+    params = {"stage": "ideation", "prompt": "a lighthouse", "negative_prompt": "", "n": 1, "seed": 5,
+              "width": 64, "height": 64, "steps": 2, "tags": {}}
+    with db.transaction() as s:
+        s.add(Project(id=project_id, name="crashing", policy="balanced", local_seconds_per_day=3600))
+        s.flush()
+        for name, row in rows.items():
+            # Canceled at recovery (asked while the worker lived), so none runs again and adds its own.
+            s.add(Job(id=ids[name], project_id=project_id, stage="ideation", engine="lite", model=tiny.NAME,
+                      params=params, status="running", lease_owner="dead-host:1:0",
+                      cancel_requested_at=None if name == "given_up" else now,
+                      **{"attempt": 1, **row}))
+    db.dispose()
+
+    with client_for(settings) as client:
+        services = services_of(client)
+        done = {name: wait_for_job(client, job_id, ("failed", "canceled")) for name, job_id in ids.items()}
+        assert done["given_up"]["status"] == "failed" and done["given_up"]["error"]["code"] == "interrupted"
+        assert kept_seconds(services, ids["given_up"]) == pytest.approx(120.0, abs=0.001)
+        assert kept_seconds(services, ids["no_lease"]) is None
+        assert kept_seconds(services, ids["no_start"]) is None
+        assert kept_seconds(services, ids["ahead"]) == 0.0
+        used = client.get(f"/v1/projects/{project_id}").json()["local_seconds_used"]
+        assert used == pytest.approx(120.0, abs=0.001)
