@@ -630,3 +630,55 @@ def test_a_job_recovered_again_and_again_and_rows_lacking_times_count_sanely(mak
         assert kept_seconds(services, ids["ahead"]) == 0.0
         used = client.get(f"/v1/projects/{project_id}").json()["local_seconds_used"]
         assert used == pytest.approx(120.0, abs=0.001)
+
+
+def test_cancels_racing_local_ends_count_each_attempt_once(make_settings: SettingsFactory,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cancels asked at every moment of a local draft's life (queued, as it starts, mid-steps, as it
+    ends, after it ended), some of the drafts failing on Lite as they end: each job's seconds are at
+    most its row's own start-to-end time (an attempt counted by two writers would be about twice
+    that), and the project shows their sum."""
+    with client_for(make_settings()) as client:
+        project_id = create_project(client, local_seconds_per_day=3600)["id"]
+        services = services_of(client)
+        engine = services.registry.get("lite")
+        run = engine.run
+        ran = 0
+
+        async def sometimes_failing(*args: Any) -> Any:
+            nonlocal ran
+            ran += 1
+            result = await run(*args)
+            if ran % 2:
+                raise EngineError("the device broke as it ended", retryable=False, charged="no")
+            return result
+
+        monkeypatch.setattr(engine, "run", sometimes_failing)
+        ids = []
+        for wait in (0, 0.01, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.2, 2.0):
+            job_id = submit_draft(client, project_id, width=64, height=64, steps=4)["id"]
+            time.sleep(wait)  # when the cancel is asked, not a wait for a state
+            assert client.post(f"/v1/jobs/{job_id}/cancel").status_code in (200, 202, 409)
+            ids.append(job_id)
+        for job_id in ids:
+            wait_for_job(client, job_id, ("canceled", "failed", "succeeded"))
+        for _ in range(2):  # run to their ends (one fails, one succeeds), then asked to cancel
+            job_id = submit_draft(client, project_id, width=64, height=64, steps=2)["id"]
+            wait_for_job(client, job_id, ("failed", "succeeded"))
+            assert client.post(f"/v1/jobs/{job_id}/cancel").status_code == 409
+            ids.append(job_id)
+        total = 0.0
+        with services.db.session() as s:
+            for job_id in ids:
+                job = s.get(Job, job_id)
+                assert job is not None and job.finished_at is not None
+                if job.device_seconds is None:
+                    continue
+                assert job.started_at is not None, job
+                wall = (job.finished_at - job.started_at).total_seconds()
+                assert 0 <= job.device_seconds <= wall + 0.05, (job.status, job.device_seconds, wall)
+                total += job.device_seconds
+            assert [e.amount for e in s.exec(select(LedgerEntry)).all() if e.amount] == []
+            assert {s.get(Job, job_id).status for job_id in ids[-2:]} == {"failed", "succeeded"}  # type: ignore[union-attr]
+        shown = client.get(f"/v1/projects/{project_id}").json()["local_seconds_used"]
+        assert shown == pytest.approx(total, abs=0.002)
