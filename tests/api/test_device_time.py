@@ -596,10 +596,10 @@ def test_a_job_recovered_again_and_again_and_rows_lacking_times_count_sanely(mak
     db.migrate()
     now = utcnow()
     project_id = new_id("prj")
-    died = {"engine": "lite", "status": "interrupted",
-            "error": {"code": "interrupted", "message": "its process died", "details": {}}}
+    died: dict[str, Any] = {"engine": "lite", "status": "interrupted",
+                            "error": {"code": "interrupted", "message": "its process died", "details": {}}}
     renewed_30s_ago = now - timedelta(seconds=30) + timedelta(seconds=60)
-    rows = {
+    rows: dict[str, dict[str, Any]] = {
         "given_up": {"started_at": now - timedelta(seconds=100), "lease_expires_at": renewed_30s_ago,
                      "device_seconds": 50.0, "attempts": [died, died], "attempt": 3},
         "no_lease": {"started_at": now - timedelta(seconds=100), "lease_expires_at": None},
