@@ -24,6 +24,7 @@ websocket, or drops it, leaves the job polling as it would without it.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import io
@@ -263,8 +264,12 @@ class ComfyUIEngine(SelfHostedEngine):
         # would say the same.
         self._told_no_websocket = False
         # No auth of its own: a proxy in front of it may take `http://user:password@host`, sent as
-        # Basic auth (and on the websocket, `websocket_url`), the address kept without it.
+        # Basic auth, the address kept without it.
         base_url, in_url = basic_auth_in(self._url) if self._url else (None, None)
+        # The websocket's too, from the same parse: left in its URL, websockets refused a user
+        # without a password (InvalidURI: no step progress) where httpx sent `user:`.
+        self._ws_base = base_url
+        self._ws_headers = {"Authorization": _basic(*in_url)} if in_url else {}
         self.http = self.self_hosted_client(
             s, client, base_url=base_url, auth=in_url,
             # A 401/403 comes from a proxy in front of it.
@@ -345,8 +350,8 @@ class ComfyUIEngine(SelfHostedEngine):
             raise
         follower = _Follower(_Steps(progress, req.n), not_samplers(template))
         # In the background: the websocket must not hold up the upload and the first prompt.
-        listening = (asyncio.create_task(self._listen(websocket_url(self._url, follower.client_id), follower))
-                     if self.follow_progress and self._url else None)
+        listening = (asyncio.create_task(self._listen(websocket_url(self._ws_base, follower.client_id), follower))
+                     if self.follow_progress and self._ws_base else None)
         try:
             return await self._render_images(req, template, earlier, follower, progress, cancel)
         finally:
@@ -582,7 +587,8 @@ class ComfyUIEngine(SelfHostedEngine):
         cancelled, which closes the socket). Any failure to connect, or a drop, is logged once and
         ends only the listening: there is no reconnecting, as polling carries the job anyway."""
         try:
-            async with _Connect(url, open_timeout=self._connect_timeout, close_timeout=WS_CLOSE_TIMEOUT,
+            async with _Connect(url, additional_headers=self._ws_headers, open_timeout=self._connect_timeout,
+                                close_timeout=WS_CLOSE_TIMEOUT,
                                 max_size=WS_MAX_FRAME, max_queue=WS_MAX_QUEUE,
                                 # Previews are compressed already, and a small message inflated is a
                                 # larger one to hold.
@@ -906,10 +912,16 @@ def _queued_as(sending: asyncio.Task[httpx.Response]) -> str | None:
 
 def websocket_url(base: str, client_id: str) -> str:
     """ComfyUI's websocket under `base` (ORCH_COMFYUI_URL): the same host, port, base path and
-    credentials (httpx sends those too), ws:// for http:// and wss:// for https://."""
+    any credentials, ws:// for http:// and wss:// for https://. The engine passes its URL without
+    credentials and sends those as a header (`_ws_headers`), as httpx sends them."""
     url = httpx.URL(base)
     return str(url.copy_with(scheme="wss" if url.scheme == "https" else "ws", path=url.path.rstrip("/") + "/ws",
                              params={"clientId": client_id}, fragment=None))
+
+
+def _basic(username: str, password: str) -> str:
+    """An `Authorization` header's value for HTTP Basic auth, encoded as httpx encodes its own."""
+    return "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode("ascii")
 
 
 class _Connect(connect):

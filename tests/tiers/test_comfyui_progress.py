@@ -4,6 +4,7 @@ loopback, with respx answering the HTTP routes of the same host and port."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import io
 import json
@@ -468,6 +469,40 @@ async def test_a_redirect_is_not_followed(make_ctx: Any, tmp_path: Path, caplog:
     assert progress.steps == [(1, 1)]
     assert "HTTP 302" in logged(caplog)[0].getMessage()
     assert await tasks_left(fake, elsewhere) == []
+    await engine.aclose()
+
+
+@respx.mock
+@pytest.mark.parametrize(("userinfo", "credentials"), [
+    ("render:pw-secret-2", b"render:pw-secret-2"),
+    ("render:p%40ss", b"render:p@ss"),  # percent-encoded, as the README tells for an `@`
+    ("render", b"render:"),  # a user without a password: httpx sends it with an empty one
+])
+async def test_the_websocket_sends_the_url_s_credentials_as_the_http_requests_do(
+        make_ctx: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture, userinfo: str, credentials: bytes) -> None:
+    """A proxy in front of ComfyUI takes the URL's user:password on the websocket too. With a user
+    and no password, websockets refused the URL (InvalidURI) while httpx sent `user:`: the jobs
+    rendered with no step progress."""
+    caplog.set_level(logging.DEBUG, logger="tiers.comfyui")
+    told: list[str | None] = []
+
+    def record(connection: ServerConnection, request: Request) -> Response | None:
+        told.append(request.headers.get("Authorization"))
+        return None
+
+    fake = FakeComfy(lambda prompt_id, index: [progress_frame(prompt_id, 1, 4)], process_request=record)
+    host = f"127.0.0.1:{await fake.start()}"
+    progress = Steps()
+    routes = comfy_routes(f"http://{host}", fake, lambda k: progress.reach(1))
+    engine = engine_at(make_ctx, tmp_path, f"http://{userinfo}@{host}")
+
+    await engine.run(bridge(), progress, CancelToken())
+
+    basic = "Basic " + base64.b64encode(credentials).decode()
+    assert routes["prompt"].calls.last.request.headers["authorization"] == basic
+    assert told == [basic] and progress.steps[0] == (1, 4)
+    assert not logged(caplog), logged(caplog)[0].getMessage()  # no "no step progress"
+    assert await tasks_left(fake) == []
     await engine.aclose()
 
 
