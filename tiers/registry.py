@@ -24,6 +24,9 @@ GROUP = "orchestrator.engines"
 # Named by no engine: the key of the spend CSV's totals row (`orchestrator.spend.TOTAL_KEY`), which
 # a group keyed so would be read as.
 RESERVED_NAME = "total"
+# Named by no engine either: GET /v1/spend's key for charges that name none (`spend._group_key`),
+# whose group an engine so named would be summed into, in the JSON as in the CSV.
+NO_ENGINE_KEY = "-"
 
 BUILTIN: dict[str, str] = {
     "lite": "tiers.lite:factory",
@@ -83,6 +86,9 @@ def extra_engine_problems(entries: str) -> list[str]:
         elif name.lower() == RESERVED_NAME:
             problems.append(f"'{name}' is the key of the spend export's totals row (GET /v1/spend as CSV): give the "
                             "engine another name")
+        elif name == NO_ENGINE_KEY:
+            problems.append(f"'{name}' is GET /v1/spend's key for charges that name no engine: give the engine "
+                            "another name")
         elif name in installed:
             problems.append(f"'{name}' is the name of an installed plugin's engine ({_source(installed[name])}): "
                             "give the engine another, or uninstall the plugin")

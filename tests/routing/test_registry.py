@@ -236,6 +236,16 @@ def test_an_engine_name_longer_than_jobs_can_store_is_not_loaded(load: Load) -> 
                                                            "which jobs store"]
 
 
+def test_an_engine_may_not_take_the_spend_report_s_key_for_charges_without_one() -> None:
+    """GET /v1/spend groups a charge without an engine under "-" (SQL coalesce): an ORCH_ENGINES
+    engine named "-" started, and its charges were summed into that group, JSON and CSV alike."""
+    from tiers.registry import extra_engine_problems
+
+    assert extra_engine_problems("-=tests.fakes:factory,ok=x:y") == [
+        "'-' is GET /v1/spend's key for charges that name no engine: give the engine another name"]
+    assert extra_engine_problems("-x=tests.fakes:factory") == []  # written "'-x" in the CSV, its own group
+
+
 def test_name_clashing_with_a_builtin_is_ignored(load: Load) -> None:
     registry = load(extra=[ep("gemini", f"{HERE}:raising_factory"), ep("lite", "tests.fakes:factory")],
                     engines="local-hifi=tests.fakes:factory")
