@@ -77,6 +77,30 @@ def fill(db: Any, entries: int, open_holds: int, spacing: timedelta) -> None:
                               amount=10_000, engine="openai", stage="polish", created_at=now))
 
 
+def fill_fallbacks(db: Any, first_id: int, jobs: int = 50) -> None:
+    """`jobs` finished polish jobs that fell back, each with four entries: held and released on
+    one engine, held and captured on the next (the draft jobs' pages have no entries at all, so
+    their read timed the index's look-up of nothing)."""
+    from orchestrator.models import Job, LedgerEntry
+
+    now = datetime.now(UTC)
+    rows: list[dict[str, Any]] = []
+    for i in range(jobs):
+        job_id, first = f"job_f{i}", first_id + 4 * i
+        common = {"project_id": "prj_big", "job_id": job_id, "stage": "polish", "created_at": now}
+        rows += [{**common, "id": first, "kind": "hold", "amount": 10_000, "engine": "gemini", "settled": True},
+                 {**common, "id": first + 1, "kind": "release", "amount": 10_000, "engine": "gemini",
+                  "hold_id": first},
+                 {**common, "id": first + 2, "kind": "hold", "amount": 20_000, "engine": "openai", "settled": True},
+                 {**common, "id": first + 3, "kind": "capture", "amount": 20_000, "engine": "openai",
+                  "hold_id": first + 2}]
+    with db.transaction() as s:
+        s.execute(insert(Job), [{"id": f"job_f{i}", "project_id": "prj_big", "stage": "polish", "engine": "openai",
+                                 "model": "m", "status": "succeeded", "params": {}, "attempts": [],
+                                 "created_at": now} for i in range(jobs)])
+        s.execute(insert(LedgerEntry), rows)
+
+
 def fill_drafts(db: Any, jobs: int, recent: int) -> None:
     """Finished draft jobs with one asset each, their JSON about the size the service writes; the
     last `recent` ended now, the others an hour ago."""
@@ -157,6 +181,7 @@ def main() -> None:
     fill(db, args.entries, args.open, timedelta(minutes=args.spacing_minutes))
     fill_drafts(db, args.jobs, min(args.recent, args.jobs))
     fill_copies(db, args.copies)
+    fill_fallbacks(db, 2 * (args.entries // 2) + args.open + 1)
     filled = time.perf_counter() - start
     if db.engine.dialect.name == "postgresql":
         # What autovacuum does to a table that grew: statistics, and the visibility map that lets
@@ -184,6 +209,11 @@ def main() -> None:
         listed = [f"job_d{i}" for i in range(50)]
         results["credits of a page of 50 jobs"] = timed(functools.partial(ledger.job_costs, s, listed),
                                                          args.repeats)
+        # Jobs that have entries: held and released on one engine, held and charged on the next.
+        fell_back = [f"job_f{i}" for i in range(50)]
+        results["credits of a page of 50 jobs that fell back"] = timed(
+            functools.partial(ledger.job_costs, s, fell_back), args.repeats)
+        assert ledger.job_totals(s, fell_back)["job_f0"] == (0, 20_000), results
         # As /v1/jobs and /v1/projects/{id}/assets read a page.
         jobs = paged(select(Job).where(col(Job.project_id) == "prj_big").limit(51), col(Job.id), None, "desc")
         assets = paged(select(Asset).where(col(Asset.project_id) == "prj_big", col(Asset.deleted_at).is_(None))
