@@ -141,6 +141,19 @@ def first_answer(job: Job, copies: list[Asset]) -> JobPublic:
     return job_public(job, [], JobCost(held=job.estimated, engines=held))
 
 
+def _with_engines(first: dict[str, Any]) -> dict[str, Any]:
+    """A first answer stored before `cost.engines` (migration 0035's release) with them, as
+    `first_answer` gives them: replayed without, `engines` was its default [] beside a `held` of
+    the estimate, where the shares add up to the job's. A new job holds on its engine alone."""
+    cost = first.get("cost")
+    if not isinstance(cost, dict) or "engines" in cost:
+        return first
+    held = cost.get("held") or 0
+    engines = [{"engine": first.get("engine"), "estimated": held, "held": held, "charged": 0, "released": 0}
+               ] if held > 0 else []
+    return {**first, "cost": {**cost, "engines": engines}}
+
+
 def _answer(services: ServicesDep, job: Job, created: bool, response: Response, key: str | None,
             scope: str) -> JobPublic:
     response.headers["Location"] = f"/v1/jobs/{job.id}"
@@ -151,5 +164,5 @@ def _answer(services: ServicesDep, job: Job, created: bool, response: Response, 
         # The original response (API.md), not the job as it is now; a key stored by an earlier
         # release kept no answer, and gets the job as it is now.
         if key and (first := idempotency.first_answer(services.db, key, scope)) is not None:
-            return JobPublic.model_validate(first)
+            return JobPublic.model_validate(_with_engines(first))
     return public(services, job.id)

@@ -434,3 +434,65 @@ def test_retries_with_one_key_while_an_engine_is_half_open_get_the_one_job(
     assert [a.status_code for a in answers] == [202] * 8, [a.text for a in answers]
     assert len({a.json()["id"] for a in answers}) == 1
     assert sorted(a.headers.get("idempotent-replayed", "") for a in answers) == [""] + ["true"] * 7
+
+
+def test_a_replay_of_an_answer_stored_before_cost_engines_lists_its_hold(api: httpx.Client,
+                                                                         paid_settings: Settings) -> None:
+    """A key stored by the release before `cost.engines` kept an answer without it: replayed, that
+    answer said `held` 10 and `engines` [] (the field's default), where its shares must add up to
+    the job's. It lists the hold as a new job's answer does: its engine, held what was estimated."""
+    from sqlmodel import select
+
+    from orchestrator.db import Database
+    from orchestrator.models import IdempotencyKey
+
+    _, asset_id = project_with_draft(api, {"limit": 100, "period": "month"})
+    body = {"engine": "fake-paid", "cache": False, "seed": 3, "tags": {"fake": "wait-before-send",
+                                                                       "until": "/nonexistent/never"}}
+    first = api.post(f"/v1/assets/{asset_id}/promote", json=body, headers={"Idempotency-Key": "before-engines"})
+    assert first.status_code == 202, first.text
+    shown = first.json()["cost"]["engines"]
+    assert shown == [{"engine": "fake-paid", "estimated": PRICE, "held": PRICE, "charged": 0, "released": 0}]
+    db = Database(paid_settings.resolved_database_url)
+    try:
+        with db.transaction() as s:
+            row = s.exec(select(IdempotencyKey).where(IdempotencyKey.key == "before-engines")).one()
+            assert row.response is not None
+            cost = {k: v for k, v in row.response["cost"].items() if k != "engines"}
+            row.response = {**row.response, "cost": cost}  # as the earlier release stored it
+            s.add(row)
+    finally:
+        db.dispose()
+    replayed = api.post(f"/v1/assets/{asset_id}/promote", json=body, headers={"Idempotency-Key": "before-engines"})
+    assert replayed.status_code == 202 and replayed.headers.get("idempotent-replayed") == "true"
+    assert replayed.json()["cost"] == first.json()["cost"]
+    assert api.post(f"/v1/jobs/{first.json()['id']}/cancel").status_code == 202
+    wait_for_job(api, first.json()["id"])
+
+
+def test_a_replay_of_a_copy_stored_before_cost_engines_lists_nothing(api: httpx.Client,
+                                                                     paid_settings: Settings) -> None:
+    """A cache hit's answer stored without `engines` held nothing: replayed, it lists nothing."""
+    from sqlmodel import select
+
+    from orchestrator.db import Database
+    from orchestrator.models import IdempotencyKey
+
+    _, asset_id = project_with_draft(api, {"limit": 100, "period": "month"})
+    body = {"engine": "fake-paid", "seed": 4, "cache": True}
+    wait_for_job(api, promote_ok(api, asset_id, **body)["id"])
+    first = api.post(f"/v1/assets/{asset_id}/promote", json=body, headers={"Idempotency-Key": "copy-before"})
+    assert first.status_code == 202 and first.json()["cost"]["cache_hit"], first.text
+    db = Database(paid_settings.resolved_database_url)
+    try:
+        with db.transaction() as s:
+            row = s.exec(select(IdempotencyKey).where(IdempotencyKey.key == "copy-before")).one()
+            assert row.response is not None
+            row.response = {**row.response, "cost": {k: v for k, v in row.response["cost"].items()
+                                                     if k != "engines"}}
+            s.add(row)
+    finally:
+        db.dispose()
+    replayed = api.post(f"/v1/assets/{asset_id}/promote", json=body, headers={"Idempotency-Key": "copy-before"})
+    assert replayed.json()["cost"] == first.json()["cost"] == {
+        "estimated": PRICE, "held": 0, "charged": 0, "cache_hit": True, "engines": []}
