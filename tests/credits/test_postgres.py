@@ -101,6 +101,7 @@ from tests.policies.test_shared_versions import check_a_process_that_missed_an_e
 from tests.routing.conftest import FAKE_ENGINES, FALLBACK_POLICY, write_policies
 from tests.routing.test_fallback import (
     BUDGET_FIRST_POLICY,
+    check_a_cancel_racing_a_fallback_s_move_settles_each_hold_once,
     check_every_view_agrees_with_the_jobs_after_fallbacks,
     check_two_fallbacks_into_room_for_one,
 )
@@ -994,6 +995,27 @@ def test_two_fallbacks_into_room_for_one_take_it_once_on_postgres(
                                  policy="fallback-test", policy_dir=folder)
     with serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30.0) as client:
         check_two_fallbacks_into_room_for_one(client, tmp_path)
+
+
+@pytest.mark.parametrize("first", ["move", "cancel"])
+def test_a_cancel_racing_a_fallback_s_move_settles_each_hold_once_on_postgres(
+        postgres_url: str, tmp_path: Path, paid_settings_for: Callable[..., Settings],
+        monkeypatch: pytest.MonkeyPatch, first: str) -> None:
+    """READ COMMITTED, and the hold updated by its id alone: the second of the two transactions
+    (the cancel's, the move's) is seen waiting for the advisory write lock while the first is open,
+    so it reads the hold and the job only once the first has committed."""
+    folder = write_policies(tmp_path / "policies", {"fallback-test": FALLBACK_POLICY})
+    settings = paid_settings_for(tmp_path / "data", database_url=postgres_url, engines=FAKE_ENGINES,
+                                 policy="fallback-test", policy_dir=folder)
+    with psycopg.connect(_libpq(make_url(postgres_url)), autocommit=True) as watcher:
+
+        def waits_for_the_write_lock(pid: int) -> bool:
+            return watcher.execute(
+                "SELECT count(*) FROM pg_locks WHERE pid = %s AND locktype = 'advisory' AND NOT granted "
+                "AND ((classid::bigint << 32) | objid::bigint) = %s", (pid, WRITE_LOCK)).fetchone() == (1,)
+
+        check_a_cancel_racing_a_fallback_s_move_settles_each_hold_once(settings, monkeypatch, first,
+                                                                       waits_for_the_write_lock)
 
 
 def test_every_window_adds_up_at_its_edges_on_postgres_whatever_its_time_zone(postgres_url: str) -> None:

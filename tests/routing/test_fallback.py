@@ -10,23 +10,29 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import httpx
 import pytest
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import ORMExecuteState
+from sqlmodel import Session as SqlSession
 
 from orchestrator.clock import utcnow
 from orchestrator.errors import ContentUnavailable
 from orchestrator.health import EngineHealth
 from orchestrator.jobs import JobService
+from orchestrator.ledger import Ledger
 from orchestrator.models import Asset, Job, LedgerEntry, Project
 from orchestrator.runner import JobRunner
 from orchestrator.schemas import PolishCreate, PromoteCreate
 from orchestrator.services import Services
+from orchestrator.settings import Settings
 from tests import fakes
 from tests.api import read_events
 from tests.credits import assert_settled_once
@@ -1606,3 +1612,143 @@ def test_a_candidate_skipped_for_the_budget_whose_circuit_opened_since_is_not_ta
         entries = ledger(client, project_id, job["id"])
         assert kinds(entries) == [("hold", 10.0, "fake-paid"), ("release", 10.0, "fake-paid")]
         assert_settled_once(entries)
+
+
+def check_a_cancel_racing_a_fallback_s_move_settles_each_hold_once(
+        settings: Settings, monkeypatch: pytest.MonkeyPatch, first: str,
+        waits_for_the_write_lock: Callable[[int], bool] | None = None) -> None:
+    """A user's cancel and a fallback's move (the failed engine's hold released and the next
+    candidate's taken, in one transaction), each forced to find the other's transaction open:
+    `first` = "move" pauses the move inside its transaction, its new hold written, while the cancel
+    starts; "cancel" pauses the cancel's write (the request recorded on the running job) while the
+    move starts. The ledger updates a hold by its id alone, so the money rests on the write lock every
+    write transaction takes first (`Database.transaction`): the second one reads only once the first
+    has committed, and then the job's own compare-and-set (queued/running, the claim's attempt, no
+    cancel asked) stops a settlement of a hold the first one settled. `waits_for_the_write_lock(pid)`,
+    on PostgreSQL: whether that backend waits for it (the advisory lock)."""
+    mine = threading.local()  # which of the two racing paths this thread runs
+    move_ready, go_move, cancel_in_txn, go_cancel = (threading.Event() for _ in range(4))
+    in_move, began = threading.Event(), {"move": threading.Event(), "cancel": threading.Event()}
+    pids: dict[str, int] = {}
+    job_ids: list[str] = []
+
+    def wait(flag: threading.Event, what: str) -> None:
+        assert flag.wait(30), f"{what} did not happen"
+
+    def begin(conn: Any) -> None:  # before the BEGIN (SQLite's IMMEDIATE) and the advisory lock
+        path = getattr(mine, "path", None)
+        if path in began and not began[path].is_set():
+            pid = getattr(getattr(conn.connection.dbapi_connection, "info", None), "backend_pid", None)
+            if pid is not None:
+                pids[path] = pid
+            began[path].set()
+
+    hold = Ledger.hold
+
+    def hold_then_pause(self: Ledger, s: Any, project: Any, job: Job, amount: int, **kw: Any) -> Any:
+        entry = hold(self, s, project, job, amount, **kw)
+        if first == "move" and job.id in job_ids and job.engine == "fake-b":
+            in_move.set()  # the first hold released, the job queued on fake-b, its hold written: uncommitted
+            wait(go_move, "the test's go for the move")
+        return entry
+
+    requeue_on = JobRunner._requeue_on
+
+    def requeue_when_told(self: JobRunner, claim: Any, *args: Any) -> None:
+        if first == "cancel":
+            move_ready.set()
+            wait(go_move, "the test's go for the move")
+            mine.path = "move"
+        try:
+            requeue_on(self, claim, *args)
+        finally:
+            mine.path = None
+
+    def marked(name: str) -> Any:
+        original = getattr(JobService, name)
+
+        @functools.wraps(original)
+        def run(self: JobService, job_id: str, *args: Any, **kw: Any) -> Any:
+            mine.path = "cancel"
+            try:
+                return original(self, job_id, *args, **kw)
+            finally:
+                mine.path = None
+        return run
+
+    def pause_the_cancel(state: ORMExecuteState) -> None:
+        # The cancel's first write, its transaction (and the write lock) open.
+        if (first == "cancel" and getattr(mine, "path", None) == "cancel" and state.is_update
+                and not cancel_in_txn.is_set()):
+            cancel_in_txn.set()
+            wait(go_cancel, "the test's go for the cancel")
+
+    monkeypatch.setattr(Ledger, "hold", hold_then_pause)
+    monkeypatch.setattr(JobRunner, "_requeue_on", requeue_when_told)
+    for name in ("cancel_queued", "record_cancel", "ask_holder_to_cancel", "cancel_orphan"):
+        monkeypatch.setattr(JobService, name, marked(name))
+    event.listen(Engine, "begin", begin)
+    event.listen(SqlSession, "do_orm_execute", pause_the_cancel)
+    answers: list[httpx.Response] = []
+    try:
+        with running(settings) as client:
+            project_id, asset_id = draft_asset(client)
+            job = promote(client, asset_id, tags={"fake": "fail", "fake-b": "hang"})
+            job_ids.append(job["id"])
+
+            def cancel() -> None:
+                with httpx.Client(base_url=str(client.base_url), timeout=60) as other:
+                    answers.append(other.post(f"/v1/jobs/{job['id']}/cancel"))
+
+            canceling = threading.Thread(target=cancel)
+            if first == "move":
+                wait(in_move, "the move")
+                canceling.start()
+                wait(began["cancel"], "the cancel's write transaction")
+                if waits_for_the_write_lock is not None:
+                    poll(functools.partial(waits_for_the_write_lock, pids["cancel"]),
+                         what="the cancel waiting for the write lock")
+                go_move.set()
+            else:
+                wait(move_ready, "the fallback")
+                canceling.start()
+                wait(cancel_in_txn, "the cancel's write")
+                go_move.set()
+                wait(began["move"], "the move's write transaction")
+                if waits_for_the_write_lock is not None:
+                    poll(functools.partial(waits_for_the_write_lock, pids["move"]),
+                         what="the move waiting for the write lock")
+                go_cancel.set()
+            canceling.join(60)
+            assert [a.status_code for a in answers] == [202], [a.text for a in answers]
+            done = wait_for_job(client, job["id"])
+            entries = ledger(client, project_id, job["id"])
+    finally:
+        go_move.set()
+        go_cancel.set()
+        event.remove(SqlSession, "do_orm_execute", pause_the_cancel)
+        event.remove(Engine, "begin", begin)
+    assert done["status"] == "canceled", done
+    assert_settled_once(entries)
+    holds = [e for e in entries if e["kind"] == "hold"]
+    settled = {(e["hold_id"], e["kind"]) for e in entries if e["kind"] in ("capture", "release")}
+    first_hold = holds[0]
+    assert first_hold["engine"] == "fake-paid"
+    # fake-paid failed before it sent anything: its hold is released, once, and never captured.
+    assert (first_hold["id"], "release") in settled and (first_hold["id"], "capture") not in settled, entries
+    if first == "move":
+        # Moved, then canceled on fake-b: queued (released) or, claimed there first, running (settled
+        # as a cancel of a sent job is). Each hold settled once either way (above).
+        assert [h["engine"] for h in holds] == ["fake-paid", "fake-b"], entries
+        assert done["engine"] == "fake-b"
+    else:
+        # The move found the cancel asked: it rolled back whole, and nothing was held on fake-b.
+        assert [h["engine"] for h in holds] == ["fake-paid"], entries
+        assert done["engine"] == "fake-paid" and [e["kind"] for e in entries] == ["hold", "release"], entries
+
+
+@pytest.mark.parametrize("first", ["move", "cancel"])
+def test_a_cancel_racing_a_fallback_s_move_settles_each_hold_once(
+        new_settings: SettingsFactory, fallback_policies: Path, monkeypatch: pytest.MonkeyPatch, first: str) -> None:
+    check_a_cancel_racing_a_fallback_s_move_settles_each_hold_once(
+        new_settings(engines=FAKE_ENGINES, policy="fallback-test", policy_dir=fallback_policies), monkeypatch, first)
