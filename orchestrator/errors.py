@@ -430,3 +430,15 @@ class Interrupted(OrchestratorError):
     and an attempt's, never an answer's."""
 
     code = "interrupted"
+
+
+class StaleAttempt(Exception):
+    """A newer claim owns the job, or another transaction ended it: this attempt's write is
+    rolled back and its results discarded. Internal: never an answer's error."""
+
+
+class HoldSettledMeanwhile(StaleAttempt):
+    """A hold read open was settled by another transaction before this one could settle it (a
+    stale read: READ COMMITTED reads before a write lock): settling it again would both release
+    and capture it. Every settlement runs under the database's write lock, so this only guards
+    against a path that does not."""

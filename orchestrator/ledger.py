@@ -9,7 +9,9 @@ reported for a job estimated free) is written with the job's end, and a partial 
 allows one per job. The only changes ever made to a written entry are clearing a capture's
 `unreconciled` flag, in the transaction that writes its adjustment, and marking a hold `settled`,
 in the transaction that writes its capture or release (so open holds are found by an index, not
-by looking for each hold's settlement in the whole ledger).
+by looking for each hold's settlement in the whole ledger), by an update that changes it only
+while it is open: a transaction that finds it settled meanwhile is refused and rolled back, so no
+hold is both released and captured.
 
 Balances are derived from entries, never kept in a counter: a budget window is computed from
 calendar boundaries in UTC, and spend in the window is the sum of its captures and adjustments.
@@ -37,10 +39,12 @@ from typing import Any
 from sqlalchemy import and_, func, literal, update
 from sqlalchemy import select as sa_select
 from sqlalchemy.orm import aliased
+from sqlalchemy.orm.attributes import set_committed_value
 from sqlmodel import Session, col, select
 
 from orchestrator.clock import iso, shared_now
-from orchestrator.errors import BudgetExceeded, Conflict, OrchestratorError, not_found
+from orchestrator.db import changed
+from orchestrator.errors import BudgetExceeded, Conflict, HoldSettledMeanwhile, OrchestratorError, not_found
 from orchestrator.models import Job, LedgerEntry, Project
 from tiers.base import MAX_AMOUNT, is_amount, to_credits
 
@@ -268,6 +272,18 @@ class Ledger:
     def open_hold(self, s: Session, job_id: str) -> LedgerEntry | None:
         return s.exec(select(LedgerEntry).where(col(LedgerEntry.job_id) == job_id, open_holds())).first()
 
+    def _settle(self, s: Session, hold: LedgerEntry) -> None:
+        """Mark `hold` settled, where it is still open. The unique constraint refuses a second
+        release (or capture) of one hold, but not a capture after a release: a transaction that
+        read the hold open before another settled it (READ COMMITTED, without the write lock)
+        would add its capture beside that release. Its update then changes no row (PostgreSQL
+        waits for the other's commit and reads the row again), and it is refused, rolled back."""
+        result = s.execute(update(LedgerEntry).where(col(LedgerEntry.id) == hold.id, open_holds())
+                           .values(settled=True).execution_options(synchronize_session=False))
+        if changed(result) != 1:
+            raise HoldSettledMeanwhile(f"hold {hold.id} of job {hold.job_id} was settled by another transaction")
+        set_committed_value(hold, "settled", True)
+
     def capture(self, s: Session, job: Job, actual: int | None, *, unreconciled: bool = False,
                 note: str | None = None) -> int:
         """Charge the job: `actual` when the provider reported it, else the hold's estimate; the
@@ -294,8 +310,7 @@ class Ledger:
             unreconciled = True
         amount = hold.amount if actual is None else int(actual)
         now = self.clock()
-        hold.settled = True
-        s.add(hold)
+        self._settle(s, hold)
         s.add(LedgerEntry(project_id=hold.project_id, job_id=job.id, kind="capture", amount=amount,
                           hold_id=hold.id, engine=job.engine, stage=job.stage, unreconciled=unreconciled,
                           over_hold=amount > hold.amount, note=note, created_at=now))
@@ -335,8 +350,7 @@ class Ledger:
         hold = self.open_hold(s, job.id)
         if hold is None:
             return 0
-        hold.settled = True
-        s.add(hold)
+        self._settle(s, hold)
         s.add(LedgerEntry(project_id=hold.project_id, job_id=job.id, kind="release", amount=hold.amount,
                           hold_id=hold.id, engine=job.engine, stage=job.stage, note=note, created_at=self.clock()))
         return hold.amount

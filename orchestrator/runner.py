@@ -52,6 +52,7 @@ from orchestrator.errors import (
     NoRoute,
     OrchestratorError,
     SourceUnavailable,
+    StaleAttempt,
     StoppedPartWay,
     first_line,
 )
@@ -108,10 +109,6 @@ STOP_WRITE_SECONDS = 30.0
 # How long a request that can bill waits for the saves of what was accepted before it (see
 # `_first_send_recorder`): a lock wait's worth.
 SAVE_WAIT_SECONDS = 30.0
-
-
-class StaleAttempt(Exception):
-    """A newer claim owns the job: this attempt's results are discarded."""
 
 
 class MadePrivate(Exception):

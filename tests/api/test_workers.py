@@ -1256,7 +1256,7 @@ def test_an_attempt_stopped_past_its_lease_sends_nothing_more_once_taken_over(se
     """A worker stopped (SIGSTOP) between two paid requests of a job resumes before its heartbeat
     has looked: another process had taken the job over, and the old attempt's next request went
     out, paid for by the studio and kept by nobody."""
-    from orchestrator.runner import StaleAttempt
+    from orchestrator.errors import StaleAttempt
 
     job_id = add_job(services, status="running", attempt=1, lease_owner="stopped-host:1:0",
                      lease_expires_at=utcnow() - timedelta(seconds=1))

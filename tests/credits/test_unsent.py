@@ -19,10 +19,10 @@ from sqlmodel import col, select
 
 from orchestrator.clock import utcnow
 from orchestrator.db import Database
-from orchestrator.errors import Canceled
+from orchestrator.errors import Canceled, StaleAttempt
 from orchestrator.ids import new_id
 from orchestrator.models import Job, LedgerEntry, Project
-from orchestrator.runner import Claim, JobProgress, StaleAttempt
+from orchestrator.runner import Claim, JobProgress
 from orchestrator.server import serve_in_thread
 from orchestrator.services import Services
 from orchestrator.settings import Settings
