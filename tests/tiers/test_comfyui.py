@@ -442,9 +442,11 @@ async def test_a_proxy_s_user_and_password_in_the_url_are_sent_but_never_logged(
     eng.poll_interval = 0
     eng.follow_progress = False
     routes = mock_server()
-    with caplog.at_level(logging.DEBUG):
+    # httpx's own logger too: the CLI's tests, run before this one in the same process, leave it at WARNING.
+    with caplog.at_level(logging.DEBUG), caplog.at_level(logging.DEBUG, logger="httpx"):
         await eng.run(bridge(), NullProgress(), CancelToken())
     sent = routes["prompt"].calls.last.request
+    assert any(record.name == "httpx" for record in caplog.records)  # its request lines were looked at
     assert sent.headers["authorization"] == "Basic " + base64.b64encode(b"render:pw-secret-2").decode()
     assert sent.url.userinfo == b""
     assert caplog.records and not any("pw-secret-2" in record.getMessage() for record in caplog.records)
