@@ -10,6 +10,7 @@ never went out, when those ways meet and race each other. A failing seed reprodu
 
 from __future__ import annotations
 
+import itertools
 import random
 import time
 from collections.abc import Callable
@@ -68,9 +69,16 @@ class Planned:
     canceled: list[int] = field(default_factory=list)  # the cancel's status code, when one was sent
 
 
+RUNS_MADE = itertools.count(1)  # plans made in this process
+
+
 def plan(seed: int) -> list[Planned]:
     rng = random.Random(seed)
-    run = f"{seed}-{rng.getrandbits(32):08x}"  # prompts no other run of the process shares
+    # Prompts no other run of the process shares: fakes.SENT keeps every prompt sent in the process,
+    # and one seed is run on SQLite and on PostgreSQL (or by the kill test too) in one process,
+    # whose run found a prompt of the other's in it (a job canceled before its send was taken
+    # for one sent). The count is drawn apart from `rng`: the plan is the seed's all the same.
+    run = f"{seed}-{rng.getrandbits(32):08x}-{next(RUNS_MADE)}"
     planned = []
     for k in range(JOBS_PER_RUN):
         behaviour, tags = rng.choice(BEHAVIOURS)

@@ -11,6 +11,7 @@ hold is settled once, each job's `cost` agreeing with the ledger.
 
 from __future__ import annotations
 
+import itertools
 import random
 import time
 from collections.abc import Callable
@@ -63,11 +64,18 @@ class Move:
     wait: float  # and this many seconds more
 
 
+RUNS_MADE = itertools.count(1)  # plans made in this process
+
+
 def plan(seed: int) -> tuple[list[Planned], Move]:
     """The run's jobs, and when the project moves (counted from accepted submits: a slow machine's
     first answers may take longer than any fixed delay, and the run would then test nothing)."""
     rng = random.Random(seed)
-    run = f"{seed}-{rng.getrandbits(32):08x}"  # prompts no other run of the process shares
+    # Prompts no other run of the process shares: fakes.SENT keeps every prompt sent in the process,
+    # and one seed is run on SQLite and on PostgreSQL (or by the kill test too) in one process,
+    # whose run found a prompt of the other's in it (a job canceled before its send was taken
+    # for one sent). The count is drawn apart from `rng`: the plan is the seed's all the same.
+    run = f"{seed}-{rng.getrandbits(32):08x}-{next(RUNS_MADE)}"
     planned = [Planned(prompt=f"random privacy {run} job {k}", stage=rng.choice(("promote", "polish")),
                        engine=rng.choice(ENGINES), prepare=rng.choice((0.0, rng.uniform(0.05, 0.3))),
                        delay=rng.uniform(0, 0.4)) for k in range(JOBS_PER_RUN)]
