@@ -628,7 +628,8 @@ class Cost(BaseModel):
     cache_hit: bool = Field(description="It copied an identical earlier job's result, for nothing.")
     engines: list[EngineCost] = Field(default_factory=list, description=(
         "Its ledger entries by engine, in the order it was tried on them (one for a job that never fell back; "
-        "none for a job without ledger entries, such as a free local draft or a cached copy): their `held` and `charged` add up to the job's, to the "
+        "none for a job without ledger entries, such as a free local draft or a cached copy): their `held` and "
+        "`charged` add up to the job's, to the "
         "thousandth, and to what the project's ledger, budget, spend report and /metrics count for it."))
 
 
