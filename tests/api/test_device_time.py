@@ -433,9 +433,10 @@ def test_a_local_job_a_dead_process_left_counts_what_it_held_until_its_last_rene
     check_a_local_job_a_dead_process_left_counts_what_it_held(make_settings)
 
 
-def check_a_local_job_a_dead_process_left_counts_what_it_held(make_settings: SettingsFactory,
-                                                              **database: Any) -> None:
-    settings = make_settings(lease_seconds=60, **database)
+def left_by_a_dead_process(settings: Settings) -> tuple[str, str, str]:
+    """A project with two local drafts a dead process left running, 100 s after they started and
+    30 s after its lease's last renewal (a 60 s lease): one with a cancel asked, one to queue again.
+    Returns the project's id, the canceled job's and the other's."""
     settings.data_dir.mkdir(parents=True)
     db = Database(settings.resolved_database_url)
     db.migrate()
@@ -454,6 +455,13 @@ def check_a_local_job_a_dead_process_left_counts_what_it_held(make_settings: Set
         s.add(Job(id=requeued_id, project_id=project_id, stage="ideation", engine="lite", model=tiny.NAME,
                   params=params, **left))
     db.dispose()
+    return project_id, canceled_id, requeued_id
+
+
+def check_a_local_job_a_dead_process_left_counts_what_it_held(make_settings: SettingsFactory,
+                                                              **database: Any) -> None:
+    settings = make_settings(lease_seconds=60, **database)
+    project_id, canceled_id, requeued_id = left_by_a_dead_process(settings)
 
     with client_for(settings) as client:
         services = services_of(client)
@@ -538,24 +546,7 @@ def test_metered_local_work_charges_a_success_s_own_seconds_alone(make_settings:
     recovery, and one that fails on Lite after its work, are charged nothing."""
     rate = 10.0
     settings = make_settings(lease_seconds=60, local_gpu_second_credits=rate)
-    settings.data_dir.mkdir(parents=True)
-    db = Database(settings.resolved_database_url)
-    db.migrate()
-    now = utcnow()
-    project_id, canceled_id, requeued_id = new_id("prj"), new_id("job"), new_id("job")
-    left: dict[str, Any] = {"status": "running", "attempt": 1, "lease_owner": "dead-host:1:0",
-                            "started_at": now - timedelta(seconds=100),
-                            "lease_expires_at": now - timedelta(seconds=30) + timedelta(seconds=60)}
-    params = {"stage": "ideation", "prompt": "a lighthouse", "negative_prompt": "", "n": 1, "seed": 5,
-              "width": 64, "height": 64, "steps": 2, "tags": {}}
-    with db.transaction() as s:
-        s.add(Project(id=project_id, name="metered", policy="balanced", local_seconds_per_day=3600))
-        s.flush()
-        s.add(Job(id=canceled_id, project_id=project_id, stage="ideation", engine="lite", model=tiny.NAME,
-                  params=params, cancel_requested_at=now, **left))
-        s.add(Job(id=requeued_id, project_id=project_id, stage="ideation", engine="lite", model=tiny.NAME,
-                  params=params, **left))
-    db.dispose()
+    project_id, canceled_id, requeued_id = left_by_a_dead_process(settings)
 
     with client_for(settings) as client:
         services = services_of(client)
