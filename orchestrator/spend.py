@@ -19,7 +19,7 @@ from orchestrator.models import Asset, Job, LedgerEntry, Project
 from orchestrator.routing import priced
 from orchestrator.schemas import GroupBy
 from tiers.base import RenderRequest, to_credits
-from tiers.registry import EngineRegistry
+from tiers.registry import NO_ENGINE_KEY, TOTALS_KEY, EngineRegistry
 
 NAMES_PER_QUERY = 500
 
@@ -88,8 +88,8 @@ def _group_key(group_by: GroupBy, dialect: str) -> Any:
         if dialect == "postgresql":
             return func.to_char(func.timezone("UTC", col(LedgerEntry.created_at)), "YYYY-MM-DD")
         return func.date(col(LedgerEntry.created_at))  # SQLite keeps the UTC time as text
-    return {"engine": func.coalesce(col(LedgerEntry.engine), "-"), "stage": func.coalesce(col(LedgerEntry.stage), "-"),
-            "project": col(LedgerEntry.project_id)}[group_by]
+    return {"engine": func.coalesce(col(LedgerEntry.engine), NO_ENGINE_KEY),
+            "stage": func.coalesce(col(LedgerEntry.stage), "-"), "project": col(LedgerEntry.project_id)}[group_by]
 
 
 def savings(s: Session, registry: EngineRegistry, start: datetime | None, end: datetime | None,
@@ -143,15 +143,12 @@ def _text_cell(text: str) -> str:
     return f"'{text}" if text.startswith(_FORMULA_STARTS) and text != "-" else text
 
 
-# The key of the CSV's last row, the totals. No engine may be named so (`tiers.registry`), but the
-# ledger may name one a plugin registered, or one charged before that was refused.
-TOTAL_KEY = "total"
-
-
 def _key_cell(key: str) -> str:
     """A group's key as a CSV cell: one reading `total` (in any case) is written `'total`, as a
-    formula-like name is, so that only the totals row is keyed `total`."""
-    return f"'{key}" if key.lower() == TOTAL_KEY else _text_cell(key)
+    formula-like name is, so that only the totals row is keyed `total`. No engine may be named so
+    (`tiers.registry`), but the ledger may name one a plugin registered, or one charged before
+    that was refused."""
+    return f"'{key}" if key.lower() == TOTALS_KEY else _text_cell(key)
 
 
 def to_csv(report: dict[str, Any]) -> str:
@@ -163,5 +160,5 @@ def to_csv(report: dict[str, Any]) -> str:
     for g in report["groups"]:
         writer.writerow([_key_cell(str(g["key"])), f"{g['charged']:.3f}", f"{g['unreconciled']:.3f}", g["jobs"],
                          g["images"]] + ([_text_cell(g.get("name") or "")] if named else []))
-    writer.writerow([TOTAL_KEY, f"{report['total']:.3f}", "", "", ""] + ([""] if named else []))
+    writer.writerow([TOTALS_KEY, f"{report['total']:.3f}", "", "", ""] + ([""] if named else []))
     return buf.getvalue()

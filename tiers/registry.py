@@ -21,11 +21,10 @@ from tiers.guard import FAULTS, checked, conforms
 log = logging.getLogger(__name__)
 GROUP = "orchestrator.engines"
 
-# Named by no engine: the key of the spend CSV's totals row (`orchestrator.spend.TOTAL_KEY`), which
-# a group keyed so would be read as.
-RESERVED_NAME = "total"
-# Named by no engine either: GET /v1/spend's key for charges that name none (`spend._group_key`),
-# whose group an engine so named would be summed into, in the JSON as in the CSV.
+# Keys of the spend report (`orchestrator.spend`), which no engine may be named: the CSV's totals
+# row's (a group keyed so would be read as it), and the key of charges that name no engine (an
+# engine so named would be summed into their group, in the JSON as in the CSV).
+TOTALS_KEY = "total"
 NO_ENGINE_KEY = "-"
 
 BUILTIN: dict[str, str] = {
@@ -83,7 +82,7 @@ def extra_engine_problems(entries: str) -> list[str]:
             problems.append(f"'{name[:40]}...' is longer than {MAX_ENGINE_CHARS} characters, which jobs store")
         elif name in BUILTIN:
             problems.append(f"'{name}' is a built-in engine's name: give the engine another")
-        elif name.lower() == RESERVED_NAME:
+        elif name.lower() == TOTALS_KEY:
             problems.append(f"'{name}' is the key of the spend export's totals row (GET /v1/spend as CSV): give the "
                             "engine another name")
         elif name == NO_ENGINE_KEY:
