@@ -193,7 +193,8 @@ JPEG_SOS, JPEG_EOI = 0xDA, 0xD9
 # In a scan's coded data, the first marker that ends it: an FF followed by neither a stuffed 00, a
 # restart marker (or TEM), nor another FF (a fill byte). Found by the regex engine, not a byte at a
 # time in Python: a body of fill bytes or restart markers took some 0.4 us a byte, 100 s and more
-# for an answer of 256 MiB (`tiers._http.MAX_ANSWER_BYTES`), read on the event loop (`_readable`).
+# for an answer of 256 MiB (`tiers._http.MAX_ANSWER_BYTES`); `_readable`, which runs this, runs in a
+# worker thread all the same, as the regex's seconds on such a body held the event loop.
 JPEG_SCAN_END = re.compile(rb"\xff[^\x00\x01\xd0-\xd7\xff]")
 JPEG_FILL = re.compile(rb"\xff+")
 # Markers read before the walk gives up (None: the old rule judges): a JPEG has tens of them, its
@@ -544,7 +545,10 @@ class StabilityEngine(CloudEngine):
                 if response.status_code == 404:
                     raise EngineError(f"{self.name}: creative upscale {job_id} is unknown or expired",
                                       details={"engine": self.name, "provider_id": job_id}, charged="unknown")
-                if response.is_success and not _readable(response) and unreadable < UNREADABLE_POLLS - 1:
+                # Off the event loop: finding a hostile 256 MiB image's end (or reading as much JSON)
+                # held it for seconds, every other job's polls and event streams with it.
+                if (response.is_success and unreadable < UNREADABLE_POLLS - 1
+                        and not await asyncio.to_thread(_readable, response)):
                     # Asked again (kept 24 h): one gateway page lost an upscale made, and paid for.
                     unreadable += 1
                     continue

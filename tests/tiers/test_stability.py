@@ -5,6 +5,7 @@ import base64
 import io
 import json
 import sys
+import threading
 import zlib
 from types import FrameType
 from typing import Any
@@ -1149,3 +1150,46 @@ async def test_a_creative_result_of_a_png_cut_after_an_iend_its_chunks_hold_is_a
         httpx.Response(200, content=whole + b"\x00" * 16 + b"trailer", headers=headers)])
     result = await engine.run(polish(creativity=0.45), NullProgress(), CancelToken())
     assert poll.call_count == 2 and result.images[0].seed == 7
+
+
+@respx.mock
+@pytest.mark.parametrize("follow", ["run", "reattach"])
+async def test_a_creative_result_s_end_is_looked_for_while_the_event_loop_runs_on(
+        engine: StabilityEngine, monkeypatch: pytest.MonkeyPatch, follow: str) -> None:
+    # Each poll's answer was judged whole or cut short (`_readable`) on the event loop: a hostile
+    # 256 MiB JPEG (stuffed bytes in a scan, gzip sends it in some 250 KiB) held it some 1.5-6 s,
+    # every other job's polls, event streams and lease renewals with it. Each look at an answer
+    # waits here for a ticker on the loop to run: on the loop itself, it never could.
+    import tiers.stability
+
+    real = tiers.stability._whole_image
+    ticked = threading.Event()
+    ran_meanwhile: list[bool] = []
+
+    def looking(content: bytes) -> bool | None:
+        ticked.clear()
+        ran_meanwhile.append(ticked.wait(timeout=5))
+        return real(content)
+
+    async def ticker() -> None:
+        while True:
+            ticked.set()
+            await asyncio.sleep(0.001)
+
+    monkeypatch.setattr(tiers.stability, "_whole_image", looking)
+    hostile = b"\xff\xd8" + SOS + b"\xff\x00" * 2**16  # a scan that never ends: cut short, asked again
+    headers = {"content-type": "image/jpeg", "seed": "7"}
+    respx.post(CREATIVE).mock(return_value=httpx.Response(200, json={"id": "job-42"}))
+    poll = respx.get(RESULT).mock(side_effect=[httpx.Response(200, content=hostile, headers=headers),
+                                               httpx.Response(200, content=jpeg_bytes(), headers=headers)])
+    ticking = asyncio.create_task(ticker())
+    try:
+        if follow == "run":
+            result = await engine.run(polish(creativity=0.45), NullProgress(), CancelToken())
+        else:
+            result = await engine.reattach(polish(creativity=0.45), [{"id": "job-42", "creative": True}],
+                                           NullProgress(), CancelToken())
+    finally:
+        ticking.cancel()
+    assert poll.call_count == 2 and result.images[0].seed == 7
+    assert len(ran_meanwhile) >= 2 and all(ran_meanwhile), ran_meanwhile  # both answers looked at
