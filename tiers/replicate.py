@@ -68,6 +68,9 @@ PREFER_WAIT = 60
 # itself (`Cancel-After`): by then this service has given it up.
 CANCEL_AFTER_MARGIN = 60
 MAX_INLINE_BYTES = 7 * 1024 * 1024
+# Seconds a cancel at Replicate is given to be answered, and the download of an output a user's
+# cancel found made (`ReplicateEngine._kept_on_cancel`): the job ends once they are done.
+STOP_SECONDS = 10
 
 
 def is_nano_banana(model: str) -> bool:
@@ -119,6 +122,12 @@ def _never_ran(prediction: dict[str, Any] | None) -> bool:
     ran = isinstance(metrics, dict) and bool(metrics.get("predict_time"))
     # Only an answer that says so: one without `started_at` says nothing of it.
     return "started_at" in prediction and prediction["started_at"] is None and not ran
+
+
+def _succeeded(answer: dict[str, Any], prediction_id: str) -> bool:
+    """Whether a cancel's `answer` is the prediction, succeeded: it had ended before the cancel came
+    (a cancel of a prediction that has ended answers it as it stands), its output there to fetch."""
+    return answer.get("status") == "succeeded" and str(answer.get("id")) == prediction_id
 
 
 def _filtered(text: str) -> bool:
@@ -194,7 +203,14 @@ class ReplicateEngine(CloudEngine):
                 seed = base["seed"] + i if "seed" in base else None
                 body = {"input": base if seed is None else {**base, "seed": seed}}
                 asked.asking()
-                prediction = await self._predict(body, progress, cancel)
+                try:
+                    prediction = await self._predict(body, progress, cancel)
+                except _CanceledMade as exc:
+                    # Made and paid for before the cancel reached it: its image is the job's.
+                    prediction_ids.append(str(exc.prediction["id"]))
+                    kept = await self._kept_on_cancel(exc.prediction, self.http.clock() + STOP_SECONDS)
+                    images.extend(RenderedImage(out.image, seed=seed) for out in kept)
+                    raise
                 prediction_ids.append(str(prediction["id"]))
                 images.extend(RenderedImage(out.image, seed=seed) for out in await self._outputs(prediction, cancel))
                 metrics = prediction.get("metrics")
@@ -292,6 +308,9 @@ class ReplicateEngine(CloudEngine):
                 outputs = await self._outputs(prediction, cancel, started + fetching)
             finally:
                 fetching -= self.http.clock() - started
+            keep(i, outputs)
+
+        def keep(i: int, outputs: list[RenderedImage]) -> None:
             seed = base["seed"] + i if "seed" in base else None
             at = bisect.bisect_right(made_at, i)
             images[at:at] = [RenderedImage(out.image, seed=seed) for out in outputs]
@@ -302,30 +321,56 @@ class ReplicateEngine(CloudEngine):
             try:
                 await follow(i, finished)
             except Canceled as exc:
-                rest = handles[i + 1:] if finished is None else []
-                unsettled = len(rest) + (not exc.work_unbilled)  # this one too, unless it never ran
-                # The job ends: the predictions not read yet would run on for nobody. One that
-                # had run was billed, whatever this one's cancel said of its own; one Replicate
-                # said never ran was not, and is not charged (the whole estimate was).
-                # Side by side, with the stops still out: one after another, each given its
-                # cancel's 10 s, a job of n=16 with Replicate down took some 100 s to end on its
-                # user's cancel.
-                withdrawing = rest if not cancel.abandoned else []
-                _, unrun_each = await asyncio.gather(
-                    stops.settled(), asyncio.gather(*(self.withdraw([later]) for later in withdrawing)))
-                if withdrawing:
-                    unrun = sum(unrun_each)
-                    unsettled -= unrun
-                    if unrun < len(rest):
-                        exc.at_least_charged("unknown")
-                if any(not failure.work_unbilled for failure in failures):
-                    exc.at_least_charged("unknown")  # an earlier one failed, and may have billed
-                follows_billed(asked, len(images), failures, unsettled)
+                await canceled(i, finished, exc)
                 raise
             except EngineError as exc:
                 # Each prediction was accepted and runs on its own: one that failed (gone at
                 # Replicate, its output unreadable) says nothing of the others, made and billed.
                 failures.append(exc)
+
+        async def canceled(i: int, finished: dict[str, Any] | None, exc: Canceled) -> None:
+            """The job ends on `exc`, met following prediction `i`: the predictions not read yet
+            would run on for nobody, and so would `i` when its read met the cancel (`_Unstopped`).
+            They are stopped side by side, with the stops still out: one after another, each given
+            its cancel's 10 s, a job of n=16 with Replicate down took some 100 s to end on its
+            user's cancel, and `i`'s own stop, sent first, held those of n=2 back 10 s. A stop may
+            answer that its prediction never ran (not billed: the whole estimate was charged), or
+            that it had succeeded (made and billed: its image is kept, as a run's cancel keeps it)."""
+            unstopped = [i] if isinstance(exc, _Unstopped) else []
+            out = unstopped + (list(range(i + 1, len(handles))) if finished is None else [])
+            # Predictions that may have billed (`doubtful`) or surely did (`billed`), not among the
+            # images kept nor the failures; `i` itself, its stop not ours, by what its error says.
+            billed = int(not unstopped and exc.charged == "yes")
+            doubtful = int(not unstopped and not billed and not exc.work_unbilled)
+            stopping = out if not cancel.abandoned else []
+            doubtful += len(out) - len(stopping)
+            at_stop, answers = await asyncio.gather(
+                stops.settled(), asyncio.gather(*(self._stop_saved(handles[j]) for j in stopping)))
+            made: list[tuple[int, dict[str, Any]]] = []
+            for prediction_id, failure, prediction in at_stop:  # given up on, then found made
+                failures.remove(failure)
+                made.append((place[prediction_id], prediction))
+            for j, answer in zip(stopping, answers, strict=True):
+                prediction_id = str(handles[j]["id"])
+                if _never_ran(answer):
+                    if j in unstopped:  # as a run's cancel tells it (`_settle`)
+                        await progress.withdrawn([{"id": prediction_id}])
+                elif answer is not None and _succeeded(answer, prediction_id):
+                    made.append((j, answer))
+                else:
+                    doubtful += 1
+            by = self.http.clock() + STOP_SECONDS
+            fetched = await asyncio.gather(*(self._kept_on_cancel(prediction, by) for _, prediction in made))
+            for (j, _), outputs in zip(made, fetched, strict=True):
+                keep(j, outputs)
+                billed += not outputs  # made and billed, its output lost
+            if doubtful or any(not failure.work_unbilled for failure in failures):
+                exc.at_least_charged("unknown")  # one may have run, or an earlier one failed and may have billed
+            elif made:
+                exc.at_least_charged("yes")
+            elif unstopped and not billed:
+                exc.unbilled()  # every one stopped said it never ran
+            follows_billed(asked, len(images), failures, billed + doubtful)
 
         with paid_calls(images, asked, result), stops.kept():
             for i in range(len(handles)):
@@ -392,13 +437,21 @@ class ReplicateEngine(CloudEngine):
                 # and bill, and nobody follows it now. Raised here to be stopped as a failed poll's.
                 self._check_status(prediction)
         except Canceled:
-            # abandoned: another process follows the prediction on
-            if not cancel.abandoned and _never_ran(await self._cancel_remote(prediction_id)):
+            if cancel.abandoned:  # another process follows the prediction on
+                raise Canceled("the job was canceled while Replicate was working", charged="unknown") from None
+            if stops is not None:
+                # A reattach's: stopped with the predictions not read yet, side by side (`reattach`).
+                # Stopped here first, its cancel's 10 s were waited out before theirs went out.
+                raise _Unstopped("the job was canceled while Replicate was working", charged="unknown") from None
+            answer = await self._cancel_remote(prediction_id)
+            if _never_ran(answer):
                 # The job may have ended already, charged as if it ran (recovery's, when this
                 # worker was stopped past its lease): the provider's word settles that charge.
                 await progress.withdrawn([{"id": prediction_id}])
                 raise Canceled("the job was canceled before Replicate started its prediction",
                                details={"engine": self.name, "prediction": prediction_id}).unbilled() from None
+            if answer is not None and _succeeded(answer, prediction_id):
+                raise _CanceledMade(answer) from None
             raise Canceled("the job was canceled while Replicate was working", charged="unknown") from None
         except EngineError as exc:
             # We stop following a prediction that may still run and bill: stop it too, unless
@@ -425,7 +478,7 @@ class ReplicateEngine(CloudEngine):
         """Judge `exc`, the failure a prediction was given up on for, by its stop's `answer`.
         Returns the prediction when that answer is it succeeded: it finished after its last read
         (a cancel of a prediction that has ended answers it as it stands), its output there to fetch."""
-        if answer is not None and answer.get("status") == "succeeded" and str(answer.get("id")) == prediction_id:
+        if answer is not None and _succeeded(answer, prediction_id):
             exc.charged = "unknown"  # kept as the failure only should its job end first (a cancel)
             return answer
         if _never_ran(answer):
@@ -434,6 +487,16 @@ class ReplicateEngine(CloudEngine):
         else:
             exc.charged = "unknown"
         return None
+
+    async def _kept_on_cancel(self, prediction: dict[str, Any], deadline: float) -> list[RenderedImage]:
+        """The output of a prediction a user's cancel found succeeded: made and paid for, so fetched
+        (within `deadline`, the job's own token being set) and kept; none when that fails, logged."""
+        try:
+            return await self._outputs(prediction, CancelToken(), deadline)
+        except EngineError as exc:
+            log.warning("replicate: prediction %s had succeeded when its job was canceled, and its output could "
+                        "not be fetched (%s); it is billed and not kept", prediction.get("id"), exc.message[:200])
+            return []
 
     def _check_status(self, prediction: dict[str, Any]) -> None:
         status = prediction.get("status")
@@ -482,6 +545,12 @@ class ReplicateEngine(CloudEngine):
                                          if prediction_id is not None))
         return bool(handles) and None not in ids and all(_never_ran(answer) for answer in answers)
 
+    async def _stop_saved(self, handle: dict[str, Any]) -> dict[str, Any] | None:
+        """A user's cancel of a saved prediction (`_cancel_remote`'s answer): saved ids only, as
+        Replicate writes them, since a request carrying the token goes nowhere else."""
+        prediction_id = path_id(handle.get("id"))
+        return None if prediction_id is None else await self._cancel_remote(prediction_id)
+
     async def _withdraw_created(self, response: httpx.Response) -> list[dict[str, Any]] | None:
         """The answer to a create the job's cancel left out: the prediction it made is canceled.
         Not saved with the job (`Progress.provider_request`), which has ended by now. Returns its
@@ -521,7 +590,7 @@ class ReplicateEngine(CloudEngine):
         cancel answered it, or None when it did not."""
         try:
             response = await self.http.request("POST", f"/v1/predictions/{prediction_id}/cancel", idempotent=True,
-                                               deadline=self.http.clock() + 10, headers=self._auth)
+                                               deadline=self.http.clock() + STOP_SECONDS, headers=self._auth)
         except (EngineError, httpx.HTTPError) as exc:
             log.warning("replicate: canceling prediction %s failed (%s); it may run on, and bill, until its "
                         "Cancel-After", prediction_id, exc)
@@ -564,6 +633,20 @@ class ReplicateEngine(CloudEngine):
                               "not an id: letters, digits, '-' and '_')", details={"engine": self.name},
                               charged="unknown")
         return body
+
+
+class _Unstopped(Canceled):
+    """A reattach's cancel while it reads a prediction, which is then stopped with the rest."""
+
+
+class _CanceledMade(Canceled):
+    """A user's cancel whose stop answered that the prediction had succeeded: made and billed,
+    its image is fetched and kept (`ReplicateEngine._kept_on_cancel`), and the charge is known."""
+
+    def __init__(self, prediction: dict[str, Any]) -> None:
+        super().__init__("the job was canceled after Replicate had made its prediction, billed",
+                         details={"engine": "replicate", "prediction": str(prediction["id"])}, charged="yes")
+        self.prediction = prediction
 
 
 class _Stops:

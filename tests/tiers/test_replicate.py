@@ -1199,3 +1199,116 @@ async def test_a_reattach_cancelled_while_its_stops_are_answered_leaves_them_out
     held.answer.set()
     await until(lambda: held.answered or held.dropped)
     assert held.answered and not held.dropped
+
+
+@respx.mock
+async def test_a_reattach_canceled_stops_the_prediction_it_reads_side_by_side_with_the_rest(
+        engine: ReplicateEngine) -> None:
+    # n=2 canceled while p-1 is polled, each cancel answered in 9 s (a slow Replicate): p-1's stop
+    # was waited for before p-2's went out, so the job's cancel took 18 s (fake clock) to end it,
+    # 20 s with Replicate down (each cancel given up to 10 s), n=16 no more than n=2.
+    fake = FakeTime()
+    engine.http.clock, engine.http.sleep = fake.clock, fake.sleep
+    token = CancelToken()
+    respx.get(POLL).mock(side_effect=cancel_at_poll(token, lambda: httpx.Response(200, json=prediction("processing"))))
+    out, most = [0], [0]
+
+    async def stop(request: httpx.Request) -> httpx.Response:
+        out[0] += 1
+        most[0] = max(most[0], out[0])
+        await fake.sleep(9)
+        out[0] -= 1
+        return httpx.Response(200, json={**numbered(int(request.url.path.split("/")[-2][2:]), "canceled"),
+                                         "started_at": "2026-12-07T08:00:00Z"})
+
+    stops = respx.post(url__regex=rf"{BASE}/v1/predictions/p-\d+/cancel").mock(side_effect=stop)
+    with pytest.raises(Canceled) as info:
+        await fake.run(engine.reattach(bridge(n=2), [{"id": "p-1"}, {"id": "p-2"}], NullProgress(), token))
+    assert {call.request.url.path for call in stops.calls} == {f"/v1/predictions/p-{i}/cancel" for i in (1, 2)}
+    assert most[0] == 2 and fake.now == 9.0  # one cancel's time, not two in turn
+    assert info.value.charged == "unknown" and info.value.cost_millicredits is None  # both ran
+
+
+@respx.mock
+@pytest.mark.parametrize("n", [1, 2])
+async def test_a_cancel_answered_that_the_prediction_succeeded_keeps_its_image(
+        engine: ReplicateEngine, output: respx.Route, n: int) -> None:
+    # The cancel of a prediction that has ended answers it as it stands: "succeeded", its output
+    # there. The job ended canceled, charged "unknown" for reconciliation, its image (made and
+    # paid for) neither fetched nor kept. With n=2 the first image was made before.
+    token = CancelToken()
+    made = {**prediction(), "id": "p-0", "urls": {"get": f"{BASE}/v1/predictions/p-0"}}
+    respx.post(CREATE).mock(side_effect=[httpx.Response(201, json=made)] * (n - 1)
+                            + [httpx.Response(201, json=prediction("processing"))])
+    respx.get(POLL).mock(side_effect=cancel_at_poll(token, lambda: httpx.Response(200, json=prediction("processing"))))
+    cancel = respx.post(CANCEL).mock(return_value=httpx.Response(200, json={**prediction("succeeded"),
+                                                                            "started_at": "2026-12-07T08:00:00Z"}))
+    with pytest.raises(Canceled) as info:
+        await engine.run(bridge(n=n), NullProgress(), token)
+    assert cancel.call_count == 1 and output.call_count == n
+    kept = info.value.made
+    assert kept is not None and len(kept.images) == n and kept.provider_request_id == ",".join(
+        ["p-0"] * (n - 1) + ["p-1"])
+    # Every prediction asked for was made: billed as a success is, the whole estimate, nothing to reconcile.
+    assert info.value.charged == "yes" and info.value.cost_millicredits is None
+
+
+@respx.mock
+async def test_a_cancel_answered_succeeded_whose_output_cannot_be_fetched_is_charged_as_made(
+        engine: ReplicateEngine, caplog: pytest.LogCaptureFixture) -> None:
+    token = CancelToken()
+    respx.post(CREATE).mock(return_value=httpx.Response(201, json=prediction("processing")))
+    respx.get(POLL).mock(side_effect=cancel_at_poll(token, lambda: httpx.Response(200, json=prediction("processing"))))
+    respx.post(CANCEL).mock(return_value=httpx.Response(200, json=prediction("succeeded")))
+    cdn = respx.get(OUTPUT).mock(return_value=httpx.Response(404))
+    with caplog.at_level("WARNING", logger="tiers.replicate"), pytest.raises(Canceled) as info:
+        await engine.run(bridge(), NullProgress(), token)
+    assert cdn.call_count >= 1 and info.value.made is None
+    assert info.value.charged == "yes"  # billed: made, though lost
+    assert any("could not be fetched" in record.getMessage() for record in caplog.records)
+
+
+@respx.mock
+@pytest.mark.parametrize("which", ["read", "not-read-yet"])
+async def test_a_reattach_canceled_keeps_the_image_of_a_prediction_its_stop_found_made(
+        engine: ReplicateEngine, which: str) -> None:
+    # n=2 canceled while p-1 is read: the stop of p-1 (or of p-2, not read yet) answers that it had
+    # succeeded; the other's that it never started. The made one's image was lost, charged "unknown".
+    token = CancelToken()
+    respx.get(POLL).mock(side_effect=cancel_at_poll(token, lambda: httpx.Response(200, json=prediction("processing"))))
+    unrun: dict[str, Any] = {"started_at": None, "metrics": {}}
+    succeeded, unstarted = (1, 2) if which == "read" else (2, 1)
+    respx.post(f"{BASE}/v1/predictions/p-{succeeded}/cancel").mock(
+        return_value=httpx.Response(200, json={**numbered(succeeded), "started_at": "2026-12-07T08:00:00Z"}))
+    respx.post(f"{BASE}/v1/predictions/p-{unstarted}/cancel").mock(
+        return_value=httpx.Response(200, json={**numbered(unstarted, "canceled"), **unrun}))
+    cdn = respx.get(f"https://cdn.replicate.test/p-{succeeded}/out.png").mock(
+        return_value=httpx.Response(200, content=png_bytes()))
+    req = bridge(n=2)
+    with pytest.raises(Canceled) as info:
+        await engine.reattach(req, [{"id": "p-1"}, {"id": "p-2"}], NullProgress(), token)
+    assert cdn.call_count == 1
+    assert info.value.made is not None and len(info.value.made.images) == 1
+    # One made, the other never ran: half the estimate, known.
+    assert info.value.charged == "yes" and info.value.cost_millicredits == engine.estimate(req) // 2
+
+
+@respx.mock
+async def test_a_reattach_canceled_keeps_the_image_of_a_prediction_given_up_on_that_its_stop_found_made(
+        engine: ReplicateEngine, output: respx.Route) -> None:
+    # p-1 gone from its read (404) and stopped, its stop answering that it had succeeded; the job
+    # canceled while p-2 is read, p-2 never started. The cancel waited for p-1's stop and left
+    # its image (made and paid for) unfetched, the job charged "unknown".
+    token = CancelToken()
+    respx.get(POLL).mock(return_value=httpx.Response(404, json={"detail": "Not found."}))
+    ran = {"started_at": "2026-12-07T08:00:00Z"}
+    respx.post(CANCEL).mock(return_value=httpx.Response(200, json={**prediction(), **ran}))
+    respx.get(f"{BASE}/v1/predictions/p-2").mock(
+        side_effect=cancel_at_poll(token, lambda: httpx.Response(200, json=numbered(2, "processing"))))
+    respx.post(f"{BASE}/v1/predictions/p-2/cancel").mock(
+        return_value=httpx.Response(200, json={**numbered(2, "canceled"), "started_at": None, "metrics": {}}))
+    req = bridge(n=2)
+    with pytest.raises(Canceled) as info:
+        await engine.reattach(req, [{"id": "p-1"}, {"id": "p-2"}], NullProgress(), token)
+    assert output.call_count == 1 and info.value.made is not None and len(info.value.made.images) == 1
+    assert info.value.charged == "yes" and info.value.cost_millicredits == engine.estimate(req) // 2
