@@ -759,7 +759,11 @@ async def test_a_reattach_follows_every_creative_upscale_when_one_fails(engine: 
     (403, {"id": "e", "name": "content_moderation", "errors": ["flagged"]}, "no"),
     (400, "<html>a proxy's page</html>", "unknown"),  # not Stability's word
     (403, {"id": "e", "name": "forbidden", "errors": ["no access"]}, "unknown"),  # of the key, not the upscale
-], ids=["failed", "moderated", "proxy", "key"])
+    # A proxy's (or a firewall's) refusal of the result's GET: providers.md's 403 is Stability's
+    # moderation, with its error body; this one says nothing of the upscale Stability accepted,
+    # which may have been made, and billed, all the same.
+    (403, "<html>Access denied | Cloudflare</html>", "unknown"),
+], ids=["failed", "moderated", "proxy", "key", "proxy-403"])
 async def test_a_creative_upscale_stability_says_failed_is_not_charged(
         engine: StabilityEngine, status: int, body: Any, charged: str) -> None:
     # Stability bills no failed generation (providers.md): its own answer that the upscale failed
