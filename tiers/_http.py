@@ -201,7 +201,7 @@ def retry_after(response: httpx.Response) -> float | None:
         if when is not None:
             return max(0.0, when.timestamp() - time.time())
     try:
-        body = answer_json(response)
+        body = error_json(response)
     except (ValueError, json.JSONDecodeError, UnicodeDecodeError):
         return None
     if isinstance(body, list) and body:
@@ -986,6 +986,20 @@ def answer_json(response: httpx.Response) -> Any:
     return text_json(response.content)
 
 
+# The largest error body read as JSON for what it says (a message, a retry delay, an error's name):
+# a provider's is a few hundred bytes; a hostile or broken server's, up to MAX_ANSWER_BYTES, took
+# seconds to parse, on the event loop, once for each of those looks (32 MiB of `[0,0,...]`: 1.6 s).
+MAX_ERROR_JSON_BYTES = 2**20
+
+
+def error_json(response: httpx.Response) -> Any:
+    """`answer_json` for an error's answer: ValueError, as for a body that is not JSON, when it is
+    larger than `MAX_ERROR_JSON_BYTES`, which no provider's error is."""
+    if len(response.content) > MAX_ERROR_JSON_BYTES:
+        raise ValueError("an error body too large to be read as JSON")
+    return answer_json(response)
+
+
 def text_json(text: str | bytes) -> Any:
     """`json.loads(text)`, as `answer_json` reads an answer."""
     try:
@@ -1018,8 +1032,10 @@ def error_text(response: httpx.Response, limit: int = 300) -> str:
 
 def _described(response: httpx.Response, limit: int) -> str:
     try:
-        body: Any = answer_json(response)
+        body: Any = error_json(response)
     except (ValueError, UnicodeDecodeError):
+        if len(response.content) > MAX_ERROR_JSON_BYTES:  # its start, not the whole decoded
+            return response.content[:4 * limit].decode(response.encoding or "utf-8", errors="replace")[:limit]
         return response.text[:limit]
     if isinstance(body, list) and body:
         body = body[0]

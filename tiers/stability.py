@@ -53,7 +53,15 @@ from tiers._cloud import (
     paid_calls,
     reading_an_answer,
 )
-from tiers._http import RemoteClient, answer_json, error_text, header_request_id, json_object, path_id
+from tiers._http import (
+    RemoteClient,
+    answer_json,
+    error_json,
+    error_text,
+    header_request_id,
+    json_object,
+    path_id,
+)
 from tiers._images import b64decode_tolerant, decode_image, encode_image, shaped_as
 from tiers.base import (
     CancelToken,
@@ -619,7 +627,7 @@ class StabilityEngine(CloudEngine):
         (providers.md); else (a proxy's page, a 403 of the key) charged `unknown`, as the provider
         took the job and may have made it. It was captured for reconciliation every time."""
         try:
-            body = answer_json(response)
+            body = error_json(response)
         except ValueError:
             body = None
         said = isinstance(body, dict) and isinstance(body.get("errors"), list)
@@ -632,7 +640,7 @@ class StabilityEngine(CloudEngine):
         if response.status_code < 400:  # no refusal, whatever its body says: it may have billed
             return self.http.fail(response)
         try:
-            body = answer_json(response)
+            body = error_json(response)
         except ValueError:
             body = None
         status = response.status_code
