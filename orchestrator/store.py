@@ -517,32 +517,21 @@ class ArtifactStore:
                 details={"sha256": sha256[:80], "reason": "malformed"})
         path = self.path_for(sha256)
         try:
-            # Its bytes are checked against its name below, so a link may lead to them (a store
-            # moved by links); a FIFO put in its place would hold the request for ever.
-            f = open_regular(path)
             try:
-                if up_to is not None and os.fstat(f.fileno()).st_size > up_to:
-                    digest = hashlib.sha256()
-                    while chunk := f.read(READ_CHUNK):
-                        digest.update(chunk)
-                    if digest.hexdigest() != sha256:
-                        raise self._damaged(path, sha256)
-                    f.seek(0)
-                    return f
-                data = f.read()
-            except BaseException:
-                f.close()
-                raise
-            f.close()
+                found = self._read_home(path, sha256, up_to)
+            except FileNotFoundError:
+                # Renamed aside by a sweep that stopped mid-way (or is judging it now): served from
+                # there, as the next sweep puts it back. It was told to be restored from a backup.
+                # Not aside either: it may have been put back home since the first look (a sweep or
+                # `discard` found it named, a dead sweep's leftover settled), so home is read once
+                # more; a live asset's reader was told to restore its file from a backup (a 500).
+                aside = self._set_aside_copy(path)
+                found = aside if aside is not None else self._read_home(path, sha256, up_to)
         except FileNotFoundError:
-            # Renamed aside by a sweep that stopped mid-way (or is judging it now): served from
-            # there, as the next sweep puts it back. It was told to be restored from a backup.
-            if (aside := self._set_aside_copy(path)) is None:
-                raise ContentUnavailable(
-                    f"the image file {sha256[:12]} is missing from the store: restore it from a backup "
-                    "(`orchestrator check` lists every missing file)", details={"sha256": sha256, "reason": "missing"},
-                ) from None
-            data = aside
+            raise ContentUnavailable(
+                f"the image file {sha256[:12]} is missing from the store: restore it from a backup "
+                "(`orchestrator check` lists every missing file)", details={"sha256": sha256, "reason": "missing"},
+            ) from None
         except OSError as exc:
             # Not a bug of ours (an internal_error), but the store's: its owner or mode after a
             # restore, a disk's read error. `check` lists it as unreadable.
@@ -552,9 +541,32 @@ class ArtifactStore:
                 "the operator must mend its file (`orchestrator check` lists every unreadable file)",
                 details={"sha256": sha256, "reason": "unreadable"},
             ) from None
-        if hashlib.sha256(data).hexdigest() != sha256:
+        if not isinstance(found, bytes):
+            return found  # hashed as it was opened
+        if hashlib.sha256(found).hexdigest() != sha256:
             raise self._damaged(path, sha256)
-        return data
+        return found
+
+    def _read_home(self, path: Path, sha256: str, up_to: int | None) -> bytes | BinaryIO:
+        """`get_or_open`'s read of the file at its home: its bytes (not checked yet), or the file
+        open at its start once its bytes are checked, where it holds more than `up_to`."""
+        # Its bytes are checked against its name, so a link may lead to them (a store moved by
+        # links); a FIFO put in its place would hold the request for ever.
+        f = open_regular(path)
+        try:
+            if up_to is None or os.fstat(f.fileno()).st_size <= up_to:
+                with f:
+                    return f.read()
+            digest = hashlib.sha256()
+            while chunk := f.read(READ_CHUNK):
+                digest.update(chunk)
+            if digest.hexdigest() != sha256:
+                raise self._damaged(path, sha256)
+            f.seek(0)
+        except BaseException:
+            f.close()
+            raise
+        return f
 
     @staticmethod
     def _damaged(path: Path, sha256: str) -> ContentUnavailable:

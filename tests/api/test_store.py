@@ -485,6 +485,36 @@ def test_a_dead_sweeps_leftover_is_settled(tmp_path: Path) -> None:
     assert [p.name for p in store.root.rglob("*") if p.is_file()] == [f"{named}.png"]
 
 
+@pytest.mark.parametrize("up_to", [None, 4], ids=["whole", "opened"])
+def test_a_file_put_back_home_while_its_reader_looked_aside_is_served(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                      up_to: int | None) -> None:
+    """A named file set aside (a dead sweep's leftover, or one a sweep or `discard` is judging) is
+    put back home between its reader's failed open and its look aside: the reader found it in
+    neither place and a live asset's content was a 500 "missing from the store: restore it from a
+    backup", though the file was whole at home."""
+    store = ArtifactStore(tmp_path / "assets")
+    named = store.put(b"a live asset's image")
+    home = store.path_for(named)
+    os.rename(home, home.with_name(f".gc-{named}-0a1b2c3d.png"))
+    look_aside = ArtifactStore._set_aside_copy
+    swept: list[int] = []
+
+    def settled_first(path: Path) -> bytes | None:
+        swept.append(store.sweep_orphans(Rows(named), older_than=0))  # named: put back home
+        return look_aside(path)
+
+    monkeypatch.setattr(ArtifactStore, "_set_aside_copy", staticmethod(settled_first))
+    found = store.get_or_open(named, up_to=up_to)
+    if not isinstance(found, bytes):
+        with found:
+            found = found.read()
+    assert found == b"a live asset's image" and swept == [0] and home.is_file()
+    home.unlink()  # missing in both places: said as before
+    with pytest.raises(ContentUnavailable, match="missing from the store") as missing:
+        store.get_or_open(named, up_to=up_to)
+    assert missing.value.details == {"sha256": named, "reason": "missing"}
+
+
 def test_a_stopped_sweep_ends_early_and_leaves_nothing_set_aside(tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """A stop of the service sets `stop`: the sweep, in a thread no cancel reaches, ends before the
