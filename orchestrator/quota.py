@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import threading
 from collections import defaultdict
 from typing import Any
@@ -197,14 +196,12 @@ def deleted(s: Session, asset_ids: list[str]) -> None:
 
 
 def file_size(store: ArtifactStore, sha256: str) -> int:
-    """The size of the file the asset names; 0 when there is none (missing, a malformed name):
-    a file that is not there takes no room, and a restored one is counted when its asset is next made."""
+    """The size of the file the asset names, or of its copy a sweep that stopped mid-way set aside
+    (served from there, and put back by the next sweep: it was counted 0 for good); 0 when there is
+    none (missing, a malformed name): a file that is not there takes no room."""
     if not SHA_RE.fullmatch(sha256):  # a row mended by hand: it names no file
         return 0
-    try:
-        return os.stat(store.path_for(sha256)).st_size
-    except (OSError, ValueError):  # ValueError: a NUL in a path mended by hand
-        return 0
+    return store.size_of(sha256) or 0
 
 
 def measure(db: Database, store: ArtifactStore, *, batch: int = MEASURE_BATCH,

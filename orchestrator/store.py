@@ -600,6 +600,24 @@ class ArtifactStore:
                         del self._verified[key]
         return True
 
+    def size_of(self, sha256: str) -> int | None:
+        """The size of the file of these bytes, as `get` would find it: at home, else its copy set
+        aside by a sweep (read, as `get` picks the sound one); None where there is none, or it
+        cannot be read. `sha256` must be one (`path_for`)."""
+        home = self.path_for(sha256)
+        try:
+            return os.stat(home).st_size
+        except FileNotFoundError:
+            pass
+        except OSError:
+            return None
+        if (aside := self._set_aside_copy(home)) is not None:
+            return len(aside)
+        try:  # put back home since the first look (see `get_or_open`)
+            return os.stat(home).st_size
+        except OSError:
+            return None
+
     @staticmethod
     def _set_aside_copy(home: Path) -> bytes | None:
         """The bytes of a file renamed aside from `home` (`.gc-<sha>-*.png`), if one can be read:

@@ -326,6 +326,37 @@ def check_assets_measured(db: Database, store: ArtifactStore) -> None:
     assert sizes == {f"ast_m{i}": len(f"image {i}".encode() * (i + 1)) for i in range(5)} | {"ast_m5": 0}
 
 
+def test_an_asset_whose_file_a_stopped_sweep_set_aside_is_measured_at_its_size(tmp_path: Path) -> None:
+    """A sweep stopped mid-way leaves a file renamed aside (`.gc-<sha>-*.png`), served from there
+    and put back by the next sweep: an asset stored before sizes were kept was measured 0 for good
+    (its project's usage short by its file, `orchestrator check` then calling its size wrong)."""
+    from orchestrator import quota
+
+    db = Database(f"sqlite:///{tmp_path / 'm.db'}")
+    try:
+        db.migrate()
+        store = ArtifactStore(tmp_path / "assets")
+        data = b"an image stored before 0029, " * 20
+        sha = store.put(data)
+        home = store.path_for(sha)
+        home.rename(home.with_name(f".gc-{sha}-0a1b2c3d.png"))
+        with db.transaction() as s:
+            s.add(Project(id="prj_a", name="a", policy="balanced"))
+            s.flush()
+            s.add(Job(id="job_a", project_id="prj_a", stage="ideation", engine="lite", status="succeeded"))
+            s.flush()
+            s.add(Asset(id="ast_a", project_id="prj_a", job_id="job_a", stage="ideation", engine="lite", model="m",
+                        prompt="p", width=64, height=64, sha256=sha))
+        assert store.get(sha) == data  # served meanwhile
+        assert quota.measure(db, store) == 1
+        with db.session() as s:
+            asset, project = s.get(Asset, "ast_a"), s.get(Project, "prj_a")
+            assert asset is not None and project is not None
+            assert asset.bytes == project.storage_bytes == len(data)
+    finally:
+        db.dispose()
+
+
 def reserved_of(client: httpx.Client, project_id: str) -> int:
     response = client.get(f"/v1/projects/{project_id}")
     assert response.status_code == 200, response.text
