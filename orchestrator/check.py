@@ -142,7 +142,8 @@ class StorageReport:
     projects: int = 0
     off: list[UsageOff] = field(default_factory=list)  # by project id
     # Live assets stored before sizes were kept (null `bytes`, counted as 0): the service's asset
-    # sweep measures them at its next start, adding them to their projects' usage. No finding.
+    # sweep measures them at its next start, adding them to their projects' usage (one whose file
+    # is missing, listed as missing, once its file is restored). No finding of its own.
     unmeasured: int = 0
 
     @property

@@ -837,7 +837,7 @@ def _check(*, no_hash: bool) -> int:
     if storage.unmeasured:
         print(f"{_counted(storage.unmeasured, 'live asset')} not measured yet (stored before sizes were kept, "
               f"counted as 0): the service's asset sweep measures {'it' if storage.unmeasured == 1 else 'them'} at "
-              "its next start")
+              "its next start" + (", one whose file is missing once its file is restored" if report.missing else ""))
     if report.ok and ledger.ok and storage.ok and wrong_store is None:
         print("ok")
         return 0

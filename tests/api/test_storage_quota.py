@@ -252,7 +252,7 @@ def test_0029_leaves_earlier_assets_to_be_measured_and_downgrades(tmp_path: Path
     upgrade(url, "0028")
     store = ArtifactStore(tmp_path / "assets")
     here, deleted = store.put(b"an image's bytes"), store.put(b"a deleted image's bytes, longer")
-    missing = "f" * 64  # its file lost: it takes no room
+    missing = "f" * 64  # its file lost: it takes no room, and is measured once restored
     engine = create_engine(url)
     try:
         with engine.begin() as conn:
@@ -273,13 +273,13 @@ def test_0029_leaves_earlier_assets_to_be_measured_and_downgrades(tmp_path: Path
             assert conn.execute(text("SELECT count(*) FROM assets WHERE bytes IS NULL")).scalar() == 3
         db = Database(url)
         try:
-            assert quota.measure(db, store, batch=2) == 3
-            assert quota.measure(db, store) == 0  # measured once
+            assert quota.measure(db, store, batch=2) == 2
+            assert quota.measure(db, store) == 0  # measured once, the missing file's left for its restore
         finally:
             db.dispose()
         with engine.connect() as conn:
             assert dict(conn.execute(text("SELECT id, bytes FROM assets")).all()) == {
-                "ast_1": len(b"an image's bytes"), "ast_2": len(b"a deleted image's bytes, longer"), "ast_3": 0}
+                "ast_1": len(b"an image's bytes"), "ast_2": len(b"a deleted image's bytes, longer"), "ast_3": None}
             assert conn.execute(text("SELECT storage_bytes FROM projects")).scalar() == len(b"an image's bytes")
         command.downgrade(alembic_config(url), "0028")
         with engine.connect() as conn:
@@ -312,18 +312,18 @@ def check_assets_measured(db: Database, store: ArtifactStore) -> None:
         s.flush()
         s.add(Job(id="job_m", project_id="prj_m", stage="ideation", engine="lite", status="succeeded"))
         s.flush()
-        for i, sha in enumerate([*files, "e" * 64]):  # the last one's file is lost: it takes no room
+        for i, sha in enumerate([*files, "e" * 64]):  # the last one's file is lost: it takes no room for now
             s.add(Asset(id=f"ast_m{i}", project_id="prj_m", job_id="job_m", stage="ideation", engine="lite",
                         model="m", prompt="p", width=64, height=64, sha256=sha,
                         deleted_at=utcnow() if i == 1 else None))
-    assert quota.measure(db, store, batch=2) == 6
+    assert quota.measure(db, store, batch=2) == 5
     assert quota.measure(db, store) == 0  # measured once
     live = sum(len(f"image {i}".encode() * (i + 1)) for i in (0, 2, 3, 4))
     with db.session() as s:
         project = s.get(Project, "prj_m")
         assert project is not None and project.storage_bytes == 7 + live
         sizes = dict(s.exec(select(Asset.id, Asset.bytes).where(col(Asset.project_id) == "prj_m")).all())
-    assert sizes == {f"ast_m{i}": len(f"image {i}".encode() * (i + 1)) for i in range(5)} | {"ast_m5": 0}
+    assert sizes == {f"ast_m{i}": len(f"image {i}".encode() * (i + 1)) for i in range(5)} | {"ast_m5": None}
 
 
 def test_an_asset_whose_file_a_stopped_sweep_set_aside_is_measured_at_its_size(tmp_path: Path) -> None:
@@ -353,6 +353,57 @@ def test_an_asset_whose_file_a_stopped_sweep_set_aside_is_measured_at_its_size(t
             asset, project = s.get(Asset, "ast_a"), s.get(Project, "prj_a")
             assert asset is not None and project is not None
             assert asset.bytes == project.storage_bytes == len(data)
+    finally:
+        db.dispose()
+
+
+def test_an_asset_whose_file_is_missing_is_measured_once_its_file_is_restored(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """An asset stored before sizes were kept whose file was lost was measured 0 for good, the log
+    saying its project's usage counted it: restored from a backup, its project's usage stayed short
+    of it and `orchestrator check` asked for its row and its project's usage to be corrected by hand.
+    Left unmeasured (counted as 0, said so), it is measured by the sweep after the restore."""
+    from orchestrator import quota
+    from orchestrator.cli import main
+
+    monkeypatch.setenv("ORCH_DATA_DIR", str(tmp_path))
+    db = Database(f"sqlite:///{tmp_path / 'orchestrator.db'}")
+    try:
+        db.migrate()
+        store = ArtifactStore(tmp_path / "assets")
+        lost, kept = b"a lost image's bytes, " * 10, b"a kept image's bytes"
+        shas = [store.put(data) for data in (lost, kept)]
+        backup = tmp_path / "backup.png"
+        store.path_for(shas[0]).rename(backup)
+        with db.transaction() as s:
+            s.add(Project(id="prj_l", name="l", policy="balanced"))
+            s.flush()
+            s.add(Job(id="job_l", project_id="prj_l", stage="ideation", engine="lite", status="succeeded"))
+            s.flush()
+            for i, sha in enumerate(shas):
+                s.add(Asset(id=f"ast_l{i}", project_id="prj_l", job_id="job_l", stage="ideation", engine="lite",
+                            model="m", prompt="p", width=64, height=64, sha256=sha))
+
+        def sizes() -> tuple[dict[str, int | None], int]:
+            with db.session() as s:
+                project = s.get(Project, "prj_l")
+                assert project is not None
+                return dict(s.exec(select(Asset.id, Asset.bytes)).all()), project.storage_bytes
+
+        with caplog.at_level("WARNING", logger="orchestrator.quota"):
+            assert quota.measure(db, store) == 1
+        assert sizes() == ({"ast_l0": None, "ast_l1": len(kept)}, len(kept))
+        assert "1 live assets stored before their sizes were kept have no file in the store" in caplog.text
+        capsys.readouterr()
+        assert main(["check"]) == 1
+        out = capsys.readouterr().out
+        assert "1 asset missing: ast_l0" in out and "once its file is restored" in out, out
+        assert quota.measure(db, store) == 0  # still missing: nothing written
+        backup.rename(store.path_for(shas[0]))  # restored from a backup
+        assert quota.measure(db, store) == 1
+        assert sizes() == ({"ast_l0": len(lost), "ast_l1": len(kept)}, len(lost) + len(kept))
+        assert main(["check"]) == 0, capsys.readouterr().out  # nothing to correct by hand
     finally:
         db.dispose()
 
