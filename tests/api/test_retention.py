@@ -333,3 +333,38 @@ def test_a_draft_deleted_by_retention_is_not_served_from_memory_afterwards(make_
         assert services.expire_drafts() == 1
         assert status_of(client, draft) == 410
         assert client.get(f"/v1/assets/{draft}/content").status_code == 410
+
+
+def test_a_draft_retention_deletes_leaves_the_file_its_identical_twin_names(
+        make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Identical images share one file: retention deleting the older of two byte-identical drafts
+    takes its bytes out of its project's usage, once, and leaves the file to the live twin, whose
+    content is served and which `orchestrator check` finds whole; the file goes once both are deleted."""
+    from orchestrator.cli import main
+
+    settings = make_settings(draft_retention_days=DAYS)
+    monkeypatch.setenv("ORCH_DATA_DIR", str(settings.data_dir))
+    with TestClient(create_app(settings)) as client:
+        project = create_project(client)["id"]
+        old, twin = (run_draft(client, project, seed=7)["assets"][0] for _ in range(2))  # type: ignore[arg-type]
+        shas = {client.get(f"/v1/assets/{a}").json()["sha256"] for a in (old, twin)}
+        assert len(shas) == 1
+        path = ArtifactStore(settings.assets_dir).path_for(shas.pop())
+        size = path.stat().st_size
+        assert client.get(f"/v1/projects/{project}").json()["storage_bytes"] == 2 * size
+        services: Services = client.app.state.services  # type: ignore[attr-defined]
+        age(services.db, [old], DAYS + 1)
+        assert services.expire_drafts() == 1
+        assert services.expire_drafts() == 0  # deleted once: not taken out of the usage twice
+        assert services.sweep_asset_files(older_than=0) == 0
+        assert path.is_file() and status_of(client, old) == 410
+        assert client.get(f"/v1/projects/{project}").json()["storage_bytes"] == size
+        assert client.get(f"/v1/assets/{twin}/content").content == path.read_bytes()
+        capsys.readouterr()
+        assert main(["check"]) == 0, capsys.readouterr().out
+        assert client.delete(f"/v1/assets/{twin}").status_code == 204
+        assert client.get(f"/v1/projects/{project}").json()["storage_bytes"] == 0
+        assert services.sweep_asset_files(older_than=0) == 1
+        assert not path.exists()
+        capsys.readouterr()
+        assert main(["check"]) == 0, capsys.readouterr().out
