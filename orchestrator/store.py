@@ -291,14 +291,24 @@ class RecentContent:
         self.max_bytes = max_bytes
         self._items: OrderedDict[str, tuple[str, bytes, float]] = OrderedDict()
         self._removed: OrderedDict[str, None] = OrderedDict()  # deleted assets, the latest RECENT_REMOVED
+        self._forgets = 0  # bulk deletes so far (`forget`): see `mark`
         self._size = 0
         self._lock = threading.Lock()
 
-    def add(self, asset_id: str, sha256: str, data: bytes) -> None:
+    def mark(self) -> int:
+        """Taken before a read of an asset's row that may end in `add(..., since=mark)`: a bulk
+        delete (`forget`) in between refuses that add, as it does not mark the assets it does not
+        hold. A draft retention deleted while its content was read from the store was put in
+        memory as that read ended, and served for `RECENT_SECONDS` while its metadata answered 410."""
+        with self._lock:
+            return self._forgets
+
+    def add(self, asset_id: str, sha256: str, data: bytes, *, since: int | None = None) -> None:
+        """Keep a committed asset's bytes; `since`: the `mark` taken before its row was read."""
         if len(data) > self.max_bytes:
             return
         with self._lock:
-            if asset_id in self._removed:
+            if asset_id in self._removed or (since is not None and since != self._forgets):
                 return
             old = self._items.pop(asset_id, None)
             if old is not None:
@@ -345,6 +355,7 @@ class RecentContent:
         again, as `remove` does. Only those: marking each of a sweep's 100,000 drafts would push out
         the marks of DELETEs made meanwhile, and one not held was not read in the last moments."""
         with self._lock:
+            self._forgets += 1  # the reads under way of those not held keep none of them (`mark`)
             held = [asset_id for asset_id in asset_ids if asset_id in self._items]
         for asset_id in held:
             self.remove(asset_id)

@@ -102,6 +102,7 @@ async def get_content(
     # from the database and the disk on a worker thread. A project key's is read first, whose
     # project must be the asset's.
     found = services.store.recent.get(asset_id)
+    since = services.store.recent.mark()  # before the row's read (`RecentContent.mark`)
     if found is None or caller.project_id is not None:
         sha256 = await asyncio.to_thread(_sha256, services, caller, asset_id)
     else:
@@ -117,7 +118,8 @@ async def get_content(
     tags = {tag.strip().removeprefix("W/") for tag in listed.split(",")}
     if etag in tags or "*" in tags:
         return Response(status_code=304, headers=headers)
-    content = found[1] if found is not None else await asyncio.to_thread(_read_content, services, asset_id, sha256)
+    content = found[1] if found is not None else await asyncio.to_thread(_read_content, services, asset_id, sha256,
+                                                                         since)
     if isinstance(content, bytes) and len(content) <= SENT_WHOLE:
         return Response(content, media_type="image/png", headers=headers)
     return _streamed(content, headers)
@@ -168,7 +170,7 @@ def _sha256(services: Services, caller: Caller, asset_id: str) -> str:
         return _get(s, caller, asset_id).sha256
 
 
-def _read_content(services: Services, asset_id: str, sha256: str) -> bytes | BinaryIO:
+def _read_content(services: Services, asset_id: str, sha256: str, since: int) -> bytes | BinaryIO:
     try:
         # Checked against its sha256: a damaged file is refused. A large one is left open, to be sent
         # as it is read.
@@ -177,7 +179,7 @@ def _read_content(services: Services, asset_id: str, sha256: str) -> bytes | Bin
         raise_if_deleted_since(services.db, asset_id)
         raise
     if isinstance(content, bytes):
-        services.store.recent.add(asset_id, sha256, content)
+        services.store.recent.add(asset_id, sha256, content, since=since)
     return content
 
 

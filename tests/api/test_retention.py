@@ -13,7 +13,7 @@ from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import pytest
 from pydantic import ValidationError
@@ -29,7 +29,7 @@ from orchestrator.ids import new_id
 from orchestrator.models import Asset, Job, Project
 from orchestrator.services import Services
 from orchestrator.settings import Settings
-from orchestrator.store import ArtifactStore
+from orchestrator.store import ArtifactStore, RecentContent
 from tests.api import create_project, run_draft, wait_for_job
 
 SettingsFactory = Callable[..., Settings]
@@ -332,6 +332,32 @@ def test_a_draft_deleted_by_retention_is_not_served_from_memory_afterwards(make_
         age(services.db, [draft], DAYS + 1)
         assert services.expire_drafts() == 1
         assert status_of(client, draft) == 410
+        assert client.get(f"/v1/assets/{draft}/content").status_code == 410
+
+
+def test_a_draft_retention_deletes_while_its_content_is_read_is_not_served_from_memory_afterwards(
+        make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Retention marks only the drafts this process holds in memory: one whose row a content read
+    had found live, deleted before that read's file was read, was put in memory as the read ended,
+    and its content served for 30 s while its metadata answered 410."""
+    with TestClient(create_app(make_settings(draft_retention_days=DAYS))) as client:
+        project = create_project(client)["id"]
+        draft = run_draft(client, project, seed=7)["assets"][0]  # type: ignore[arg-type]
+        services: Services = client.app.state.services  # type: ignore[attr-defined]
+        services.store.recent = RecentContent()  # as 30 s later: read from the store
+        age(services.db, [draft], DAYS + 1)
+        read = ArtifactStore.get_or_open
+        expired: list[int] = []
+
+        def expired_meanwhile(self: ArtifactStore, sha256: str, *, up_to: int | None) -> bytes | BinaryIO:
+            expired.append(services.expire_drafts())
+            return read(self, sha256, up_to=up_to)
+
+        with monkeypatch.context() as patch:
+            patch.setattr(ArtifactStore, "get_or_open", expired_meanwhile)
+            assert client.get(f"/v1/assets/{draft}/content").status_code == 200  # its row was read live
+        assert expired == [1] and status_of(client, draft) == 410
+        assert services.store.recent.get(draft) is None
         assert client.get(f"/v1/assets/{draft}/content").status_code == 410
 
 
