@@ -53,6 +53,13 @@ Device = Literal["auto", "cpu", "cuda", "mps"]
 def http_address(value: str, *, example: str) -> httpx.URL:
     """`value` as an http:// or https:// URL with a host and a TCP port; ValueError saying what is
     wrong otherwise (not repeating the value, which may hold a password)."""
+    _, sep, rest = value.partition("://")
+    if sep and "@" in rest[len(re.split(r"[/?#]", rest, maxsplit=1)[0]):]:
+        # The host ends at the first /, ? or #: `http://u:pa/ss@host:7860` read host `u`, port `pa`
+        # ("must be an address with a host"), and `http://u:12/ss@host` was taken, every render sent
+        # to host `u`, port 12. An @ in a path is rare enough to be written %40 as well.
+        raise ValueError("has an @ after a /, ? or #: a user:password in it must be percent-encoded (/ as %2F, "
+                         "? as %3F, # as %23, @ as %40), and so must an @ in its path")
     try:
         url = httpx.URL(value)
     except httpx.InvalidURL:
@@ -511,6 +518,10 @@ def _origin(origin: str) -> str:
     if origin == "*":
         return origin
     problem = "give scheme://host[:port] with no path or trailing slash (e.g. https://dash.studio.example), or *"
+    if "@" in origin:
+        # Before any refusal that quotes the origin: with a path or a bad port as well, its password
+        # went to the terminal and the journal. No origin holds an @ (nor does a host).
+        raise ValueError(f"an origin has no user or password: {problem}")
     if not re.fullmatch(r"https?://[^/\s?#]+", origin, flags=re.IGNORECASE):
         raise ValueError(f"{origin!r} is not an origin: {problem}")
     parts = urllib.parse.urlsplit(origin)
@@ -519,9 +530,6 @@ def _origin(origin: str) -> str:
     except ValueError:
         raise ValueError(f"{origin!r} is not an origin: its port is not a number from 1 to 65535") from None
     host = parts.hostname or ""
-    if parts.username is not None or parts.password is not None:
-        # Not quoted: its password went to the terminal and the journal.
-        raise ValueError(f"an origin has no user or password: {problem}")
     if not host or port == 0:
         raise ValueError(f"{origin!r} is not an origin: {problem}")
     if "*" in host:

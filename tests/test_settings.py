@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from orchestrator.cli import main
 from orchestrator.settings import Settings
 from tests.conftest import isolate
+from tiers._http import basic_auth_in
 
 
 @pytest.fixture
@@ -695,7 +696,36 @@ def test_cors_origins_are_kept_as_browsers_send_them_and_a_password_is_not_print
     # A browser sends `https://xn--bcher-kva.example`: the dashboard was refused with nothing in the log.
     monkeypatch.setenv("ORCH_CORS_ORIGINS", "https://Bücher.example,https://plain.example")
     assert Settings().cors_origin_list == ["https://xn--bcher-kva.example", "https://plain.example"]
-    monkeypatch.setenv("ORCH_CORS_ORIGINS", "https://dash:s3cret@dash.example")
+    # Written with a path or a bad port too, it was quoted whole by those refusals, password and all.
+    for origins in ("https://dash:s3cret@dash.example", "https://dash:s3cret@dash.example/",
+                    "https://plain.example,https://dash:s3cret@dash.example:99999", "https://dash:s3cret@*.example"):
+        monkeypatch.setenv("ORCH_CORS_ORIGINS", origins)
+        assert main(["migrate"]) == 2
+        said = capsys.readouterr().err
+        assert "an origin has no user or password" in said and "s3cret" not in said, said
+
+
+@pytest.mark.parametrize(("variable", "address", "secret"), [
+    ("ORCH_A1111_URL", "http://webui:hun/ter2@127.0.0.1:7860", "ter2"),
+    # Digits before the /: taken as host `webui`, port 12, and every render sent there.
+    ("ORCH_A1111_URL", "http://webui:12/ter2@127.0.0.1:7860", "ter2"),
+    ("ORCH_COMFYUI_URL", "http://comfy:hun#ter2@127.0.0.1:8188", "ter2"),
+    ("ORCH_COMFYUI_URL", "http://comfy:hun?ter2@127.0.0.1:8188", "ter2"),
+    ("ORCH_OPENAI_BASE_URL", "https://gw:hun/ter2@gateway.example", "ter2"),
+])
+def test_an_unencoded_slash_question_mark_or_hash_in_a_url_s_password_is_told_as_such(
+        toml_file: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], variable: str,
+        address: str, secret: str) -> None:
+    # The host ends at the first /, ? or #: a password holding one was told as "must be an http://
+    # or https:// address with a host", which it had, or taken with the wrong host and port.
+    monkeypatch.setenv(variable, address)
     assert main(["migrate"]) == 2
-    said = capsys.readouterr().err
-    assert "an origin has no user or password" in said and "s3cret" not in said
+    err = capsys.readouterr().err
+    assert f"{variable}: has an @ after a /, ? or #: a user:password in it must be percent-encoded" in err, err
+    assert secret not in err
+    # Written percent-encoded, it is taken, and the engine sends the password decoded.
+    encoded = address.replace("hun/", "hun%2F").replace("12/", "12%2F").replace("hun#", "hun%23").replace(
+        "hun?", "hun%3F")
+    monkeypatch.setenv(variable, encoded)
+    url = getattr(Settings(), variable.removeprefix("ORCH_").lower())
+    assert basic_auth_in(url)[1] == tuple(address.split("//", 1)[1].split("@", 1)[0].split(":", 1))
