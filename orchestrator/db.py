@@ -67,6 +67,9 @@ IDLE_IN_TRANSACTION_SECONDS = 300
 # A server that takes the connection and never answers (or a host that drops packets) would hold
 # a start, a request or `check` for minutes: libpq waits without limit unless told.
 CONNECT_TIMEOUT_SECONDS = 10
+# How long a start's first connection may take before it says that it waits: up to libpq's timeout
+# for each address the host names (20 s for `localhost`'s two), the terminal had stayed silent.
+SLOW_CONNECT_SECONDS = 2.0
 # lock_not_available (lock_timeout), query_canceled, and the two a retry resolves.
 LOCK_WAIT_SQLSTATES = frozenset({"55P03", "57014", "40001", "40P01"})
 DISK_FULL_SQLSTATE = "53100"
@@ -571,15 +574,47 @@ class ForeignDatabase(Exception):
     """The database holds tables and none of this service's migrations: another application's."""
 
 
+def connect_timeout(url: str) -> str:
+    """libpq's wait for each address's connection as this process makes them, in words: the URL's
+    `connect_timeout`, else PGCONNECT_TIMEOUT, else `CONNECT_TIMEOUT_SECONDS`."""
+    given = make_url(url).query.get("connect_timeout") or os.environ.get("PGCONNECT_TIMEOUT")
+    value = (given[-1] if isinstance(given, tuple) else given) or str(CONNECT_TIMEOUT_SECONDS)
+    try:
+        seconds = int(value)
+    except ValueError:  # libpq refuses it with its own words once it connects
+        return f"connect_timeout {value}"
+    # libpq's: 0 or less waits without a limit, and 1 is taken as 2.
+    return "without a time limit" if seconds <= 0 else f"up to {max(seconds, 2)} s"
+
+
+@contextmanager
+def told_if_slow(url: str) -> Iterator[None]:
+    """A warning, once `SLOW_CONNECT_SECONDS` pass inside, that the PostgreSQL server has not
+    answered yet: where, how long the wait may last, and that Ctrl-C ends it."""
+    if make_url(url).get_backend_name() != "postgresql":
+        yield
+        return
+    timer = threading.Timer(SLOW_CONNECT_SECONDS, lambda: log.warning(
+        "waiting for the database at %s to answer (%s for each address its host names before giving up; Ctrl-C "
+        "stops the wait)", shown_url(url), connect_timeout(url)))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
 def _refuse_foreign(url: str) -> None:
     """Refuse to create the tables in a database that has others and no migration history of
     ours (`ORCH_DATABASE_URL` pointing at another application's): its schema was filled with
     ours, without a word. (Two services starting on a new database see it empty, or migrated
-    whole: the migrations are one transaction.)"""
+    whole: the migrations are one transaction.) `migrate`'s first connection: a wait is told."""
     postgres = make_url(url).get_backend_name() == "postgresql"
     engine = create_engine(url, **({"connect_args": postgres_connect_args(url)} if postgres else {}))
     try:
-        others = foreign_tables(engine)
+        with told_if_slow(url):
+            others = foreign_tables(engine)
     finally:
         engine.dispose()
     if others:
@@ -604,7 +639,7 @@ def reach(url: str) -> None:
     answer or refuses the connection (credentials, no such database). Nothing is written."""
     engine = create_engine(url, poolclass=NullPool, connect_args=postgres_connect_args(url))
     try:
-        with engine.connect():
+        with told_if_slow(url), engine.connect():  # a service's first connection
             pass
     finally:
         engine.dispose()

@@ -330,3 +330,50 @@ def test_a_file_replaced_or_removed_under_the_service_is_refused_not_written_uns
         assert (path.read_bytes() if path.exists() else None) == there  # the restored file is left alone
     finally:
         db.dispose()
+
+
+@pytest.mark.parametrize("argv", [["migrate"], ["serve", "--port", "18604"], ["worker"]])
+def test_a_start_waiting_for_a_silent_postgres_server_says_so_and_how_long_without_the_password(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+        capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:
+    """libpq waits up to its timeout for each address (20 s for `localhost`'s two): `migrate`,
+    `serve` and `worker` stayed silent all that time before their one line."""
+    import socket
+
+    from orchestrator import db as db_module
+    from orchestrator.cli import main
+
+    monkeypatch.delenv("PGCONNECT_TIMEOUT", raising=False)
+    monkeypatch.setenv("ORCH_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setattr(db_module, "SLOW_CONNECT_SECONDS", 0.2, raising=False)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        url = f"postgresql+psycopg://studio:hunter2@127.0.0.1:{silent.getsockname()[1]}/orchestrator?connect_timeout=2"
+        monkeypatch.setenv("ORCH_DATABASE_URL", url)
+        with caplog.at_level(logging.WARNING, logger="orchestrator.db"):
+            assert main(argv) == 1
+    told = [r.getMessage() for r in caplog.records if r.name == "orchestrator.db"]
+    assert told == [f"waiting for the database at {url.replace('hunter2', '***')} to answer (up to 2 s for each "
+                    "address its host names before giving up; Ctrl-C stops the wait)"]
+    assert "connection timeout expired" in capsys.readouterr().err
+    # A server that answers at once is not waited for, and nothing is said.
+    caplog.clear()
+    with db_module.told_if_slow(url):
+        pass
+    time.sleep(0.3)
+    assert not caplog.records
+
+
+@pytest.mark.parametrize(("query", "environ", "said"), [("", None, "up to 10 s"), ("?connect_timeout=0", None,
+                                                        "without a time limit"),
+                                                       ("?connect_timeout=1", None, "up to 2 s"),
+                                                       ("", "45", "up to 45 s")])
+def test_the_connection_wait_is_told_as_libpq_takes_it(monkeypatch: pytest.MonkeyPatch, query: str,
+                                                       environ: str | None, said: str) -> None:
+    from orchestrator.db import connect_timeout
+
+    monkeypatch.delenv("PGCONNECT_TIMEOUT", raising=False)
+    if environ is not None:
+        monkeypatch.setenv("PGCONNECT_TIMEOUT", environ)
+    assert connect_timeout(f"postgresql+psycopg://u@db.internal/orchestrator{query}") == said
