@@ -2122,3 +2122,37 @@ def test_check_beside_a_job_storing_its_first_images_does_not_call_the_database_
         done = client.get(f"/v1/jobs/{job['id']}").json()
     assert done["status"] == "succeeded"
     assert main(["check"]) == 0
+
+
+@pytest.mark.parametrize("patched", ["orchestrator.queue.Scheduler.recover",
+                                     "orchestrator.services.Services.expire_drafts"])
+def test_serve_told_to_stop_during_its_start_s_sweeps_stops_cleanly(make_settings: SettingsFactory, tmp_path: Path,
+                                                                    patched: str) -> None:
+    """A supervisor's SIGTERM while the start recovers jobs or runs draft retention: uvicorn holds
+    it until the start is done, then the service stops as after any SIGTERM (143, its shutdown
+    run), and leaves nothing for `check` to find."""
+    settings = make_settings()
+    env = {**os.environ, "ORCH_DATA_DIR": str(settings.data_dir), "ORCH_CACHE_DIR": str(settings.cache_dir),
+           "ORCH_LITE_MODEL": "builtin:tiny-sd", "HF_HUB_OFFLINE": "1", "ORCH_DRAFT_RETENTION_DAYS": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    owner, _, name = patched.rpartition(".")
+    module, _, cls = owner.rpartition(".")
+    reached = tmp_path / "reached"
+    code = (f"import asyncio, importlib, os, signal, time, orchestrator.cli as cli\n"
+            f"owner = getattr(importlib.import_module({module!r}), {cls!r})\n"
+            f"real = getattr(owner, {name!r})\n"
+            "def told(): open(" + repr(str(reached)) + ", 'w').close(); os.kill(os.getpid(), signal.SIGTERM)\n"
+            "if asyncio.iscoroutinefunction(real):\n"
+            "    async def step(*a, **k):\n        told(); await asyncio.sleep(0.2); return await real(*a, **k)\n"
+            "else:\n"
+            "    def step(*a, **k):\n        told(); time.sleep(0.2); return real(*a, **k)\n"
+            f"setattr(owner, {name!r}, step)\n"
+            f"raise SystemExit(cli.main(['serve', '--port', '{free_port()}']))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert reached.exists(), done.stderr  # the signal came inside the sweep
+    assert done.returncode == -signal.SIGTERM, done.stderr
+    assert "Application shutdown complete" in done.stderr and "Traceback" not in done.stderr
+    checked = subprocess.run([sys.executable, "-m", "orchestrator", "check"], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=120)
+    assert checked.returncode == 0 and checked.stdout.endswith("ok\n"), checked.stdout + checked.stderr
