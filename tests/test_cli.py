@@ -2156,3 +2156,31 @@ def test_serve_told_to_stop_during_its_start_s_sweeps_stops_cleanly(make_setting
     checked = subprocess.run([sys.executable, "-m", "orchestrator", "check"], cwd=tmp_path, env=env,
                              capture_output=True, text=True, timeout=120)
     assert checked.returncode == 0 and checked.stdout.endswith("ok\n"), checked.stdout + checked.stderr
+
+
+def test_ctrl_c_ends_a_start_waiting_for_a_silent_postgres_server_at_once(tmp_path: Path) -> None:
+    """libpq's wait for a server that takes the connection and says nothing is interrupted by
+    Ctrl-C: one line and 130, not the rest of the connect timeout."""
+    env = {**os.environ, "ORCH_DATA_DIR": str(tmp_path / "data"),
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env.pop("PGCONNECT_TIMEOUT", None)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        env["ORCH_DATABASE_URL"] = (f"postgresql+psycopg://studio:hunter2@127.0.0.1:{silent.getsockname()[1]}"
+                                    "/orchestrator?connect_timeout=60")
+        started = subprocess.Popen([sys.executable, "-m", "orchestrator", "migrate"], cwd=tmp_path, env=env,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert started.stderr is not None
+            line = started.stderr.readline()  # said once it has waited SLOW_CONNECT_SECONDS
+            assert "waiting for the database at" in line and "up to 60 s" in line and "hunter2" not in line, line
+            asked = time.monotonic()
+            started.send_signal(signal.SIGINT)
+            rest = started.stderr.read()
+            assert started.wait(timeout=30) == 130, rest
+        finally:
+            started.kill()
+            started.wait()
+    assert time.monotonic() - asked < 15  # not the 60 s the connection could still wait
+    assert rest == "orchestrator: interrupted\n"
