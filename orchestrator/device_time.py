@@ -11,7 +11,7 @@ that ended it): a success's seconds are the ones metered local work is charged f
 canceled attempt's, one a fallback moved to another engine (a cloud one included) and one a stop
 queued again are the runner's measure from the engine's start to its return or raise (which a
 model's load within it is part of: the engine's count comes only with a result); one whose process died is
-counted by recovery from its start to its lease's last renewal (`held_until_lease`). Metering
+counted by recovery from its claim to its lease's last renewal, by the leases' clock (`held_until_lease`). Metering
 charges a success alone: a failure is never charged for its seconds.
 
 A new job is judged when it is routed (`JobService.decide`, for `POST /v1/route/explain` too), and
@@ -34,7 +34,7 @@ from typing import Any
 
 from sqlmodel import Session, col, func, select
 
-from orchestrator.clock import utcnow
+from orchestrator.clock import shared_now, utcnow
 from orchestrator.errors import DeviceTimeExhausted
 from orchestrator.models import Job, Project
 
@@ -51,13 +51,17 @@ def added(seconds: float) -> Any:
 
 def held_until_lease(job: Job, lease: timedelta, now: datetime | None = None) -> float | None:
     """The seconds a local attempt whose process stopped without ending it surely held the device:
-    from its start (`started_at`, its host's clock) to its lease's last renewal (`lease_expires_at`
-    less `lease`, by the clock leases are stamped with), never past `now`; None when the row lacks
-    either. A lower bound: the process may have held it up to its death (or, hung, beyond)."""
-    if job.started_at is None or job.lease_expires_at is None:
+    from its claim's taking of the lease (`lease_taken_at`) to the lease's last renewal
+    (`lease_expires_at` less `lease`), never past `now` (default `shared_now()`), all by the clock
+    leases are stamped with: `started_at`, the claiming host's clock, was an hour off the database's
+    on a host an hour off. A row claimed before migration 0038 is counted from its `started_at`.
+    None when the row lacks a start or a lease. A lower bound: the process may have held the device
+    up to its death (or, hung, beyond)."""
+    start = job.lease_taken_at or job.started_at
+    if start is None or job.lease_expires_at is None:
         return None
-    renewed = min(job.lease_expires_at - lease, now or utcnow())
-    return max(0.0, (renewed - job.started_at).total_seconds())
+    renewed = min(job.lease_expires_at - lease, now or shared_now())
+    return max(0.0, (renewed - start).total_seconds())
 
 
 def quota_seconds(project: Project, default: int | None) -> int | None:

@@ -156,6 +156,11 @@ class Job(SQLModel, table=True):
     cancel_requested_at: datetime | None = _ts()
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime, nullable=False)
     started_at: datetime | None = _ts()
+    # When the running attempt's claim took its lease, by the clock leases are stamped with
+    # (`clock.shared_now`: the database's on PostgreSQL), where `started_at` is the claiming host's:
+    # recovery counts a dead attempt's device time from it to the lease's last renewal, both by one
+    # clock (`device_time.held_until_lease`). Null: a claim to move the job, or one before 0038.
+    lease_taken_at: datetime | None = _ts()
     finished_at: datetime | None = _ts()
     # Where its end is POSTed, as its request asked, instead of its project's `webhook_url`
     # (`orchestrator.webhooks`); null: the project's. Kept on the row: a fallback, a retry of the

@@ -610,10 +610,11 @@ class Scheduler:
                 # Once the write lock is ours: waiting for it must not shorten the lease.
                 # On the engine it was read on: moved meanwhile by another process, it is no longer
                 # this lane's (an engine this process may not have, or whose circuit is closed).
+                leased = shared_now()
                 claimed = s.scalars(update(Job).where(col(Job.id) == job.id, col(Job.status) == "queued",
                                                       col(Job.engine) == job.engine).values(
                     status="running", attempt=Job.attempt + 1, lease_owner=self.owner,
-                    lease_expires_at=shared_now() + self.lease, error=None,
+                    lease_expires_at=leased + self.lease, lease_taken_at=None if move else leased, error=None,
                     # A move starts no engine: told as a start from the row (the new one, or one an
                     # earlier attempt left), a job never sent to the engine it left read on other
                     # processes as having run there. Its end gives the row's back (`_guarded_update`).
@@ -1104,7 +1105,7 @@ class Scheduler:
         # What the dead attempt surely held of a local device counts toward its project's quota
         # (`orchestrator.device_time`), whatever the job's outcome: from its start to its lease's
         # last renewal. Never charged: metering charges a success alone.
-        held = device_time.held_until_lease(job, self.lease) if local else None
+        held = device_time.held_until_lease(job, self.lease, self.db.now()) if local else None
         if held is not None:
             values["device_seconds"] = device_time.added(held)
         with self.db.transaction() as s:

@@ -282,6 +282,50 @@ def test_a_dead_process_s_local_attempt_counts_on_postgres(postgres_url: str,
     check_a_local_job_a_dead_process_left_counts_what_it_held(make_settings, database_url=postgres_url)
 
 
+@pytest.mark.parametrize("skew", [3600, -3600], ids=["host-an-hour-ahead", "host-an-hour-behind"])
+def test_a_dead_process_s_local_attempt_counts_by_one_clock_on_postgres(
+        postgres_url: str, make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch,
+        skew: int) -> None:
+    """Recovery counted from `started_at`, the claiming host's clock, to the lease's last renewal,
+    the database's: a host an hour ahead counted nothing of a dead attempt's 70 s, one an hour
+    behind 3670 s. The claim is made here with this host's clock off by `skew` seconds; its times
+    are then set back as though it had been made 100 s ago and its lease last renewed 70 s after."""
+    real = time.time_ns
+    monkeypatch.setattr("orchestrator.clock._host_us", lambda: real() // 1000 + skew * 1_000_000)
+    services = Services.build(make_settings(database_url=postgres_url, lease_seconds=60))
+    try:
+        project_id = new_id("prj")
+        with services.db.transaction() as s:
+            s.add(Project(id=project_id, name="skewed host", policy="balanced", local_seconds_per_day=3600))
+        body = DraftCreate(prompt="a lighthouse", n=1, width=64, height=64, steps=1)
+        job_id = services.jobs.submit(lambda: services.jobs.prepare_draft(project_id, body), body, engine=None,
+                                      max_credits=None, idempotency_key=None, scope="test")[0].id
+        [(claim, _lane)] = services.scheduler._claim_ready({})
+        assert claim.job.id == job_id and claim.job.engine == "lite"
+        services.scheduler._claimed.clear()  # its process is gone: nobody here holds it
+        with services.db.transaction() as s:
+            # Every time the claim stamped, 100 s back (`lease_taken_at` too, where the schema has it).
+            taken = ", lease_taken_at = lease_taken_at - interval '100 seconds'" if _has_lease_taken(s) else ""
+            s.execute(text(f"UPDATE jobs SET started_at = started_at - interval '100 seconds'{taken}, "
+                           "lease_expires_at = lease_expires_at - interval '30 seconds' WHERE id = :id"),
+                      {"id": job_id})
+        with services.db.session() as s:
+            left = s.get(Job, job_id)
+            assert left is not None and left.status == "running"
+        assert services.scheduler._recover_one(left) is not None
+        with services.db.session() as s:
+            recovered = s.get(Job, job_id)
+            assert recovered is not None and recovered.status == "queued"
+            assert recovered.device_seconds == pytest.approx(70.0, abs=0.5)
+    finally:
+        asyncio.run(services.aclose())
+
+
+def _has_lease_taken(s: Session) -> bool:
+    return bool(s.execute(text("SELECT count(*) FROM information_schema.columns WHERE table_name = 'jobs' "
+                               "AND column_name = 'lease_taken_at'")).scalar_one())
+
+
 def test_a_quota_lowered_while_a_request_is_routed_refuses_it_on_postgres(
         postgres_url: str, make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch) -> None:
     # The PATCH takes the project's row lock, which the submit then waits for, not SQLite's write lock.
