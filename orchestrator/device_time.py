@@ -9,8 +9,9 @@ hour). Every attempt on a local engine counts, whatever its outcome, summed on t
 that ended it): a success's seconds are the ones metered local work is charged for
 (`runner.device_seconds`: the engine's own count, which leaves out loading the model); a failed or
 canceled attempt's, one a fallback moved to another engine (a cloud one included) and one a stop
-queued again are the runner's measure from the engine's start to its return or raise (which a
-model's load within it is part of: the engine's count comes only with a result); one whose process died is
+queued again are the runner's measure from the start of the engine's work on the device (told by
+the engine once its model is loaded, `Progress.on_device`: the load is left out, as from the
+engine's own count, which comes only with a result) to its return or raise; one whose process died is
 counted by recovery from its claim to its lease's last renewal, by the leases' clock (`held_until_lease`). Metering
 charges a success alone: a failure is never charged for its seconds.
 

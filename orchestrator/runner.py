@@ -170,6 +170,10 @@ class Claim:
     # end without a result counts stops there (a fallback's looks at its candidates, a thread's
     # wait for the end's write, held no device). None: not yet, or no engine was started.
     engine_ended: float | None = None
+    # `time.monotonic()` as a local engine that tells it (`tells_device_start`) started its work on
+    # the device, its model loaded (`Progress.on_device`): what an end without a result counts
+    # starts there. None: not told (yet).
+    device_began: float | None = None
     # The write that marks the attempt unsent again once every request of it was answered that
     # nothing was made (see `JobRunner._send_refused`), and how many such writes landed: the next
     # request waits for it, then records its send anew.
@@ -338,6 +342,10 @@ class JobProgress:
     def state(self, state: str, **details: Any) -> None:
         if not self.claim.cancel.cancelled:  # as `step`: an abandoned inference thread may still tell
             self.runner.bus.publish(self.claim.job.id, "state", plain({"state": str(state), **details}))
+
+    def on_device(self) -> None:
+        if self.claim.device_began is None:  # the first: an engine of several passes may tell each
+            self.claim.device_began = time.monotonic()
 
     def provider_request(self, request_id: str, handle: Mapping[str, Any] | None = None) -> None:
         with self._lock:
@@ -1634,16 +1642,24 @@ class JobRunner:
         """The values that add an attempt on a local engine that ended without a result (failed,
         canceled, moved by a fallback, queued again by a stop) to its job's `device_seconds`: a
         project's quota counts the device-seconds of every attempt, not only a success's (metering
-        still charges a success alone). Measured here, from the engine's start: the engine's
-        own count, which leaves a model's loading out, comes only with a result; up to the engine's
-        return (`Claim.engine_ended`), not this end's write: what comes between (a fallback asking
-        its candidates' availability, storing images) holds no device. {} for another engine's
-        attempt, or a claim no engine was started on."""
+        still charges a success alone). Measured here, as the engine's own count (which comes only
+        with a result) is: from the start of its work on the device, its model loaded, where the
+        engine tells it (`Progress.on_device`; an engine that tells and had not: nothing, its load
+        held the device as a success's does uncounted), else from the engine's start; up to the
+        engine's return (`Claim.engine_ended`), not this end's write: what comes between (a
+        fallback asking its candidates' availability, storing images) holds no device. {} for
+        another engine's attempt, or a claim no engine was started on."""
         job = claim.job
-        if claim.began is None or job.engine not in self.registry or self.registry.get(job.engine).kind != "local":
+        if claim.began is None or job.engine not in self.registry:
+            return {}
+        engine = self.registry.get(job.engine)
+        if engine.kind != "local":
             return {}
         until = claim.engine_ended if claim.engine_ended is not None else time.monotonic()
-        return {"device_seconds": device_time.added(max(0.0, until - claim.began))}
+        # Told after the engine's return (an abandoned thread's late start, after a cancel): 0.
+        began = claim.device_began if claim.device_began is not None else (
+            until if getattr(engine, "tells_device_start", False) else claim.began)
+        return {"device_seconds": device_time.added(max(0.0, until - began))}
 
     def _doubt_a_free_cancel(self, claim: Claim, exc: Canceled) -> None:
         """A remote engine's cancel that says nothing of its cost (a token's own `Canceled`, as a

@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
 from orchestrator.errors import BadEngineInput, Canceled, EngineError, EngineUnavailable, first_line
 from orchestrator.store import hide_paths, model_name
@@ -1724,6 +1724,9 @@ class LocalEngine:
     kind: Literal["local"] = "local"
     # The pipeline its jobs run: a model unfit for it (`LocalRuntime.load_failure`) makes it unavailable.
     pipeline_kind: PipelineKind = "text2img"
+    # Its work calls `Progress.on_device` once its model is loaded: an attempt that ends without a
+    # result counts toward its project's device time from there, its model's load left out.
+    tells_device_start: ClassVar[bool] = True
 
     def __init__(self, ctx: EngineContext, model_spec: str, capabilities: Capabilities) -> None:
         self.settings = ctx.settings

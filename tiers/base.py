@@ -219,6 +219,14 @@ class Progress(Protocol):
 
     def state(self, state: str, **details: Any) -> None: ...
 
+    def on_device(self) -> None:
+        """Called by a local engine that sets `tells_device_start = True` as its work starts on the
+        device, its model loaded (where its `DEVICE_SECONDS` count starts): an attempt that ends
+        without a result (failed, canceled) counts toward its project's device-time quota from here
+        to the engine's return, leaving the load out as a success's count does; one that never
+        called it (canceled or failed while its model loaded) counts nothing."""
+        ...
+
     def provider_request(self, request_id: str, handle: Mapping[str, Any] | None = None) -> None:
         """Called as soon as a provider has accepted work, so a crash can find it again. `handle`
         is what `Reattachable.reattach` needs besides the id (the provider's own URLs, say); the
@@ -239,6 +247,9 @@ class NullProgress:
         pass
 
     def state(self, state: str, **details: Any) -> None:
+        pass
+
+    def on_device(self) -> None:
         pass
 
     def provider_request(self, request_id: str, handle: Mapping[str, Any] | None = None) -> None:
@@ -336,7 +347,9 @@ class Engine(Protocol):
     """An engine may also set `announces_sends = True`: it awaits `billable_send()` before every
     request that can bill (`RemoteClient` does so for each request not marked idempotent). Then a
     job whose process died before its first such request is sent again after the crash rather than
-    failed and charged as possibly billed.
+    failed and charged as possibly billed. A local engine may set `tells_device_start = True`: it
+    calls `Progress.on_device()` as its work starts, its model loaded, and an attempt of it that
+    ends without a result counts its project's device time from there (never called: nothing).
 
     A remote engine's `Canceled` says what it cost (`charged=`); one that does not (the token's
     own, from `cancel.sleep` or `raise_if_cancelled`) is taken as free only while nothing of the

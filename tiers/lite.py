@@ -59,6 +59,7 @@ class LiteEngine(LocalEngine):
         import torch
 
         pipe = self.runtime.text2img(self._model)
+        progress.on_device()  # before its own count starts: a failure's count holds at least as much
         began = time.monotonic()  # after a first load: metered use is the work, not the loading
         seed = req.seed if req.seed is not None else 0
         steps = req.steps or self.defaults.steps

@@ -131,6 +131,7 @@ class LocalHifiEngine(LocalEngine):
 
         assert req.init_image is not None
         pipe = self.runtime.img2img(self._model)
+        progress.on_device()  # before its own count starts: a failure's count holds at least as much
         began = time.monotonic()  # after a first load: metered use is the work, not the loading
         strength = req.strength if req.stage == "bridge" else req.creativity
         steps = self._steps(req, strength, pipe)

@@ -5,8 +5,8 @@ engines unavailable (a fallback routes on), and a job only they could take is re
 
 from __future__ import annotations
 
-import asyncio
 import math
+import threading
 import time
 from collections.abc import Callable
 from datetime import timedelta
@@ -28,7 +28,7 @@ from orchestrator.settings import Settings
 from tests.api import SLOW, SMALL, assert_error, create_project, run_draft, submit_draft, wait_for_job
 from tests.api.test_storage_quota import client_for, services_of
 from tiers import tiny
-from tiers.base import DEVICE_SECONDS
+from tiers.base import DEVICE_SECONDS, CancelToken, NullProgress, Progress, RenderRequest
 
 SettingsFactory = Callable[..., Settings]
 ADMIN_KEY = "admin-secret-for-device-time-tests"
@@ -320,17 +320,16 @@ def test_local_jobs_canceled_part_way_count_toward_the_quota(make_settings: Sett
     """A project that cancels its drafts after several steps was admitted again and again under a
     quota of 1 s: only a success kept its device-seconds, so each canceled job held the device for
     seconds nobody counted. Now each counts, and the project is refused once they reach its quota.
-    Each draft first holds the engine 0.4 s (a slow device's worth, whatever this machine's speed),
-    so three of them take it there."""
+    Each draft's work first holds the device 0.4 s (a slow device's worth, whatever this machine's
+    speed; its model loaded, as an attempt's count leaves the load out), so three of them take it there."""
     with client_for(make_settings()) as client:
         project_id = create_project(client, local_seconds_per_day=1)["id"]
         services = services_of(client)
         engine = services.registry.get("lite")
         run = engine.run
 
-        async def slow_device(*args: Any) -> Any:
-            await asyncio.sleep(0.4)
-            return await run(*args)
+        async def slow_device(request: RenderRequest, progress: Progress, cancel: CancelToken) -> Any:
+            return await run(request, SlowDevice(progress), cancel)
 
         monkeypatch.setattr(engine, "run", slow_device)
         counted, kept = 0.0, []
@@ -361,6 +360,23 @@ def test_local_jobs_canceled_part_way_count_toward_the_quota(make_settings: Sett
         # Canceling costs nothing, metered or not: no ledger entry charges the canceled jobs.
         with services.db.session() as s:
             assert [e.amount for e in s.exec(select(LedgerEntry)).all() if e.amount] == []
+
+
+class SlowDevice(NullProgress):
+    """The engine's progress, told on: its work holds the device 0.4 s once it starts."""
+
+    def __init__(self, told: Progress) -> None:
+        self.told = told
+
+    def on_device(self) -> None:
+        self.told.on_device()
+        time.sleep(0.4)  # on the inference thread, as the device's work is
+
+    def step(self, step: int, total: int, preview: Any = None) -> None:
+        self.told.step(step, total, preview)
+
+    def state(self, state: str, **details: Any) -> None:
+        self.told.state(state, **details)
 
 
 def wrapped_run(engine: Any, monkeypatch: pytest.MonkeyPatch, error: Exception, made: list[float]) -> None:
@@ -399,6 +415,58 @@ def check_a_local_job_that_fails_after_its_work_counts_it(make_settings: Setting
             seconds * 1000) / 1000
         with services.db.session() as s:  # a failure is not charged, metered or not
             assert [e.amount for e in s.exec(select(LedgerEntry)).all() if e.amount] == []
+
+
+def slow_loads(services: Services, monkeypatch: pytest.MonkeyPatch, seconds: float) -> threading.Event:
+    """Each text-to-image pipeline the local engines ask for takes `seconds` more to come, as a
+    model's first load does (on the inference thread); the event is set as one starts."""
+    runtime = services.registry.get("lite").runtime  # type: ignore[attr-defined]
+    loaded = runtime.text2img
+    loading = threading.Event()
+
+    def slow_load(model: str) -> Any:
+        loading.set()
+        time.sleep(seconds)
+        return loaded(model)
+
+    monkeypatch.setattr(runtime, "text2img", slow_load)
+    return loading
+
+
+def test_a_local_job_that_fails_after_a_slow_load_counts_its_work_not_the_load(
+        make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failed attempt was counted from the engine's start, its model's load included, where a
+    success's own count leaves the load out: a draft that failed after a 1.5 s load counted it."""
+    with client_for(make_settings()) as client:
+        project_id = create_project(client, local_seconds_per_day=3600)["id"]
+        services = services_of(client)
+        slow_loads(services, monkeypatch, 1.5)
+        made: list[float] = []
+        wrapped_run(services.registry.get("lite"), monkeypatch, EngineError(
+            "the device broke after its work", retryable=False, charged="no"), made)
+        job = submit_draft(client, project_id, steps=2)
+        assert wait_for_job(client, job["id"], ("failed",))["error"]["code"] == "engine_error"
+        seconds = kept_seconds(services, job["id"])
+        # The work's own count and the hop back to the runner, without the load's 1.5 s.
+        assert len(made) == 1 and seconds is not None and made[0] <= seconds < made[0] + 0.5, (seconds, made)
+
+
+def test_a_local_job_canceled_while_its_model_loads_counts_no_work(make_settings: SettingsFactory,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A draft canceled during its model's load counted the load up to the cancel, where a
+    success's count never holds a load: now it counts nothing (no step of it ran)."""
+    with client_for(make_settings()) as client:
+        project_id = create_project(client, local_seconds_per_day=3600)["id"]
+        services = services_of(client)
+        loading = slow_loads(services, monkeypatch, 1.5)
+        job = submit_draft(client, project_id, steps=2)
+        assert loading.wait(30)
+        time.sleep(0.5)  # the load under way for a while: what was counted before
+        assert client.post(f"/v1/jobs/{job['id']}/cancel").status_code == 202
+        done = wait_for_job(client, job["id"], ("canceled",))
+        assert done["progress"]["step"] == 0
+        assert kept_seconds(services, job["id"]) in (None, 0.0)
+        assert client.get(f"/v1/projects/{project_id}").json()["local_seconds_used"] == 0.0
 
 
 def test_a_job_that_falls_back_from_a_local_engine_to_a_remote_one_keeps_the_local_seconds(
