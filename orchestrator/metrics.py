@@ -88,6 +88,17 @@ class SettledTimes:
         self.lock = threading.Lock()  # one scrape reads and folds at a time: a window folded twice counted twice
         self.before: datetime | None = None  # None: nothing read yet, the first scrape reads every ended job
         self.groups: dict[_Group, list[int]] = {}  # group -> [run ms, wait ms, jobs]
+        self.device_ms: dict[str, int] = {}  # project -> the device milliseconds its ended jobs held
+
+    def watermark(self, now: datetime) -> datetime:
+        """The watermark this scrape leaves (`now` less SETTLED_MARGIN). Where the clock stepped
+        back under the last one, the watermark is not moved back (a window folded already would
+        be read, and counted, again), nor kept (the jobs stamped by the clock set right fall under
+        it, and were left out until a restart): what was kept is dropped and read again."""
+        before = now - SETTLED_MARGIN
+        if self.before is not None and before < self.before:
+            self.before, self.groups, self.device_ms = None, {}, {}
+        return before
 
     def fold(self, rows: Iterable[Any]) -> None:
         for *group, run_ms, wait_ms, n in rows:
@@ -98,7 +109,8 @@ class SettledTimes:
 
 
 def render(db: Database, engines: Mapping[str, Iterable[str]], settled: SettledTimes | None = None, *,
-           default_quota_mb: int = 0, webhook_destinations_set_aside: int = 0) -> str:
+           default_quota_mb: int = 0, default_local_seconds: int | None = None,
+           webhook_destinations_set_aside: int = 0) -> str:
     """Jobs by stage, engine and status; assets by stage; credits charged (by engine and stage),
     held and waiting for reconciliation (by engine); histograms of how long ended jobs ran (by
     stage, engine and status) and waited (by stage and engine). `engines` (name -> its stages) each get a 0
@@ -106,6 +118,7 @@ def render(db: Database, engines: Mapping[str, Iterable[str]], settled: SettledT
     data" to Prometheus, not 0 (an alert on `status="running"} == 0` never fired). `settled`: what
     this process's earlier scrapes read of the ended jobs (none: every ended job is read).
     `default_quota_mb`: ORCH_PROJECT_STORAGE_QUOTA_MB, the storage quota of projects without their own.
+    `default_local_seconds`: ORCH_PROJECT_LOCAL_SECONDS_PER_DAY, the device-time quota of those without one.
     `webhook_destinations_set_aside`: this process's webhook sender's (`webhooks.Breakers`)."""
     settled = SettledTimes() if settled is None else settled
     # Before the snapshot's first query: every job stamped SETTLED_MARGIN before it has committed by then.
@@ -131,10 +144,13 @@ def render(db: Database, engines: Mapping[str, Iterable[str]], settled: SettledT
                               .group_by(LedgerEntry.engine)).all()
         hooks_pending, hooks_failed = webhooks.counts(s)
         # The projects' own counters (`orchestrator.quota`): one row each, no asset read.
-        stored = s.exec(select(Project.id, Project.storage_bytes, Project.storage_quota_mb)
-                        .order_by(col(Project.id))).all()
+        stored = s.exec(select(Project.id, Project.storage_bytes, Project.storage_quota_mb,
+                               Project.local_seconds_per_day).order_by(col(Project.id))).all()
         with settled.lock:
-            timings = _timings(s, settled, now)
+            before = settled.watermark(now)
+            device_ms = _device_ms(s, settled, before)
+            timings = _timings(s, settled, before)
+            settled.before = before
     names = list(engines)
     pairs = {(stage, name) for name, stages in engines.items() for stage in stages}
     pairs.update((stage, engine) for stage, engine, _, _ in jobs)  # an engine no longer configured
@@ -180,13 +196,28 @@ def render(db: Database, engines: Mapping[str, Iterable[str]], settled: SettledT
               f"orchestrator_webhook_destinations_set_aside {webhook_destinations_set_aside}"]
     lines += ["# HELP orchestrator_project_storage_bytes Bytes of each project's live assets' files (each asset "
               "counted whole), as its storage quota counts them.", "# TYPE orchestrator_project_storage_bytes gauge"]
-    lines += [f'orchestrator_project_storage_bytes{{project="{_label(pid)}"}} {used}' for pid, used, _ in stored]
+    lines += [f'orchestrator_project_storage_bytes{{project="{_label(pid)}"}} {used}' for pid, used, _, _ in stored]
     lines += ["# HELP orchestrator_project_storage_quota_bytes Each project's storage quota in force in bytes (its "
               "own, else ORCH_PROJECT_STORAGE_QUOTA_MB; projects without one have no series).",
               "# TYPE orchestrator_project_storage_quota_bytes gauge"]
-    quotas = ((pid, mb if mb is not None else default_quota_mb or None) for pid, _, mb in stored)
+    quotas = ((pid, mb if mb is not None else default_quota_mb or None) for pid, _, mb, _ in stored)
     lines += [f'orchestrator_project_storage_quota_bytes{{project="{_label(pid)}"}} {mb * MIB}'
               for pid, mb in quotas if mb is not None]
+    # Every project's series, with zeros: a counter that appears at its first job has no earlier
+    # figure for `increase()` to start from.
+    lines += ["# HELP orchestrator_project_local_device_seconds_total Device-seconds each project's jobs held "
+              "local engines (lite, local-hifi) for, every attempt as its device-time quota counts them, "
+              "added as each job ends: increase() over 24h is about its local_seconds_used.",
+              "# TYPE orchestrator_project_local_device_seconds_total counter"]
+    lines += [f'orchestrator_project_local_device_seconds_total{{project="{_label(pid)}"}} '
+              f"{(settled.device_ms.get(pid, 0) + device_ms.get(pid, 0)) / 1000}" for pid, _, _, _ in stored]
+    lines += ["# HELP orchestrator_project_local_seconds_quota Each project's device-time quota in force in "
+              "device-seconds per 24 hours (its own local_seconds_per_day, else "
+              "ORCH_PROJECT_LOCAL_SECONDS_PER_DAY; projects without one have no series).",
+              "# TYPE orchestrator_project_local_seconds_quota gauge"]
+    local_quotas = ((pid, own if own is not None else default_local_seconds) for pid, _, _, own in stored)
+    lines += [f'orchestrator_project_local_seconds_quota{{project="{_label(pid)}"}} {quota}'
+              for pid, quota in local_quotas if quota is not None]
     # Every pair's series, with zeros: from a job's first end, a series that was not there has no
     # earlier figure for `rate()` to start from.
     ran = {(stage, engine, status): _Histogram() for stage, engine in pairs for status in ENDED}
@@ -222,12 +253,38 @@ class _Histogram:
         self.count += int(n)
 
 
-def _timings(s: Session, settled: SettledTimes, now: datetime) -> list[Any]:
+def _device_ms(s: Session, settled: SettledTimes, before: datetime) -> dict[str, int]:
+    """The device milliseconds (each job's `device_seconds`, to the millisecond: the sums are a
+    full read's whatever the order they were added in) of each project's jobs that ended from
+    `settled.before` on; those that ended before `before` are folded into `settled` instead. A
+    first read goes through `ix_jobs_device_seconds` whole, once; later ones through
+    `ix_jobs_finished_at`, the recent ends only, never every local job's entry (a sum of the
+    projects' 24 hours at each scrape would have been)."""
+    where = ([col(Job.finished_at).is_not(None), col(Job.device_seconds).is_not(None)] if settled.before is None
+             else [col(Job.finished_at) >= settled.before])
+    # Run as it is (`OFFSET 0`): merged into the outer query, its grouping by project had SQLite
+    # walk every job in project order (`ix_jobs_project_status`) instead of the recent ends.
+    held = (Select(col(Job.project_id).label("project_id"),
+                   cast(func.round(col(Job.device_seconds) * 1000), BigInteger).label("ms"),
+                   case((col(Job.finished_at) < before, 1), else_=0).label("settles"))
+            .where(*where).offset(0).subquery())
+    recent: dict[str, int] = {}
+    rows: list[Any] = list(s.exec(Select(held.c.project_id, func.sum(held.c.ms), held.c.settles)
+                                  .group_by(held.c.project_id, held.c.settles)).all())
+    for project_id, ms, settles in rows:
+        if ms is None:  # ended jobs that held no local device
+            continue
+        kept = settled.device_ms if settles else recent
+        kept[project_id] = kept.get(project_id, 0) + int(ms)
+    return recent
+
+
+def _timings(s: Session, settled: SettledTimes, before: datetime) -> list[Any]:
     """The ended jobs that an engine started, grouped by stage, engine, status and the buckets their
     run and their wait fall in: `(stage, engine, status, run bucket, wait bucket, run ms, wait ms,
     jobs)`, a bucket being the index of the first bound it is within (`len(BUCKETS)`: none).
     Those that ended before `settled.before` are `settled`'s; the rest are read, and those of them
-    that ended before `now - SETTLED_MARGIN` folded into `settled`, its watermark moved there.
+    that ended before `before` (the new watermark, which the caller then sets) folded into `settled`.
 
     Ended jobs only: a running one's start is written again if it runs again, and a histogram's
     figures must only grow. The times are read to the millisecond, a negative one (two hosts'
@@ -243,12 +300,6 @@ def _timings(s: Session, settled: SettledTimes, now: datetime) -> list[Any]:
             days = func.julianday(end) - func.julianday(start)
             return func.max(cast(func.round(days * 86_400_000), Integer), 0)
 
-    before = now - SETTLED_MARGIN
-    if settled.before is not None and before < settled.before:
-        # The clock stepped back: the watermark is not moved back (a window folded already would
-        # be read, and counted, again), nor kept (the jobs stamped by the clock set right fall
-        # under it, and were left out until a restart). What was kept is dropped and read again.
-        settled.before, settled.groups = None, {}
     status: Any = col(Job.status)
     ended: list[ColumnElement[bool]] = [col(Job.started_at).is_not(None), col(Job.finished_at).is_not(None)]
     if settled.before is not None:
@@ -274,7 +325,6 @@ def _timings(s: Session, settled: SettledTimes, now: datetime) -> list[Any]:
                                          times.c.settles).group_by(*keys, times.c.settles)).all())
     recent = [row[:-1] for row in read if not row[-1]]
     settled.fold(row[:-1] for row in read if row[-1])
-    settled.before = before
     return [(*group, *figures) for group, figures in settled.groups.items()] + recent
 
 

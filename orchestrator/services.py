@@ -827,6 +827,7 @@ class Services:
         self._scrape = SharedRead(
             lambda: metrics_text(self.db, {engine.name: engine.stages for engine in self.registry},
                                  self._settled_times, default_quota_mb=self.settings.project_storage_quota_mb,
+                                 default_local_seconds=self.settings.project_local_seconds_per_day,
                                  webhook_destinations_set_aside=self._webhook_destinations_set_aside()))
 
     def _webhook_destinations_set_aside(self) -> int:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import delete
+from sqlalchemy import delete, event, update
 from sqlmodel import col
 
 from orchestrator.db import Database
@@ -312,3 +312,84 @@ def test_a_clock_stepped_back_misses_no_job_and_counts_none_twice(
         assert ran[labels(stage="ideation", engine="lite", status="succeeded")] == expected([0.4, 2.0])
     finally:
         db.dispose()
+
+
+def check_device_seconds_by_project(db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each project's device-seconds on local engines, as its quota counts them, added as its jobs
+    end: a full read's to the millisecond at every scrape of a process that keeps what settled
+    (one settled and taken out is still counted, so it was not read again); a job not ended yet
+    (its seconds kept on a row that goes on) counts nothing; every project has a series, and
+    those with a quota in force their quota's."""
+    clock = [NOW]
+    monkeypatch.setattr("orchestrator.metrics.utcnow", lambda: clock[0])
+    engines = {"lite": ["ideation"]}
+
+    def job(project_id: str, job_id: str, finished: datetime | None, seconds: float | None) -> None:
+        with db.transaction() as s:
+            s.add(Job(id=job_id, project_id=project_id, stage="ideation", engine="lite",
+                      status="running" if finished is None else "succeeded", created_at=NOW - timedelta(days=1),
+                      started_at=NOW - timedelta(days=1), finished_at=finished, device_seconds=seconds))
+
+    with db.transaction() as s:
+        s.add(Project(id="prj_dev_own", name="own", policy="balanced", local_seconds_per_day=3600))
+        s.add(Project(id="prj_dev_none", name="none", policy="balanced"))
+    job("prj_dev_own", "job_dev0", NOW - timedelta(hours=2), 1.2344)
+    job("prj_dev_own", "job_dev1", NOW - timedelta(minutes=1), 0.5)
+    job("prj_dev_own", "job_dev2", None, 7.0)  # moved off a local engine, running on
+    job("prj_dev_none", "job_dev3", NOW - timedelta(minutes=1), None)  # a cloud job
+
+    def scrape(settled: SettledTimes, at: datetime) -> dict[Labels, float]:
+        clock[0] = at
+        text = render(db, engines, settled, default_local_seconds=100)
+        assert text == render(db, engines, default_local_seconds=100), f"at {at}"
+        types, samples = parse(text)
+        assert types["orchestrator_project_local_device_seconds_total"] == "counter"
+        assert samples["orchestrator_project_local_seconds_quota"] == {
+            labels(project="prj_dev_own"): 3600, labels(project="prj_dev_none"): 100}
+        return samples["orchestrator_project_local_device_seconds_total"]
+
+    settled = SettledTimes()
+    assert scrape(settled, NOW) == {labels(project="prj_dev_own"): 1.734, labels(project="prj_dev_none"): 0}
+    job("prj_dev_none", "job_dev4", NOW + timedelta(minutes=5), 2.25)
+    with db.transaction() as s:  # the moved job ends: its seconds count from now
+        s.execute(update(Job).where(col(Job.id) == "job_dev2").values(status="failed",
+                                                                       finished_at=NOW + timedelta(minutes=6)))
+    assert scrape(settled, NOW + timedelta(minutes=10)) == {labels(project="prj_dev_own"): 8.734,
+                                                            labels(project="prj_dev_none"): 2.25}
+    with db.transaction() as s:  # settled by then: kept, not read again
+        s.execute(delete(Job).where(col(Job.id) == "job_dev0"))
+    clock[0] = NOW + timedelta(minutes=11)
+    _, samples = parse(render(db, engines, settled))
+    assert samples["orchestrator_project_local_device_seconds_total"][labels(project="prj_dev_own")] == 8.734
+    _, samples = parse(render(db, engines))
+    assert samples["orchestrator_project_local_device_seconds_total"][labels(project="prj_dev_own")] == 7.5
+    # Without a server default, the project with a quota of its own alone has a series.
+    assert samples["orchestrator_project_local_seconds_quota"] == {labels(project="prj_dev_own"): 3600}
+
+
+def test_each_project_s_device_seconds_are_counted_as_its_jobs_end(
+        sqlite_db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    check_device_seconds_by_project(sqlite_db, monkeypatch)
+
+
+def test_a_later_scrape_reads_only_the_recent_ends_for_the_device_seconds(sqlite_db: Database) -> None:
+    """A scrape after the first reads the jobs that ended since its watermark by their end, not every
+    local job's entry (merged into its grouping by project, SQLite walked every job in project order)."""
+    read: list[tuple[str, Any]] = []
+
+    def capture(_conn: Any, _cursor: Any, statement: str, parameters: Any, _context: Any, _many: bool) -> None:
+        if "device_seconds" in statement and not statement.startswith("EXPLAIN"):
+            read.append((statement, parameters))
+
+    settled = SettledTimes()
+    render(sqlite_db, {"lite": ["ideation"]}, settled)
+    event.listen(sqlite_db.engine, "before_cursor_execute", capture)
+    try:
+        render(sqlite_db, {"lite": ["ideation"]}, settled)
+    finally:
+        event.remove(sqlite_db.engine, "before_cursor_execute", capture)
+    [(statement, parameters)] = read
+    with sqlite_db.session() as s:
+        plan = "\n".join(row[3] for row in s.connection().exec_driver_sql(f"EXPLAIN QUERY PLAN {statement}",
+                                                                          parameters))
+    assert "SEARCH jobs USING INDEX ix_jobs_finished_at" in plan and "SCAN jobs" not in plan, plan

@@ -86,6 +86,11 @@ def check_a_local_job_s_success_keeps_its_device_seconds(make_settings: Settings
         assert shown["local_seconds_used"] == math.floor(job.device_seconds * 1000) / 1000
         listed = {p["id"]: p for p in client.get("/v1/projects").json()["items"]}
         assert listed[project["id"]]["local_seconds_used"] == shown["local_seconds_used"]
+        # /metrics counts it too, to the millisecond (rounded, where the API cuts).
+        metrics = client.get("/metrics").text
+        assert (f'orchestrator_project_local_device_seconds_total{{project="{project["id"]}"}} '
+                f"{round(job.device_seconds * 1000) / 1000}") in metrics.splitlines()
+        assert "orchestrator_project_local_seconds_quota{" not in metrics  # no quota in force
 
 
 @pytest.mark.parametrize("own", [True, False], ids=["own-quota", "server-default"])

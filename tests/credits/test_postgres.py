@@ -112,7 +112,11 @@ from tests.routing.test_health import (
     check_what_a_process_saw_before_it_first_synced_is_stamped_by_the_database_s_clock,
 )
 from tests.test_db import check_json_columns_take_what_engines_report
-from tests.test_metrics import check_job_histograms, check_later_scrapes_read_the_recent_jobs_and_agree_with_a_full_read
+from tests.test_metrics import (
+    check_device_seconds_by_project,
+    check_job_histograms,
+    check_later_scrapes_read_the_recent_jobs_and_agree_with_a_full_read,
+)
 from tests.test_migrations import check_holds_marked_settled_by_0010
 
 psycopg = pytest.importorskip("psycopg")
@@ -1083,6 +1087,12 @@ def test_later_scrapes_read_the_recent_jobs_and_agree_with_a_full_read_on_postgr
         pg_db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
     # PostgreSQL's timestamps compared with the watermark, its sums of milliseconds numeric.
     check_later_scrapes_read_the_recent_jobs_and_agree_with_a_full_read(pg_db, monkeypatch)
+
+
+def test_each_project_s_device_seconds_are_counted_as_its_jobs_end_on_postgres(
+        pg_db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The float column rounded to milliseconds and summed (numeric) in PostgreSQL's SQL.
+    check_device_seconds_by_project(pg_db, monkeypatch)
 
 
 @contextlib.contextmanager
