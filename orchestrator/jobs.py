@@ -557,8 +557,7 @@ class JobService:
                     quota.add_assets(s, copies)
                     webhooks.job_ended_at(s, job.id, job.project_id, job.status, job.webhook_url or project.webhook_url)
                 else:
-                    self.ledger.hold(s, project, job, decision.estimate,
-                                     billable=billed_by_provider(self.router.registry.get(job.engine)))
+                    self.ledger.hold(s, project, job, decision.estimate, billable=self.billable(job.engine))
                 if idempotency_key:
                     idempotency.remember(s, idempotency_key, scope, digest, job_id=job.id,
                                          response=answer(job, copies) if answer else None)
@@ -574,6 +573,11 @@ class JobService:
         finally:
             if reserved is not None:
                 self.router.health.finished(reserved, token)
+
+    def billable(self, engine: str | None) -> bool:
+        """Whether a job routed to `engine` here is held even at 0 credits (`tiers.base.billed_by_provider`)."""
+        registry = self.router.registry
+        return engine is not None and engine in registry and billed_by_provider(registry.get(engine))
 
     def _reserve(self, decision: Decision, token: str, prepared: Prepared, engine: str | None,
                  max_credits: float | None, *, cache: bool) -> Decision:

@@ -156,6 +156,13 @@ class JobCost:
     engines: list[EngineCost] = field(default_factory=list)
 
 
+def holds(amount: int, *, billable: bool) -> bool:
+    """Whether `Ledger.hold` writes a hold of `amount`: for paid work, and for work priced 0 on an
+    engine its provider bills whatever it is priced (`billable`). A new job's first answer lists
+    its hold by the same rule, so that it says what every later read of the ledger says."""
+    return amount > 0 or (amount == 0 and billable)
+
+
 def open_holds() -> Any:
     return and_(col(LedgerEntry.kind) == "hold", col(LedgerEntry.settled).is_(False))
 
@@ -259,7 +266,7 @@ class Ledger:
         Nothing is held for free work, except on an engine whose provider bills whatever it is
         priced (`billable`, see `tiers.base.billed_by_provider`): a hold of 0 there has every way a
         job ends settle it as a paid job's, an unknown outcome included (captured, unreconciled)."""
-        if amount < 0 or (amount == 0 and not billable):
+        if not holds(amount, billable=billable):
             return None
         balance = self.balance(s, project)
         if not balance.fits(amount):

@@ -22,7 +22,7 @@ from orchestrator.api.json_body import StrictJSONRoute
 from orchestrator.api.paths import AssetId, ProjectId
 from orchestrator.api.serialize import job_public
 from orchestrator.jobs import Prepared
-from orchestrator.ledger import EngineCost, JobCost
+from orchestrator.ledger import EngineCost, JobCost, holds
 from orchestrator.models import Asset, Job
 from orchestrator.schemas import DraftCreate, JobPublic, PolishCreate, PromoteCreate
 
@@ -127,30 +127,38 @@ def _submitted(services: ServicesDep, caller: Caller, prepare: Callable[[], Prep
     was. One path for the three stages, so that they hold, replay and answer alike."""
     job, created = services.jobs.submit(_receiver_checked(services, caller, prepare), body, engine=body.engine,
                                         max_credits=max_credits, idempotency_key=idempotency_key,
-                                        scope=request.url.path, answer=first_answer)
+                                        scope=request.url.path,
+                                        answer=lambda job, copies: first_answer(
+                                            job, copies, billable=services.jobs.billable(job.engine)))
     return _answer(services, job, created, response, idempotency_key, request.url.path)
 
 
-def first_answer(job: Job, copies: list[Asset]) -> JobPublic:
+def first_answer(job: Job, copies: list[Asset], *, billable: bool) -> JobPublic:
     """A new job as its request is answered: just written, nothing has happened to it yet (a
-    cache hit is finished, its assets copies of an earlier result's), so the rows in hand say it all."""
+    cache hit is finished, its assets copies of an earlier result's), so the rows in hand say it all.
+    `billable`: its engine's provider bills it whatever it is priced (`JobService.billable`)."""
     if job.cache_hit:
         return job_public(job, [a.id for a in copies])
-    # Its hold, as the ledger has it now (a job held nothing for free work).
-    held = [EngineCost(job.engine, estimated=job.estimated, held=job.estimated)] if job.estimated > 0 else []
+    # Its hold, as the ledger has it now: none for free work, and one of 0 on a cloud engine priced
+    # 0 (left out, GET and the job list named the engine where the 202 did not).
+    held = ([EngineCost(job.engine, estimated=job.estimated, held=job.estimated)]
+            if holds(job.estimated, billable=billable) else [])
     return job_public(job, [], JobCost(held=job.estimated, engines=held))
 
 
-def _with_engines(first: dict[str, Any]) -> dict[str, Any]:
+def _with_engines(first: dict[str, Any], billable: Callable[[str | None], bool]) -> dict[str, Any]:
     """A first answer stored before `cost.engines` (migration 0035's release) with them, as
     `first_answer` gives them: replayed without, `engines` was its default [] beside a `held` of
-    the estimate, where the shares add up to the job's. A new job holds on its engine alone."""
+    the estimate, where the shares add up to the job's. A new job holds on its engine alone.
+    `billable`: `JobService.billable`."""
     cost = first.get("cost")
     if not isinstance(cost, dict) or "engines" in cost:
         return first
     held = cost.get("held") or 0
-    engines = [{"engine": first.get("engine"), "estimated": held, "held": held, "charged": 0, "released": 0}
-               ] if held > 0 else []
+    engine = first.get("engine")
+    billed = not cost.get("cache_hit") and billable(engine if isinstance(engine, str) else None)
+    engines = [{"engine": engine, "estimated": held, "held": held, "charged": 0, "released": 0}
+               ] if held > 0 or (held == 0 and billed) else []
     return {**first, "cost": {**cost, "engines": engines}}
 
 
@@ -158,11 +166,11 @@ def _answer(services: ServicesDep, job: Job, created: bool, response: Response, 
             scope: str) -> JobPublic:
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     if created and not job.cache_hit:
-        return first_answer(job, [])
+        return first_answer(job, [], billable=services.jobs.billable(job.engine))
     if not created:
         response.headers["Idempotent-Replayed"] = "true"
         # The original response (API.md), not the job as it is now; a key stored by an earlier
         # release kept no answer, and gets the job as it is now.
         if key and (first := idempotency.first_answer(services.db, key, scope)) is not None:
-            return JobPublic.model_validate(_with_engines(first))
+            return JobPublic.model_validate(_with_engines(first, services.jobs.billable))
     return public(services, job.id)

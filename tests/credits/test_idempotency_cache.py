@@ -496,3 +496,28 @@ def test_a_replay_of_a_copy_stored_before_cost_engines_lists_nothing(api: httpx.
     replayed = api.post(f"/v1/assets/{asset_id}/promote", json=body, headers={"Idempotency-Key": "copy-before"})
     assert replayed.json()["cost"] == first.json()["cost"] == {
         "estimated": PRICE, "held": 0, "charged": 0, "cache_hit": True, "engines": []}
+
+
+def test_a_cloud_engine_priced_0_lists_its_hold_in_the_first_answer_as_every_read_does(
+        api: httpx.Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cloud engine priced 0 still holds 0 credits (`Ledger.hold`, `billable`), which GET and the
+    job list show in `cost.engines`: the 202 (and its replay) listed nothing for it."""
+    from orchestrator import routing
+
+    real = routing.priced
+    monkeypatch.setattr(routing, "priced", lambda engine, req: 0 if engine.name == "fake-paid" else real(engine, req))
+    project_id, asset_id = project_with_draft(api, {"limit": 100, "period": "month"})
+    body = {"engine": "fake-paid", "cache": False, "seed": 4, "tags": {"fake": "wait-before-send",
+                                                                       "until": "/nonexistent/never"}}
+    first = api.post(f"/v1/assets/{asset_id}/promote", json=body, headers={"Idempotency-Key": "priced-0"})
+    assert first.status_code == 202, first.text
+    job = first.json()
+    held = [{"engine": "fake-paid", "estimated": 0, "held": 0, "charged": 0, "released": 0}]
+    assert job["cost"]["estimated"] == 0 and job["cost"]["engines"] == held
+    assert get_json(api, f"/v1/jobs/{job['id']}")["cost"] == job["cost"]
+    listed = [j for j in jobs_of(api, project_id) if j["id"] == job["id"]]
+    assert [j["cost"] for j in listed] == [job["cost"]]
+    replayed = api.post(f"/v1/assets/{asset_id}/promote", json=body, headers={"Idempotency-Key": "priced-0"})
+    assert replayed.headers.get("idempotent-replayed") == "true" and replayed.json()["cost"] == job["cost"]
+    assert api.post(f"/v1/jobs/{job['id']}/cancel").status_code == 202
+    wait_for_job(api, job["id"])
