@@ -54,6 +54,7 @@ from orchestrator.errors import (
     SourceUnavailable,
     StaleAttempt,
     StoppedPartWay,
+    StorageQuotaExceeded,
     first_line,
 )
 from orchestrator.events import TERMINAL, EventBus
@@ -433,8 +434,11 @@ def followable(engine: object, job: Job, handles: list[dict[str, Any]]) -> TypeG
 class JobRunner:
     def __init__(self, db: Database, registry: EngineRegistry, store: ArtifactStore, bus: EventBus,
                  ledger: Ledger, health: EngineHealth, local_rate: float = 0.0, *,
-                 preview_files: PreviewFiles, reserve: DiskReserve | None = None) -> None:
+                 preview_files: PreviewFiles, reserve: DiskReserve | None = None, default_quota_mb: int = 0) -> None:
         self.db = db
+        # The storage quota of a project that sets none of its own (ORCH_PROJECT_STORAGE_QUOTA_MB;
+        # 0: none): a fallback whose images may take more than the job held is judged against it.
+        self.default_quota_mb = default_quota_mb
         # The data dir's free space a job needs before it renders or sends its first request (None: not checked).
         self.reserve = reserve
         # Credits per device-second for local engines; 0 keeps local work free.
@@ -826,6 +830,12 @@ class JobRunner:
                 log.warning("job %s: fallback %s skipped: %s", job.id, name, exc.message)
                 skipped.append({"engine": name, "reason": "budget", "estimate": to_credits(estimate)})
                 continue
+            except StorageQuotaExceeded as exc:  # nothing was written; an engine of smaller images may still fit
+                log.warning("job %s: fallback %s skipped: %s", job.id, name, exc.message)
+                skipped.append({"engine": name, "reason": "storage_quota",
+                                **{key: exc.details[key] for key in ("used_bytes", "reserved_bytes",
+                                                                     "job_bound_bytes", "quota_bytes")}})
+                continue
             except MadePrivate:  # nothing was written; a local candidate may still take it
                 log.info("job %s: fallback %s skipped: the job was made private", job.id, name)
                 skipped.append({"engine": name, "reason": "private"})
@@ -991,6 +1001,10 @@ class JobRunner:
         # still holds nothing: its project's quota was never judged with it.
         bound = None if job.reserved_bytes is None else quota.job_bound(
             self.registry.get(engine) if engine in self.registry else None, render_request(job.params), job.params)
+        # Only what the move adds is judged, as a submit's bound is: one whose images take no more
+        # than the job held keeps its room (a quota lowered since its submit does not fail it, as
+        # it lets the job finish where it is).
+        grows = bound is not None and job.reserved_bytes is not None and bound > job.reserved_bytes
         held = self._device_held(claim)  # what a local attempt held, counted once the job ends wherever it runs
 
         def move(s: Session) -> None:
@@ -1007,6 +1021,12 @@ class JobRunner:
                                  lease_owner=None, lease_expires_at=None, progress_step=0, progress_total=0,
                                  attempts=job.with_attempt("failed", error.to_dict()))
             project = self.ledger.lock_project(s, job.project_id)
+            if grows:
+                assert bound is not None
+                # Under the project's lock, as a submit judges: the unfinished jobs' bounds read
+                # with this one's new bound already in its row, which is left out of theirs.
+                others = quota.held(s, project, self.default_quota_mb) - bound
+                quota.refuse_if_over(project, self.default_quota_mb, others, bound)
             moved = s.get(Job, job.id)
             assert moved is not None
             # An engine only another worker has may be a cloud one priced 0: its hold of 0 is what

@@ -477,7 +477,8 @@ class Services:
         # The assets folder's filesystem, where the images go: the data dir's, or a disk mounted there.
         reserve = DiskReserve(store.root, settings.min_free_disk_mb)
         runner = JobRunner(db, registry, store, bus, ledger, health, settings.local_gpu_second_credits,
-                           preview_files=previews, reserve=reserve)
+                           preview_files=previews, reserve=reserve,
+                           default_quota_mb=settings.project_storage_quota_mb)
         runner.keeps_all_local = functools.partial(_keeps_all_local, policies)
         runtime = _local_runtime(registry)
         device = None if runtime is None else DeviceLock(settings.data_dir / "locks",

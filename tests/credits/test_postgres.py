@@ -101,7 +101,9 @@ from tests.policies.test_shared_versions import check_a_process_that_missed_an_e
 from tests.routing.conftest import FAKE_ENGINES, FALLBACK_POLICY, write_policies
 from tests.routing.test_fallback import (
     BUDGET_FIRST_POLICY,
+    PAID_ONLY_POLICY,
     check_a_cancel_racing_a_fallback_s_move_settles_each_hold_once,
+    check_a_fallback_whose_images_would_pass_the_storage_quota_is_skipped,
     check_every_view_agrees_with_the_jobs_after_fallbacks,
     check_two_fallbacks_into_room_for_one,
 )
@@ -1031,6 +1033,18 @@ def test_every_view_agrees_with_the_jobs_after_fallbacks_on_postgres(
                                  policy="fallback-test", policy_dir=folder, local_gpu_second_credits=1.5)
     with serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30.0) as client:
         check_every_view_agrees_with_the_jobs_after_fallbacks(client, tmp_path)
+
+
+def test_a_fallback_whose_images_would_pass_the_storage_quota_is_skipped_on_postgres(
+        postgres_url: str, tmp_path: Path, paid_settings_for: Callable[..., Settings],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The unfinished jobs' bounds summed under the project's row lock, with the job's new one in its row.
+    folder = write_policies(tmp_path / "policies", {"fallback-test": FALLBACK_POLICY,
+                                                    "paid-only-test": PAID_ONLY_POLICY})
+    settings = paid_settings_for(tmp_path / "data", database_url=postgres_url, engines=FAKE_ENGINES,
+                                 policy="fallback-test", policy_dir=folder)
+    with serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30.0) as client:
+        check_a_fallback_whose_images_would_pass_the_storage_quota_is_skipped(client, monkeypatch)
 
 
 def test_two_fallbacks_into_room_for_one_take_it_once_on_postgres(

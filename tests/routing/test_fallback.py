@@ -81,6 +81,8 @@ match = { stage = ["bridge", "polish"] }
 engines = ["fake-paid", "local-hifi"]
 """
 
+MIB_BYTES = 1024 * 1024
+
 PAID_ONLY_POLICY = FALLBACK_POLICY.replace('"fallback-test"', '"paid-only-test"').replace(
     '"fake-b", "local-hifi"]', '"fake-b"]')
 
@@ -1491,6 +1493,73 @@ def test_a_job_that_falls_back_holds_what_its_new_engine_s_images_may_take(
             assert row.reserved_bytes == quota.image_bound(2048, 2048, quota.text_bound(row.params)) > taken
     finally:
         db.dispose()
+
+
+def test_a_fallback_whose_images_would_pass_the_storage_quota_is_skipped(
+        new_settings: SettingsFactory, fallback_policies: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="orchestrator.runner")
+    write_policies(fallback_policies, {"paid-only-test": PAID_ONLY_POLICY})
+    with running(new_settings(engines=FAKE_ENGINES, policy="fallback-test", policy_dir=fallback_policies)) as client:
+        job_id = check_a_fallback_whose_images_would_pass_the_storage_quota_is_skipped(client, monkeypatch)
+    assert f"job {job_id}: fallback fake-b skipped:" in caplog.text
+
+
+def check_a_fallback_whose_images_would_pass_the_storage_quota_is_skipped(
+        client: httpx.Client, monkeypatch: pytest.MonkeyPatch) -> str:
+    """fake-b answers 2048x2048 whatever is asked: its bound (about 18 MiB) does not fit a project
+    with a quota of 1 MiB. Moved there, the job held it past the quota, unjudged; it is skipped
+    for the quota as a candidate the budget cannot hold is, and the job moves on to local-hifi.
+    `client`: a service with FAKE_ENGINES and the fallback-test and paid-only-test policies. The
+    job's id."""
+    from tests.routing import NamedFakeEngine
+
+    monkeypatch.setattr(NamedFakeEngine, "largest_size", lambda self, req: (2048, 2048) if self.name == "fake-b"
+                        else (req.width, req.height), raising=False)
+    project_id, asset_id = draft_asset(client, storage_quota_mb=1)
+    job = promote(client, asset_id, tags={"fake": "fail"})
+    moved = [e.data for e in read_events(client, job["id"]) if e.data.get("state") == "fallback"]
+    done = wait_for_job(client, job["id"])
+    assert (done["status"], [(a["engine"], a["status"]) for a in done["attempts"]]) == (
+        "succeeded", [("fake-paid", "failed"), ("local-hifi", "succeeded")]), done
+    [skip] = moved[0]["skipped"]
+    assert (moved[0]["to"], skip["engine"], skip["reason"]) == ("local-hifi", "fake-b", "storage_quota")
+    assert skip["job_bound_bytes"] > MIB_BYTES >= skip["used_bytes"] + skip["reserved_bytes"], skip
+    project = client.get(f"/v1/projects/{project_id}").json()
+    assert project["storage_bytes"] <= MIB_BYTES and project["storage_reserved_bytes"] == 0
+    # With no candidate left that fits, the job fails saying why its fallback was not taken.
+    _, only_paid = draft_asset(client, storage_quota_mb=1, policy="paid-only-test")
+    failed = wait_for_job(client, promote(client, only_paid, tags={"fake": "fail"})["id"])
+    assert (failed["status"], failed["error"]["code"]) == ("failed", "engine_error"), failed
+    assert [(s["engine"], s["reason"]) for s in failed["error"]["details"]["fallbacks_skipped"]] == [
+        ("fake-b", "storage_quota")]
+    return str(job["id"])
+
+
+def test_a_fallback_whose_images_take_no_more_is_not_judged_against_a_quota_lowered_since(
+        new_settings: SettingsFactory, fallback_policies: Path) -> None:
+    """Only what a move adds is judged: a job whose quota was lowered below its project's usage
+    after its submit still moves to an engine whose images are no larger (as it still finishes)."""
+    from orchestrator.db import Database
+
+    settings = new_settings(engines=FAKE_ENGINES, policy="fallback-test", policy_dir=fallback_policies)
+    with running(settings) as client:
+        project_id, asset_id = draft_asset(client, storage_quota_mb=1)
+        go = settings.data_dir / "go-lowered"
+        job = promote(client, asset_id, tags={"fake": "wait-before-send", "until": str(go), "then": "fail"})
+        poll(lambda: client.get(f"/v1/jobs/{job['id']}").json()["status"] == "running", what="the job sent")
+        db = Database(settings.resolved_database_url)
+        try:
+            with db.transaction() as s:  # its assets now fill its quota, as though a lower one were set
+                project = s.get(Project, project_id)
+                assert project is not None
+                project.storage_bytes = MIB_BYTES
+                s.add(project)
+        finally:
+            db.dispose()
+        go.touch()
+        done = wait_for_job(client, job["id"])
+        assert (done["status"], done["engine"]) == ("succeeded", "fake-b"), done
 
 
 def check_two_fallbacks_into_room_for_one(client: httpx.Client, folder: Path) -> None:
