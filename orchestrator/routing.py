@@ -136,6 +136,21 @@ class Router:
         self.policies = policies
         self.health = health
 
+    def rule_for(self, policy_name: str, req: RenderRequest, budget_used: float | None,
+                 version: str | None) -> str | None:
+        """The name of the rule of the policy that the request (its engine left to the policy)
+        matches with `budget_used`; None when the policy is not loaded as `version` (its content
+        hash: a job routed by another version of the file follows its recorded decision) or no
+        rule fits."""
+        try:
+            policy = self.policies.get(policy_name)
+        except NotFound:
+            return None
+        if policy.content_hash != version:
+            return None
+        matched = policy.match(RequestFacts.from_request(req, engine=None, budget_used=budget_used))
+        return None if matched is None else matched[1].name
+
     def decide(self, policy_name: str, req: RenderRequest, requested: str | None,
                budget_used: float | None, *, holder: str | None = None, circuits: bool = True,
                device: DeviceTime | None = None) -> Decision:

@@ -65,7 +65,7 @@ from orchestrator.jobs import render_request
 from orchestrator.ledger import Ledger
 from orchestrator.models import Asset, Job, Project
 from orchestrator.outage import Outage
-from orchestrator.routing import fallbacks, leaves_machine, priced
+from orchestrator.routing import Router, fallbacks, leaves_machine, priced
 from orchestrator.schemas import storable
 from orchestrator.store import ArtifactStore, Preview, PreviewFiles, Put, encode_png, hide_paths
 from policies.schema import is_private
@@ -110,6 +110,16 @@ STOP_WRITE_SECONDS = 30.0
 # How long a request that can bill waits for the saves of what was accepted before it (see
 # `_first_send_recorder`): a lock wait's worth.
 SAVE_WAIT_SECONDS = 30.0
+
+
+# How many times a fallback looks again at the rule its policy gives when a move finds another
+# applies under its lock (`RuleChanged`).
+RULE_LOOKS = 3
+
+
+class RuleChanged(Exception):
+    """Another rule of the job's policy applies under the move's lock than the one its candidates
+    came from (the budget's share crossed a `budget_used_over`): the fallback looks again."""
 
 
 class MadePrivate(Exception):
@@ -458,6 +468,8 @@ class JobRunner:
         self.served_elsewhere: Callable[[str], bool] = lambda engine: False
         # Set by the services: whether a policy of this process keeps everything on this machine.
         self.keeps_all_local: Callable[[str, str | None], bool] = lambda policy, routed: False
+        # Set by the services: asked by a fallback which rule of the job's policy applies now.
+        self.router: Router | None = None
         self.registry = registry
         self.store = store
         self.bus = bus
@@ -754,17 +766,35 @@ class JobRunner:
         tried = {a["engine"] for a in job.attempts or []} | {job.engine}
         request = render_request(job.params)
         token = f"fallback-{job.id}-{claim.attempt}"
-        routing = job.routing or {}
-        cap = routing.get("max_credits")
-        # Routed before caps were recorded: held to the estimates it was routed with instead.
-        recorded = None if "max_credits" in routing else {
-            c["engine"]: to_millicredits(c["estimate"]) for c in routing.get("candidates", [])
-            if isinstance(c.get("estimate"), int | float)}
+        routing = recorded_routing = job.routing or {}
         # Candidates passed over for money or privacy, told with the job's end when none is left:
         # it failed with its engine's error alone, and the budget that kept it there showed nowhere.
         skipped: list[dict[str, Any]] = []
-        for name in fallbacks(job.routing, tried):
-            target = await self._fallback_target(job, name, request)
+        pending = fallbacks(routing, tried)
+        # The rule that chose the candidates may be one the budget's share picked (`budget_used_over`):
+        # judged again on the budget as it is now, as routing judges it, and followed instead when
+        # another rule applies now (its decision recorded on the job by the move).
+        rerouted: dict[str, Any] | None = None
+        if pending:
+            try:
+                rerouted = await asyncio.to_thread(self._routing_now, job, request, routing)
+            except OrchestratorError as refused:  # the rule now denies it, or none of its engines may take it
+                skipped.append(self._rule_skip(routing, refused))
+                pending = []
+            if rerouted is not None:
+                routing = rerouted
+                pending = fallbacks(routing, tried)
+        looked: set[str] = set()
+        changes = 0
+        while pending:
+            name = pending.pop(0)
+            looked.add(name)
+            cap = routing.get("max_credits")
+            # Routed before caps were recorded: held to the estimates it was routed with instead.
+            recorded = None if "max_credits" in routing else {
+                c["engine"]: to_millicredits(c["estimate"]) for c in routing.get("candidates", [])
+                if isinstance(c.get("estimate"), int | float)}
+            target = await self._fallback_target(job, name, request, routing)
             if target is None:
                 continue
             estimate, model, here = target
@@ -819,7 +849,9 @@ class JobRunner:
                 self.health.adopt(name, token, job.id)
             moved = False
             try:
-                await asyncio.to_thread(self._requeue_on, claim, error, name, model, estimate)
+                # The decision it follows, recorded where it is not the job's own.
+                await asyncio.to_thread(self._requeue_on, claim, error, name, model, estimate,
+                                        **({} if routing is recorded_routing else {"routing": routing}))
                 moved = True
             except StaleAttempt:
                 return True
@@ -835,6 +867,24 @@ class JobRunner:
                 skipped.append({"engine": name, "reason": "storage_quota",
                                 **{key: exc.details[key] for key in ("used_bytes", "reserved_bytes",
                                                                      "job_bound_bytes", "quota_bytes")}})
+                continue
+            except RuleChanged as changed_to:  # nothing was written; the rule that applies now gives the candidates
+                changes += 1
+                if changes > RULE_LOOKS:  # the share moving back and forth under it: not chased for ever
+                    skipped.append({"engine": name, "reason": "budget_rule", "rule_before": routing.get("rule"),
+                                    "rule": str(changed_to), "message": "the budget's share kept moving"})
+                    continue
+                try:
+                    rerouted = await asyncio.to_thread(self._routing_now, job, request, routing)
+                except OrchestratorError as refused:
+                    skipped.append(self._rule_skip(routing, refused))
+                    break
+                if rerouted is None:  # the budget moved back meanwhile: this candidate again
+                    looked.discard(name)
+                    pending.insert(0, name)
+                    continue
+                routing = rerouted
+                pending = [n for n in fallbacks(routing, tried) if n not in looked]
                 continue
             except MadePrivate:  # nothing was written; a local candidate may still take it
                 log.info("job %s: fallback %s skipped: the job was made private", job.id, name)
@@ -861,8 +911,39 @@ class JobRunner:
             error.details = {**error.details, "fallbacks_skipped": skipped}
         return False
 
-    async def _fallback_target(self, job: Job, name: str,
-                               request: RenderRequest) -> tuple[int, str | None, bool] | None:
+    def _routing_now(self, job: Job, request: RenderRequest, routing: dict[str, Any]) -> dict[str, Any] | None:
+        """The routing a fallback follows when the rule of the job's policy that applies now, on
+        the budget's share as the move will leave it (the failed engine's hold released), is not
+        the one `routing` records: the policy's decision now, with `routing`'s cap still bounding
+        it, and the rule it replaces; None when the recorded rule still applies (or the policy,
+        unloaded, cannot say). Raises the router's refusal: a deny rule now, no engine usable."""
+        policy, rule = routing.get("policy"), routing.get("rule")
+        if self.router is None or not isinstance(policy, str) or not isinstance(rule, str):
+            return None
+        with self.db.snapshot() as s:
+            project = s.get(Project, job.project_id)
+            if project is None or project.budget_limit is None:
+                used = None
+            else:
+                balance = self.ledger.balance(s, project)
+                own = self.ledger.open_hold(s, job.id)
+                used = replace(balance, held=balance.held - (own.amount if own is not None else 0)).used_fraction
+        now = self.router.rule_for(policy, request, used, routing.get("policy_hash"))
+        if now is None or now == rule:
+            return None
+        decision = self.router.decide(policy, request, None, used)
+        caps = [cap for cap in (routing.get("max_credits"), decision.extra.get("max_credits"))
+                if isinstance(cap, int | float)]
+        return {**decision.as_dict(), "max_credits": min(caps) if caps else None, "rule_before": rule,
+                "budget_used": None if used is None else round(used, 4)}
+
+    @staticmethod
+    def _rule_skip(routing: dict[str, Any], refused: OrchestratorError) -> dict[str, Any]:
+        return {"engine": None, "reason": "budget_rule", "rule_before": routing.get("rule"),
+                "rule": refused.details.get("rule"), "message": refused.message}
+
+    async def _fallback_target(self, job: Job, name: str, request: RenderRequest,
+                               routing: dict[str, Any] | None = None) -> tuple[int, str | None, bool] | None:
         """Whether the job may move to candidate `name`: its estimate, its model (None when unknown
         here) and whether this process runs it; None when it may not. An engine this process lacks
         (not installed here, its key or server's URL given to other hosts only) is taken when another
@@ -877,7 +958,7 @@ class JobRunner:
         if not here and not await asyncio.to_thread(self.served_elsewhere, name):
             return None
         if engine is None:
-            routed = next((c.get("estimate") for c in (job.routing or {}).get("candidates", [])
+            routed = next((c.get("estimate") for c in (routing or job.routing or {}).get("candidates", [])
                            if c.get("engine") == name), None)
             if not isinstance(routed, int | float) or isinstance(routed, bool) or routed < 0:
                 return None
@@ -989,8 +1070,12 @@ class JobRunner:
                                      attempts=job.with_attempt("interrupted", stopped.to_dict()),
                                      unless_canceled=True)
 
-    def _requeue_on(self, claim: Claim, error: EngineError, engine: str, model: str | None, estimate: int) -> None:
+    def _requeue_on(self, claim: Claim, error: EngineError, engine: str, model: str | None, estimate: int, *,
+                    routing: dict[str, Any] | None = None) -> None:
+        """`routing`: the decision the move follows where it is not the recorded one (`_routing_now`),
+        recorded with it."""
         job = claim.job
+        followed = routing or job.routing or {}
 
         # An engine only another worker has: the router that listed it for a private request judged
         # it local; otherwise it may leave the machine, for all this process knows.
@@ -1014,6 +1099,7 @@ class JobRunner:
             self.ledger.settle_failure(s, job, error)
             self._guarded_update(s, claim, unless_canceled=True, status="queued", engine=engine, model=model,
                                  estimated=estimate, reserved_bytes=bound,
+                                 **({} if routing is None else {"routing": routing}),
                                  # Keyed again by the model that renders it when it succeeds (unknown here
                                  # for another worker's engine): only a success is looked up.
                                  cache_key=cache_key(engine, model or "", job.params) if job.cache_key else None,
@@ -1021,6 +1107,14 @@ class JobRunner:
                                  lease_owner=None, lease_expires_at=None, progress_step=0, progress_total=0,
                                  attempts=job.with_attempt("failed", error.to_dict()))
             project = self.ledger.lock_project(s, job.project_id)
+            # The rule judged on the budget's share under the lock, as a submit judges it again: a
+            # hold taken since the fallback looked may have moved the project past a rule's share.
+            if self.router is not None and isinstance(followed.get("policy"), str):
+                used = None if project.budget_limit is None else self.ledger.balance(s, project).used_fraction
+                now = self.router.rule_for(followed["policy"], render_request(job.params), used,
+                                           followed.get("policy_hash"))
+                if now is not None and now != followed.get("rule"):
+                    raise RuleChanged(now)
             if grows:
                 assert bound is not None
                 # Under the project's lock, as a submit judges: the unfinished jobs' bounds read

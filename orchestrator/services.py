@@ -480,6 +480,7 @@ class Services:
                            preview_files=previews, reserve=reserve,
                            default_quota_mb=settings.project_storage_quota_mb)
         runner.keeps_all_local = functools.partial(_keeps_all_local, policies)
+        runner.router = router
         runtime = _local_runtime(registry)
         device = None if runtime is None else DeviceLock(settings.data_dir / "locks",
                                                          functools.partial(_device, runtime))

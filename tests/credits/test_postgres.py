@@ -102,7 +102,9 @@ from tests.routing.conftest import FAKE_ENGINES, FALLBACK_POLICY, write_policies
 from tests.routing.test_fallback import (
     BUDGET_FIRST_POLICY,
     PAID_ONLY_POLICY,
+    SOFT_FALLBACK_POLICY,
     check_a_cancel_racing_a_fallback_s_move_settles_each_hold_once,
+    check_a_fallback_follows_the_rule_the_budget_s_share_picks_now,
     check_a_fallback_whose_images_would_pass_the_storage_quota_is_skipped,
     check_every_view_agrees_with_the_jobs_after_fallbacks,
     check_two_fallbacks_into_room_for_one,
@@ -1045,6 +1047,16 @@ def test_a_fallback_whose_images_would_pass_the_storage_quota_is_skipped_on_post
                                  policy="fallback-test", policy_dir=folder)
     with serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30.0) as client:
         check_a_fallback_whose_images_would_pass_the_storage_quota_is_skipped(client, monkeypatch)
+
+
+def test_a_fallback_follows_the_rule_the_budget_s_share_picks_now_on_postgres(
+        postgres_url: str, tmp_path: Path, paid_settings_for: Callable[..., Settings]) -> None:
+    # The share judged again under the project's row lock (`FOR UPDATE`), as the move takes its hold.
+    folder = write_policies(tmp_path / "policies", {"fallback-test": FALLBACK_POLICY,
+                                                    "soft-fallback-test": SOFT_FALLBACK_POLICY})
+    check_a_fallback_follows_the_rule_the_budget_s_share_picks_now(
+        paid_settings_for(tmp_path / "data", database_url=postgres_url, engines=FAKE_ENGINES,
+                          policy="fallback-test", policy_dir=folder), tmp_path)
 
 
 def test_two_fallbacks_into_room_for_one_take_it_once_on_postgres(

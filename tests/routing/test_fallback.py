@@ -1562,6 +1562,118 @@ def test_a_fallback_whose_images_take_no_more_is_not_judged_against_a_quota_lowe
         assert (done["status"], done["engine"]) == ("succeeded", "fake-b"), done
 
 
+SOFT_FALLBACK_POLICY = """
+name = "soft-fallback-test"
+description = "Bridge and polish on fake-paid, then fake-b, then local-hifi; local once 80% of the budget is used."
+
+[[rules]]
+name = "drafts"
+match = { stage = "ideation" }
+engines = ["lite"]
+
+[[rules]]
+name = "soft"
+match = { stage = ["bridge", "polish"], budget_used_over = 0.8 }
+engines = ["local-hifi"]
+
+[[rules]]
+name = "paid"
+match = { stage = ["bridge", "polish"] }
+engines = ["fake-paid", "fake-b", "local-hifi"]
+"""
+
+
+def test_a_fallback_follows_the_rule_the_budget_s_share_picks_now(new_settings: SettingsFactory,
+                                                                  tmp_path: Path) -> None:
+    folder = write_policies(tmp_path / "policies", {"fallback-test": FALLBACK_POLICY,
+                                                    "soft-fallback-test": SOFT_FALLBACK_POLICY})
+    check_a_fallback_follows_the_rule_the_budget_s_share_picks_now(
+        new_settings(engines=FAKE_ENGINES, policy="fallback-test", policy_dir=folder), tmp_path)
+
+
+def test_a_fallback_a_rule_now_denies_fails_the_job_saying_so(new_settings: SettingsFactory, tmp_path: Path) -> None:
+    """Past 80% used, the policy refuses bridges: a job routed before that, whose engine fails
+    after it, is not moved to the recorded candidates (fake-b, local-hifi) the rule no longer gives."""
+    from orchestrator.db import Database
+
+    denying = SOFT_FALLBACK_POLICY.replace('"soft-fallback-test"', '"deny-fallback-test"').replace(
+        'engines = ["local-hifi"]', 'deny = "over budget"')
+    folder = write_policies(tmp_path / "policies", {"fallback-test": FALLBACK_POLICY, "deny-fallback-test": denying})
+    settings = new_settings(engines=FAKE_ENGINES, policy="fallback-test", policy_dir=folder)
+    with running(settings) as client:
+        project_id, asset_id = draft_asset(client, policy="deny-fallback-test",
+                                           budget={"limit": 200, "period": "month"})
+        go = tmp_path / "go"
+        job = promote(client, asset_id, tags={"fake": "wait-before-send", "until": str(go), "then": "fail"})
+        poll(lambda: client.get(f"/v1/jobs/{job['id']}").json()["status"] == "running", what="the job sent")
+        db = Database(settings.resolved_database_url)
+        try:
+            with db.transaction() as s:
+                s.add(LedgerEntry(project_id=project_id, kind="hold", amount=165_000, created_at=utcnow()))
+        finally:
+            db.dispose()
+        go.touch()
+        done = wait_for_job(client, job["id"])
+    assert (done["status"], done["engine"], done["error"]["code"]) == ("failed", "fake-paid", "engine_error"), done
+    [skip] = done["error"]["details"]["fallbacks_skipped"]
+    assert (skip["engine"], skip["reason"], skip["rule_before"], skip["rule"]) == (None, "budget_rule", "paid", "soft")
+    assert "over budget" in skip["message"]
+
+
+def check_a_fallback_follows_the_rule_the_budget_s_share_picks_now(settings: Settings, tmp_path: Path) -> None:
+    """Routed at 0% used by the `paid` rule, the job waits on fake-paid while the project's other
+    work takes it past 80% (165 of 200 credits). When fake-paid fails, the policy, judged on the
+    budget as it is then, keeps the project local (`soft`): the job moves to local-hifi, not to
+    fake-b (20 credits, which the budget could still hold), and its routing records the rule.
+    `settings`: FAKE_ENGINES and the soft-fallback-test policy."""
+    from orchestrator.db import Database
+
+    with running(settings) as client:
+        project_id, asset_id = draft_asset(client, policy="soft-fallback-test",
+                                           budget={"limit": 200, "period": "month"})
+        go = tmp_path / "go"
+        job = promote(client, asset_id, tags={"fake": "wait-before-send", "until": str(go), "then": "fail"})
+        assert (job["engine"], job["routing"]["rule"]) == ("fake-paid", "paid")
+        poll(lambda: client.get(f"/v1/jobs/{job['id']}").json()["status"] == "running", what="the job sent")
+        db = Database(settings.resolved_database_url)
+        try:
+            with db.transaction() as s:  # another client's work, held meanwhile
+                s.add(LedgerEntry(project_id=project_id, kind="hold", amount=165_000, created_at=utcnow()))
+        finally:
+            db.dispose()
+        go.touch()
+        done = wait_for_job(client, job["id"])
+        assert (done["status"], [(a["engine"], a["status"]) for a in done["attempts"]]) == (
+            "succeeded", [("fake-paid", "failed"), ("local-hifi", "succeeded")]), done
+        routing = done["routing"]
+        assert (routing["rule"], routing["rule_before"], routing["chosen"]) == ("soft", "paid", "local-hifi")
+        assert routing["budget_used"] == 0.825
+        assert kinds(ledger(client, project_id, job["id"])) == [("hold", 10.0, "fake-paid"),
+                                                                ("release", 10.0, "fake-paid")]
+
+        # The share crossed between the fallback's look and its move: judged again under the
+        # project's lock, as a submit is, the move to fake-b is not made, and the rule now followed.
+        project_id, asset_id = draft_asset(client, policy="soft-fallback-test",
+                                           budget={"limit": 200, "period": "month"})
+        looked = JobRunner._routing_now
+        held: list[str] = []
+
+        def look_then_another_request_holds(self: JobRunner, *args: Any) -> Any:
+            routing = looked(self, *args)
+            if not held:
+                held.append(project_id)
+                with self.db.transaction() as s:
+                    s.add(LedgerEntry(project_id=project_id, kind="hold", amount=165_000, created_at=utcnow()))
+            return routing
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(JobRunner, "_routing_now", look_then_another_request_holds)
+            raced = wait_for_job(client, promote(client, asset_id, tags={"fake": "fail"})["id"])
+        assert [(a["engine"], a["status"]) for a in raced["attempts"]] == [
+            ("fake-paid", "failed"), ("local-hifi", "succeeded")], raced
+        assert (raced["routing"]["rule"], raced["routing"]["rule_before"]) == ("soft", "paid")
+
+
 def check_two_fallbacks_into_room_for_one(client: httpx.Client, folder: Path) -> None:
     """Two jobs on fake-paid (10 each), fake-b (20) skipped for the budget by both, fail at once
     with the limit raised to 35: each move releases its own 10, and fake-b fits the first (10 + 20
