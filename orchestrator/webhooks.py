@@ -155,9 +155,14 @@ def destination(url: str) -> str:
     """The receiver of `url` whose slots and breaker its deliveries share: its scheme, host and
     port, canonical, so that every spelling of one receiver is one (`HTTPS://Hooks.example./a`,
     `https://hooks.example:443/b`, `https://xn--bcher-kva.example/` and `https://BÜCHER.example/`):
-    the scheme lowercase, the default port written, and the host as `_host` writes it."""
-    parts = urlsplit(url)
-    scheme, host = parts.scheme.lower(), _host(parts.hostname or "")
+    the scheme lowercase, the default port written, and the host as `_host` writes it. A URL
+    `urlsplit` refuses (`_unparsed`) is a destination of its own."""
+    try:
+        parts = urlsplit(url)
+        hostname = parts.hostname
+    except ValueError:
+        return _unparsed(url)
+    scheme, host = parts.scheme.lower(), _host(hostname or "")
     try:
         port = parts.port
     except ValueError:  # refused when the URL is set; a row that still had one must not stop the sender
@@ -167,6 +172,19 @@ def destination(url: str) -> str:
     if ":" in host:  # an IPv6 address, bracketed as in a URL
         host = f"[{host}]"
     return f"{scheme}://{host}" if port is None else f"{scheme}://{host}:{port}"
+
+
+def _unparsed(url: str) -> str:
+    """The destination of a URL `urlsplit` raises on (a bracketed host that is no IPv6 address, as
+    `[::ffff:127.1]`; an unclosed bracket; a host NFKC maps onto a delimiter): refused when the URL
+    is set, but a row stored before that check still holds one, and reading its destination raised
+    in every look of the sender, so that no project's delivery was sent. httpx refuses such a URL
+    too (each attempt fails, counted, until it is given up), so it is no other URL's receiver: its
+    scheme and host with port as written, lowercase."""
+    scheme, _, rest = url.partition("://")
+    for end in "/?#":
+        rest = rest.partition(end)[0]
+    return f"{scheme.strip().lower()}://{rest.lower()}"
 
 
 def refuse_foreign_receiver(url: str, project_url: str | None, project_id: str) -> None:
@@ -813,8 +831,7 @@ class Deliverer:
                      "redelivery put it", row.id, attempts, error)
             return
         # The URL without its query, which may carry the receiver's token.
-        parts = urlsplit(row.url)
-        where = f"{parts.scheme}://{parts.netloc}{parts.path}"
+        where = row.url.partition("?")[0].partition("#")[0]
         then = "given up" if wait is None else f"next attempt in {wait} s"
         log.warning("webhook %s (%s of job %s) to %s: attempt %d failed: %s; %s", row.id, row.event, row.job_id,
                     where, attempts, error, then)

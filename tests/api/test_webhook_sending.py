@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -1063,3 +1064,42 @@ def check_a_set_aside_destination_s_rows_past_their_schedule_are_given_up_unsent
 
 def test_a_set_aside_destination_s_rows_past_their_schedule_are_given_up_unsent(db: Database) -> None:
     check_a_set_aside_destination_s_rows_past_their_schedule_are_given_up_unsent(db)
+
+
+@pytest.mark.parametrize("stored", ["http://[::ffff:127.1]:8080/h", "http://[::1/h", "http://a\uff03b.example/h"])
+def test_a_stored_url_urlsplit_refuses_holds_back_no_other_delivery(db: Database, stored: str) -> None:
+    # Rows written before the URL checks tightened may hold a URL `urlsplit` raises on (a bracketed
+    # host that is no IPv6 address, an unclosed bracket, a host NFKC maps onto a delimiter): reading
+    # its destination raised in every look, so no delivery of any project was sent again.
+    with pytest.raises(ValueError):
+        urlsplit(stored).hostname  # noqa: B018 -- read for its check
+    with pytest.raises(ValidationError):
+        ProjectCreate(name="p", webhook_url=stored)
+    ids = _deliveries(db, [(stored, 1), ("http://alive.example/h", 1)])
+    sent: list[str] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        sent.append(request.headers["webhook-id"])
+        return httpx.Response(200)
+
+    deliverer = webhooks.Deliverer(db, lambda job_id: {"id": job_id}, None, interval=0.02, concurrency=2)
+    # Its destination is its own: set aside (a breaker keyed by it), its row is read past, not the other.
+    where = webhooks.destination(stored)
+    assert where != webhooks.destination("http://127.0.0.1:8080/") and where.startswith("http://")
+    assert [row.id for row in deliverer._due((), [where])] == [ids[1]]
+
+    async def look() -> None:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as client:
+            await deliverer.deliver_due(client)
+
+    asyncio.run(look())
+    rows = _rows(db)
+    assert sent == [ids[1]] and rows[ids[1]].delivered_at is not None
+    # No outage told: its failure's log line read the URL with `urlsplit` too, and raised.
+    assert not deliverer.outage.ongoing
+    # Its own attempt fails (httpx refuses the URL too), counted: retried, then given up, as any.
+    assert rows[ids[0]].attempts == 1 and rows[ids[0]].delivered_at is None
+    assert rows[ids[0]].next_attempt_at is not None and "InvalidURL" in (rows[ids[0]].last_error or "")
+    # A project whose stored URL is such: a project key's job URL is refused (403), not a 500.
+    with pytest.raises(Forbidden):
+        webhooks.refuse_foreign_receiver("http://127.0.0.1:8080/h", stored, "p-1")
