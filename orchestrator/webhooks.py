@@ -228,7 +228,7 @@ def _host(host: str) -> str:
             # Its zone as written: interface names are case-sensitive (the resolver refuses
             # `fe80::1%LO`), and httpx sends `%25lo` so, a zone `25lo` no interface has (every
             # attempt fails), so neither is a spelling of `%lo`.
-            return address.compressed
+            return _compressed(address)
         return host
     if not host.isascii() or "xn--" in host:
         host = _idn(host)
@@ -240,6 +240,18 @@ def _host(host: str) -> str:
         # takes. Each a receiver of its own: merged, its failed attempts set the other's breaker aside.
         return host
     return name
+
+
+def _compressed(address: ipaddress.IPv6Address) -> str:
+    """`address` compressed, an IPv4-mapped one with its last 32 bits in hex (`::ffff:7f00:1`)
+    whatever the Python: 3.13's `ipaddress` writes it `::ffff:127.0.0.1` where 3.11's writes hex,
+    and a destination (and the SQL's spellings of one, `_written_as`) must not change with it."""
+    mapped = address.ipv4_mapped
+    if mapped is None:
+        return address.compressed
+    whole = int(mapped)
+    zone = "" if address.scope_id is None else f"%{address.scope_id}"
+    return f"::ffff:{whole >> 16:x}:{whole & 0xFFFF:x}{zone}"
 
 
 def _mapped(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
@@ -296,7 +308,7 @@ def _written_as(where: str) -> list[str]:
     if host.endswith("]"):
         hosts = [host]
     elif _ipv4(host):
-        hosts = [host, f"[::ffff:{host}]", f"[{ipaddress.IPv6Address(f'::ffff:{host}').compressed}]"]
+        hosts = [host, f"[::ffff:{host}]", f"[{_compressed(ipaddress.IPv6Address(f'::ffff:{host}'))}]"]
     elif "." not in host or host.endswith("."):  # a single label, or dots kept (`_host`): no other spelling
         hosts = names
     else:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import socket
 import threading
@@ -1103,3 +1104,26 @@ def test_a_stored_url_urlsplit_refuses_holds_back_no_other_delivery(db: Database
     # A project whose stored URL is such: a project key's job URL is refused (403), not a 500.
     with pytest.raises(Forbidden):
         webhooks.refuse_foreign_receiver("http://127.0.0.1:8080/h", stored, "p-1")
+
+
+def test_the_ipv6_spellings_of_an_ipv4_address_do_not_hang_on_how_python_writes_them(
+        db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Python 3.13 writes an IPv4-mapped IPv6 address `::ffff:127.0.0.1` (`str`, `compressed`), where
+    # 3.11 writes `::ffff:7f00:1`: the SQL filter took its hex spelling from `compressed`, so on 3.13
+    # a set-aside 127.0.0.1's rows spelt `[::ffff:7f00:1]` were not given up, and a mapped address
+    # with a zone was another destination there than here.
+    written_311 = ipaddress.IPv6Address.__str__
+
+    def written_313(address: ipaddress.IPv6Address) -> str:
+        mapped = address.ipv4_mapped
+        if mapped is None:
+            return written_311(address)
+        return f"::ffff:{mapped}" + ("" if address.scope_id is None else f"%{address.scope_id}")
+
+    ids = _deliveries(db, [(url, 1) for url in ("http://[::ffff:127.0.0.1]:8080/h", "http://[::ffff:7f00:1]:8080/h",
+                                                "http://127.0.0.1:8080/h", "http://[::ffff:7f00:2]:8080/h")])
+    for written in (written_311, written_313):
+        monkeypatch.setattr(ipaddress.IPv6Address, "__str__", written)
+        assert _matched(db, "http://127.0.0.1:8080/") == ids[:3]
+        assert webhooks.destination("http://[::FFFF:127.0.0.1%lo]/") == "http://[::ffff:7f00:1%lo]:80"
+    assert ipaddress.IPv6Address("::ffff:7f00:1").compressed == "::ffff:127.0.0.1"  # 3.13's, as patched
