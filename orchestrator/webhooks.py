@@ -29,6 +29,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import re
 import time
 from collections import Counter
 from collections.abc import Callable, Collection
@@ -232,8 +233,10 @@ def _host(host: str) -> str:
         return host
     if not host.isascii() or "xn--" in host:
         host = _idn(host)
+    if (numeric := _numeric_ipv4(host)) is not None:
+        return str(numeric)
     name = host.removesuffix(".")
-    if _ipv4(name) or "." not in name or name.endswith("."):
+    if _ipv4(name) or _numeric_ipv4(name) is not None or "." not in name or name.endswith("."):
         # `127.0.0.1.` is no address but a name the resolver looks up (and fails on); `hooks.` a
         # top-level name, found neither in /etc/hosts (`localhost.` is not `localhost`) nor through
         # a search domain, where `hooks` may be; `hooks.example..` has an empty label no resolver
@@ -271,6 +274,9 @@ def _sent_to(url: str) -> str | httpx.URL:
         if ":" in host and (address := ipaddress.IPv6Address(host)).scope_id is None:
             mapped = _mapped(address)
             return httpx.URL(url).copy_with(host=address.compressed if mapped is None else str(mapped))
+        if (numeric := _numeric_ipv4(host)) is not None and str(numeric) != host:
+            # `127.1` as `127.0.0.1`, for the same reason: NO_PROXY=127.0.0.1 sent `127.1` to the proxy.
+            return httpx.URL(url).copy_with(host=str(numeric))
     return url
 
 
@@ -280,6 +286,35 @@ def _ipv4(host: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+# httpx reads a host of four decimal parts as an IPv4 address (refusing `0177.0.0.1`, never sent),
+# any other as a name, which the resolver may still read as an address (`_numeric_ipv4`).
+_FOUR_DECIMAL_PARTS = re.compile(r"[0-9]+\.[0-9]+\.[0-9]+\.[0-9]+")
+# Each part of an address as inet_aton reads it: hex after `0x`, octal after `0`, else decimal.
+_PART = re.compile(r"0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*")
+# The most the last part may hold, by the number of parts: `a` 32 bits, `a.b` 24, `a.b.c` 16, `a.b.c.d` 8.
+_LAST_PART_MOST = (0xFFFFFFFF, 0xFFFFFF, 0xFFFF, 0xFF)
+
+
+def _numeric_ipv4(host: str) -> ipaddress.IPv4Address | None:
+    """The IPv4 address the resolver connects a host httpx sends as a name to, when it reads it
+    as one (glibc's getaddrinfo, by inet_aton, and musl's alike): one to four parts, each decimal,
+    octal after `0` or hex after `0x`, the last filling the bits the others leave (`127.1`,
+    `2130706433`, `0x7f.1` are 127.0.0.1); None for any other host, `127.1.` (a name the resolver
+    looks up) and four decimal parts (httpx reads those as an address itself) included."""
+    if _FOUR_DECIMAL_PARTS.fullmatch(host):
+        return None
+    parts = host.split(".")
+    if len(parts) > 4 or not all(_PART.fullmatch(part) for part in parts):
+        return None
+    values = [int(part, 0) if part[:2].lower() == "0x" else int(part, 8 if part[0] == "0" else 10) for part in parts]
+    if any(value > 0xFF for value in values[:-1]) or values[-1] > _LAST_PART_MOST[len(values) - 1]:
+        return None
+    whole = values[-1]
+    for n, value in enumerate(values[:-1]):
+        whole |= value << (24 - 8 * n)
+    return ipaddress.IPv4Address(whole)
 
 
 @functools.lru_cache(maxsize=1024)

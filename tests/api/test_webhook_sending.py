@@ -1127,3 +1127,41 @@ def test_the_ipv6_spellings_of_an_ipv4_address_do_not_hang_on_how_python_writes_
         assert _matched(db, "http://127.0.0.1:8080/") == ids[:3]
         assert webhooks.destination("http://[::FFFF:127.0.0.1%lo]/") == "http://[::ffff:7f00:1%lo]:80"
     assert ipaddress.IPv6Address("::ffff:7f00:1").compressed == "::ffff:127.0.0.1"  # 3.13's, as patched
+
+
+def test_a_numeric_ipv4_spelling_is_the_dotted_quad_it_resolves_to(
+        receivers: Callable[..., Held], db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The URL checks take `127.1`, `2130706433`, `0x7f.1` and `017700000001` (httpx reads them as
+    # names, not four decimal parts), and the resolver (inet_aton) connects each to 127.0.0.1: one
+    # receiver, which was a destination per spelling, each with its own 2 slots and its own breaker.
+    receiver = receivers(held=False)
+    port = receiver.server.server_address[1]
+    spellings = [f"http://{host}:{port}/h" for host in ("127.1", "2130706433", "0x7f.1", "0X7F.0.0.1", "017700000001",
+                                                        "127.0.1", "0x7f000001", "0177.1", "127.0.0.0x1")]
+    for n, url in enumerate(spellings):
+        assert ProjectCreate(name="p", webhook_url=url).webhook_url == url
+        assert socket.getaddrinfo(httpx.URL(url).host, port, proto=socket.IPPROTO_TCP)[0][4][0] == "127.0.0.1"
+        assert webhooks.destination(url) == f"http://127.0.0.1:{port}", url
+        webhooks.refuse_foreign_receiver(url, f"http://127.0.0.1:{port}/", "p-1")
+    # Not what the resolver takes for a name: a trailing dot, a digit no octal has, a part past its
+    # bits, five parts; nor what httpx refuses as four decimal parts (`0177.0.0.1`, never sent).
+    for other in ("127.1.", "08.1", "256.1", "127.16777216", "1.2.3.4.5", "0x", "4294967296"):
+        assert webhooks.destination(f"http://{other}:{port}/") == f"http://{other}:{port}", other
+        with contextlib.suppress(UnicodeError, socket.gaierror):
+            assert socket.getaddrinfo(other, port, proto=socket.IPPROTO_TCP)[0][4][0] != "127.0.0.1"
+    assert webhooks.destination(f"http://0177.0.0.1:{port}/") != f"http://127.0.0.1:{port}"
+    # Sent as the dotted quad: httpx picks a proxy by the host as written, and with NO_PROXY=127.0.0.1
+    # `127.1` went to the proxy (which connects to its own 127.0.0.1), another host than the project's.
+    proxy = receivers(held=False)
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{proxy.server.server_address[1]}")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    deliverer = webhooks.Deliverer(db, lambda job_id: {}, None, interval=0.1)
+    now = shared_now()
+
+    async def post(n: int, url: str) -> tuple[str | None, webhooks.Verdict]:
+        async with deliverer._client() as client:
+            return await deliverer._post(client, webhooks.Due(f"whd_{n}", "job_1", url, "job.failed", 0, now))
+
+    for n, url in enumerate(spellings):
+        assert asyncio.run(post(n, url)) == (None, "delivered")
+    assert (len(receiver.arrived), proxy.arrived) == (len(spellings), [])
