@@ -73,6 +73,8 @@ PER_DESTINATION = 2
 FAILURES_TO_SET_ASIDE = 3
 COOL_DOWN_SECONDS = 30.0
 MAX_COOL_DOWN_SECONDS = 600.0
+# URLs given up per update by their exact text (`Deliverer._give_up`): well within SQLite's bound variables.
+GIVE_UP_URLS = 500
 # How often a process gives up the rows of its set-aside destinations that outlived their schedule: a
 # write (the database's write lock), so not at every look; a minute late of 20.6 hours is nothing.
 GIVE_UP_EVERY_SECONDS = 60.0
@@ -761,27 +763,44 @@ class Deliverer:
         redelivered longer ago than SCHEDULE_SECONDS: only its probes spend attempts, so its rows
         would otherwise wait for one probe each (6 an hour), pending, for weeks. One update per
         destination, of the rows still due (not claimed by another process: its lease is ahead),
-        unsent, as a failed last attempt leaves them; their attempts stay as counted."""
+        unsent, as a failed last attempt leaves them; their attempts stay as counted. Then those its
+        SQL prefixes miss (`_to`: `hooks。example`, `127.1`, an empty port), by their exact URLs."""
         with self.db.transaction() as s:
             now = shared_now()
             made = func.coalesce(col(WebhookDelivery.redelivered_at), col(WebhookDelivery.created_at))
+            past = [col(WebhookDelivery.delivered_at).is_(None), col(WebhookDelivery.next_attempt_at) <= now,
+                    made < now - timedelta(seconds=SCHEDULE_SECONDS)]
+            given_up = Counter[str]()
             for where, error in set_aside.items():
-                given_up = changed(s.execute(
-                    update(WebhookDelivery).where(
-                        col(WebhookDelivery.delivered_at).is_(None), col(WebhookDelivery.next_attempt_at) <= now,
-                        made < now - timedelta(seconds=SCHEDULE_SECONDS),
-                        # Last, after the cheap comparisons that pass over rows still within their
-                        # schedule (most, as a host has just died): on SQLite, finding none of 10,000 took
-                        # 9 to 34 ms so, 22 to 232 ms with it first (an IDN's, with its `replace`s, slowest).
-                        _to(where))
-                    .values(next_attempt_at=None, leased_until=None,
-                            last_error=f"not sent: {where} set aside, unreachable, past this delivery's "
-                                       f"{SCHEDULE_SECONDS / 3600:.1f} h retry schedule (its last failed attempt: "
-                                       f"{error or 'unknown'})"[:500])
-                    .execution_options(synchronize_session=False)))
-                if given_up:
-                    log.warning("webhook destination %s is still set aside: %d of its deliveries older than their "
-                                "retry schedule (%g s) given up unsent", where, given_up, SCHEDULE_SECONDS)
+                # `_to` last, after the cheap comparisons that pass over rows still within their
+                # schedule (most, as a host has just died): on SQLite, finding none of 10,000 took
+                # 9 to 34 ms so, 22 to 232 ms with it first (an IDN's, with its `replace`s, slowest).
+                given_up[where] += self._given_up(s, where, error, [*past, _to(where)])
+            # What is left past its schedule and due is few (a row is sent within it, unless its
+            # destination is set aside): its URLs read, each placed by its destination in Python.
+            missed: dict[str, list[str]] = {}
+            for url in s.scalars(select(col(WebhookDelivery.url)).where(*past).distinct()):
+                if (where := destination(url)) in set_aside:
+                    missed.setdefault(where, []).append(url)
+            for where, urls in missed.items():
+                for n in range(0, len(urls), GIVE_UP_URLS):
+                    given_up[where] += self._given_up(
+                        s, where, set_aside[where], [*past, col(WebhookDelivery.url).in_(urls[n:n + GIVE_UP_URLS])])
+        for where, count in given_up.items():
+            if count:
+                log.warning("webhook destination %s is still set aside: %d of its deliveries older than their "
+                            "retry schedule (%g s) given up unsent", where, count, SCHEDULE_SECONDS)
+
+    @staticmethod
+    def _given_up(s: Session, where: str, error: str, rows: list[sa.ColumnElement[bool]]) -> int:
+        """Give up the `rows` of set-aside `where` in `s`, unsent; how many."""
+        return changed(s.execute(
+            update(WebhookDelivery).where(*rows)
+            .values(next_attempt_at=None, leased_until=None,
+                    last_error=f"not sent: {where} set aside, unreachable, past this delivery's "
+                               f"{SCHEDULE_SECONDS / 3600:.1f} h retry schedule (its last failed attempt: "
+                               f"{error or 'unknown'})"[:500])
+            .execution_options(synchronize_session=False)))
 
     def _claim_all(self, rows: list[Due]) -> list[Due]:
         """The rows this process claims of `rows`, in one transaction (SQLite's write lock once)."""

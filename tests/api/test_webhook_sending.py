@@ -1165,3 +1165,31 @@ def test_a_numeric_ipv4_spelling_is_the_dotted_quad_it_resolves_to(
     for n, url in enumerate(spellings):
         assert asyncio.run(post(n, url)) == (None, "delivered")
     assert (len(receiver.arrived), proxy.arrived) == (len(spellings), [])
+
+
+def test_a_set_aside_destination_s_rows_spelt_past_the_sql_filter_are_given_up_too(db: Database) -> None:
+    check_a_set_aside_destination_s_rows_spelt_past_the_sql_filter_are_given_up_too(db)
+
+
+def check_a_set_aside_destination_s_rows_spelt_past_the_sql_filter_are_given_up_too(db: Database) -> None:
+    # The update that gives up a set-aside destination's rows past their schedule matches their URLs
+    # by the SQL prefixes of its spellings (`_to`); those it misses (a dot written `。`, an empty port,
+    # a port `080`, `127.1`, an uncompressed IPv6 address) stayed pending, one probe each, for weeks.
+    urls = ["http://hooks.example/h", "http://hooks\u3002example/h", "http://hooks.example:/h", "http://HOOKS.example:080/h",
+            "http://127.1:8080/h", "http://[0:0:0:0:0:0:0:1]:8080/h", "http://hooks\u3002example/new",
+            "http://other\u3002example/h", "http://hooks\u3002example.org/h"]
+    ids = _deliveries(db, [(url, 1) for url in urls])
+    now = shared_now()
+    with db.transaction() as s:
+        for row in s.exec(select(WebhookDelivery)).all():
+            row.created_at = now - timedelta(seconds=webhooks.SCHEDULE_SECONDS + (-60 if row.id == ids[6] else 60))
+    deliverer = webhooks.Deliverer(db, lambda job_id: {"id": job_id}, None, interval=0.02)
+    set_aside = {webhooks.destination("http://hooks.example/"): "answered 503",
+                 webhooks.destination("http://127.0.0.1:8080/"): "ConnectError",
+                 webhooks.destination("http://[::1]:8080/"): "ConnectError"}
+    assert len(set_aside) == 3 and webhooks.destination(urls[4]) in set_aside
+    deliverer._give_up(set_aside)
+    rows = _rows(db)
+    assert [rows[i].next_attempt_at is None for i in ids] == [True] * 6 + [False] * 3
+    assert "answered 503" in (rows[ids[1]].last_error or "") and "ConnectError" in (rows[ids[4]].last_error or "")
+    assert [rows[i].last_error for i in ids[6:]] == [None] * 3

@@ -81,6 +81,7 @@ from tests.api.test_webhook_sending import (
     check_a_claim_given_back_is_due_as_it_was,
     check_a_full_destination_is_read_past,
     check_a_set_aside_destination_s_rows_past_their_schedule_are_given_up_unsent,
+    check_a_set_aside_destination_s_rows_spelt_past_the_sql_filter_are_given_up_too,
     check_spellings_the_sql_filter_misses_do_not_fill_every_read,
     check_the_sql_filter_folds_no_capital_into_another_host_s_letter,
     check_the_sql_filter_of_a_host_of_many_non_ascii_letters_runs,
@@ -1358,6 +1359,12 @@ def test_a_set_aside_webhook_destination_s_rows_past_their_schedule_are_given_up
         pg_db: Database) -> None:
     # The conditional bulk update on PostgreSQL's timestamps (`coalesce` of two) and its `substr`.
     check_a_set_aside_destination_s_rows_past_their_schedule_are_given_up_unsent(pg_db)
+
+
+def test_a_set_aside_webhook_destination_s_rows_spelt_past_the_sql_filter_are_given_up_on_postgres(
+        pg_db: Database) -> None:
+    # The distinct read of the URLs left past their schedule, and the update of them by exact URL.
+    check_a_set_aside_destination_s_rows_spelt_past_the_sql_filter_are_given_up_too(pg_db)
 
 
 def test_webhook_deliveries_made_before_0028_are_given_their_project_on_postgres(postgres_url: str) -> None:
