@@ -156,7 +156,7 @@ DEFAULT_PORTS = {"http": 80, "https": 443}
 
 def destination(url: str) -> str:
     """The receiver of `url` whose slots and breaker its deliveries share: its scheme, host and
-    port, canonical, so that every spelling of one receiver is one (`HTTPS://Hooks.example./a`,
+    port, canonical, so that every spelling of one receiver is one (`HTTPS://Hooks.example/a`,
     `https://hooks.example:443/b`, `https://xn--bcher-kva.example/` and `https://BÜCHER.example/`):
     the scheme lowercase, the default port written, and the host as `_host` writes it. A URL
     `urlsplit` refuses (`_unparsed`) is a destination of its own."""
@@ -216,9 +216,9 @@ def _host(host: str) -> str:
     sender's httpx connects to it, one form for its spellings: an IPv4-mapped IPv6 address as its
     IPv4 address (`127.0.0.1` for `::ffff:127.0.0.1`), another IPv6 address compressed
     (`2001:db8::1` for `2001:DB8:0:0::1`), its zone as written (`lo` is not `LO`), else an IDN in
-    Unicode (`bücher.example` for `xn--bcher-kva.example`; a dot `。` is `.`), without the one
-    trailing dot of a fully qualified name of two labels or more (`hooks.example.` is
-    `hooks.example`; `hooks.example..` is not, nor `hooks.` `hooks`). Not percent-decoded: httpx
+    Unicode (`bücher.example` for `xn--bcher-kva.example`; a dot `。` is `.`), a numeric IPv4
+    spelling the resolver reads as an address as its dotted quad (`127.1`: `_numeric_ipv4`), any
+    trailing dot kept (`hooks.example.` is not `hooks.example`, nor `hooks.` `hooks`). Not percent-decoded: httpx
     sends `%68ooks.example` as written, a name no resolver knows, so it is no spelling of
     `hooks.example` (merged, its failed attempts set the real host's breaker aside)."""
     if ":" in host:
@@ -237,14 +237,14 @@ def _host(host: str) -> str:
         host = _idn(host)
     if (numeric := _numeric_ipv4(host)) is not None:
         return str(numeric)
-    name = host.removesuffix(".")
-    if _ipv4(name) or _numeric_ipv4(name) is not None or "." not in name or name.endswith("."):
-        # `127.0.0.1.` is no address but a name the resolver looks up (and fails on); `hooks.` a
-        # top-level name, found neither in /etc/hosts (`localhost.` is not `localhost`) nor through
-        # a search domain, where `hooks` may be; `hooks.example..` has an empty label no resolver
-        # takes. Each a receiver of its own: merged, its failed attempts set the other's breaker aside.
-        return host
-    return name
+    # A trailing dot is kept: a name with one is fully qualified, looked up as written, where the
+    # name without is matched in /etc/hosts (`hooks.dev` there, `hooks.dev.` not: reproduced with
+    # glibc 2.36's getaddrinfo) and tried with resolv.conf's search domains (first, when it has
+    # fewer dots than `ndots`, 5 in Kubernetes, where `hooks.dev` is Service `hooks` of namespace
+    # `dev`, `hooks.dev.svc.cluster.local`, and `hooks.dev.` a name in public DNS).
+    # Two receivers, maybe: merged, a dead one's failed attempts set the other's breaker aside, and a
+    # project key named one for its project's other. `127.0.0.1.` is a name too, not the address.
+    return host
 
 
 def _compressed(address: ipaddress.IPv6Address) -> str:
@@ -333,10 +333,10 @@ def _idn(host: str) -> str:
 
 def _written_as(where: str) -> list[str]:
     """The ways a URL may start with destination `where`, lowercase (but for an IPv6 zone: `_to`):
-    with its port, and without it when it is its scheme's default; a name of two labels or more
-    with its trailing dot and without, an IDN in Unicode and as `xn--`, an IPv4 address also as the
-    IPv6 address mapping it, written so and compressed (an IPv6 host not otherwise than as
-    `destination` writes it, nor an IDN's labels half in one and half in the other: `Deliverer._due`)."""
+    with its port, and without it when it is its scheme's default; an IDN in Unicode and as
+    `xn--`, an IPv4 address also as the IPv6 address mapping it, written so and compressed (an
+    IPv6 host not otherwise than as `destination` writes it, nor an IDN's labels half in one and
+    half in the other, nor a numeric IPv4 spelling as `127.1`: `Deliverer._due`, `_give_up`)."""
     scheme, _, rest = where.partition("://")
     host, colon, port = rest.rpartition(":")
     if not colon or not port.isdigit():  # no port written (a scheme without a default), or an IPv6 host's colon
@@ -346,10 +346,8 @@ def _written_as(where: str) -> list[str]:
         hosts = [host]
     elif _ipv4(host):
         hosts = [host, f"[::ffff:{host}]", f"[{_compressed(ipaddress.IPv6Address(f'::ffff:{host}'))}]"]
-    elif "." not in host or host.endswith("."):  # a single label, or dots kept (`_host`): no other spelling
-        hosts = names
     else:
-        hosts = [spelled for name in names for spelled in (name, name + ".")]
+        hosts = names
     starts = []
     for spelled in hosts:
         starts.append(f"{scheme}://{spelled}:{port}" if port else f"{scheme}://{spelled}")
