@@ -270,15 +270,17 @@ def _sent_to(url: str) -> str | httpx.URL:
     (`_host`: an IPv4-mapped one as its IPv4 address, another compressed). httpx picks a proxy by
     the host as written: with HTTP_PROXY and NO_PROXY=127.0.0.1, `[::ffff:127.0.0.1]` went to the
     proxy, which connects to its own 127.0.0.1, and with NO_PROXY=::1 `[0:0:0:0:0:0:0:1]` did
-    (reproduced), so a project key allowed either as its project's receiver reached another host."""
+    (reproduced), so a project key allowed either as its project's receiver reached another host.
+    So a host the resolver reads as an IPv4 address (`_numeric_ipv4`), as its dotted quad."""
     with contextlib.suppress(ValueError):  # not so (httpx's own error comes with the POST)
         host = urlsplit(url).hostname or ""
         if ":" in host and (address := ipaddress.IPv6Address(host)).scope_id is None:
             mapped = _mapped(address)
             return httpx.URL(url).copy_with(host=address.compressed if mapped is None else str(mapped))
-        if (numeric := _numeric_ipv4(host)) is not None and str(numeric) != host:
-            # `127.1` as `127.0.0.1`, for the same reason: NO_PROXY=127.0.0.1 sent `127.1` to the proxy.
-            return httpx.URL(url).copy_with(host=str(numeric))
+        if ":" not in host and _ipv4(written := _host(host)) and written != host:
+            # `127.1` (or `127。1`) as `127.0.0.1`, for the same reason: with NO_PROXY=127.0.0.1
+            # httpx sent `127.1` to the proxy.
+            return httpx.URL(url).copy_with(host=written)
     return url
 
 

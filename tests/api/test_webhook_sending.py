@@ -1138,7 +1138,8 @@ def test_a_numeric_ipv4_spelling_is_the_dotted_quad_it_resolves_to(
     receiver = receivers(held=False)
     port = receiver.server.server_address[1]
     spellings = [f"http://{host}:{port}/h" for host in ("127.1", "2130706433", "0x7f.1", "0X7F.0.0.1", "017700000001",
-                                                        "127.0.1", "0x7f000001", "0177.1", "127.0.0.0x1")]
+                                                        "127.0.1", "0x7f000001", "0177.1", "127.0.0.0x1",
+                                                        "127\u30021")]
     for url in spellings:
         assert ProjectCreate(name="p", webhook_url=url).webhook_url == url
         assert socket.getaddrinfo(httpx.URL(url).host, port, proto=socket.IPPROTO_TCP)[0][4][0] == "127.0.0.1"
