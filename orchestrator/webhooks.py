@@ -312,6 +312,10 @@ def _numeric_ipv4(host: str) -> ipaddress.IPv4Address | None:
     parts = host.split(".")
     if len(parts) > 4 or not all(_PART.fullmatch(part) for part in parts):
         return None
+    # A decimal part of more than 10 digits is past 32 bits; read, past 4,300 it raised (Python's
+    # bound on a decimal `int`), and a stored row's destination must not raise (`_unparsed`).
+    if any(len(part) > 10 and part[0] != "0" for part in parts):
+        return None
     values = [int(part, 0) if part[:2].lower() == "0x" else int(part, 8 if part[0] == "0" else 10) for part in parts]
     if any(value > 0xFF for value in values[:-1]) or values[-1] > _LAST_PART_MOST[len(values) - 1]:
         return None

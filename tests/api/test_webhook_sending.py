@@ -1215,3 +1215,12 @@ def test_a_multi_label_host_with_a_trailing_dot_is_not_the_host_without() -> Non
         breakers.ended(webhooks.destination("http://hooks.dev./h"), f"whd_{attempt}", "down", "ConnectError")
     assert breakers.set_aside() == ["http://hooks.dev.:80"]
     assert breakers.slots(webhooks.destination("http://hooks.dev/h"), 2) == 2
+
+
+@pytest.mark.parametrize("host", ["9" * 5000, "1." + "9" * 5000])
+def test_a_host_of_thousands_of_digits_has_a_destination(host: str) -> None:
+    # A row stored before the 2,000-character bound: reading its host's digits as a number raised
+    # (Python reads at most 4,300 decimal digits), in every look of the sender.
+    assert webhooks.destination(f"http://{host}/h") == f"http://{host}:80"
+    assert webhooks._sent_to(f"http://{host}/h") == f"http://{host}/h"
+    assert webhooks.destination(f"http://0{'0' * 5000}1/h") == "http://0.0.0.1:80"  # octal: leading zeros are read
