@@ -1224,3 +1224,33 @@ def test_a_host_of_thousands_of_digits_has_a_destination(host: str) -> None:
     assert webhooks.destination(f"http://{host}/h") == f"http://{host}:80"
     assert webhooks._sent_to(f"http://{host}/h") == f"http://{host}/h"
     assert webhooks.destination(f"http://0{'0' * 5000}1/h") == "http://0.0.0.1:80"  # octal: leading zeros are read
+
+
+def test_the_give_up_reads_a_bounded_number_of_missed_urls_soonest_due_first(
+        db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    check_the_give_up_reads_a_bounded_number_of_missed_urls(db, monkeypatch)
+
+
+def check_the_give_up_reads_a_bounded_number_of_missed_urls(db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The URLs past their schedule are read and placed in Python under the write lock: a bounded
+    # number a pass, the soonest due first (a live destination's are sent and leave the read).
+    monkeypatch.setattr(webhooks, "MISSED_URLS", 1)
+    ids = _deliveries(db, [("http://other\u3002example/h", 1), ("http://hooks\u3002example/h", 1),
+                           ("http://hooks\u3002example/later", 1)])
+    with db.transaction() as s:
+        for row in s.exec(select(WebhookDelivery)).all():
+            row.created_at = shared_now() - timedelta(seconds=webhooks.SCHEDULE_SECONDS + 60)
+    deliverer = webhooks.Deliverer(db, lambda job_id: {}, None, interval=0.1)
+    set_aside = {webhooks.destination("http://hooks.example/"): "answered 503"}
+
+    def given_up() -> list[str]:
+        return [i for i, row in sorted(_rows(db).items()) if row.next_attempt_at is None]
+
+    deliverer._give_up(set_aside)
+    assert given_up() == []  # the one URL read was the other host's, due first
+    with db.transaction() as s:
+        s.get_one(WebhookDelivery, ids[0]).delivered_at = shared_now()  # sent meanwhile
+    deliverer._give_up(set_aside)
+    assert given_up() == [ids[1]]
+    deliverer._give_up(set_aside)
+    assert given_up() == ids[1:]

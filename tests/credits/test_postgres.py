@@ -83,6 +83,7 @@ from tests.api.test_webhook_sending import (
     check_a_set_aside_destination_s_rows_past_their_schedule_are_given_up_unsent,
     check_a_set_aside_destination_s_rows_spelt_past_the_sql_filter_are_given_up_too,
     check_spellings_the_sql_filter_misses_do_not_fill_every_read,
+    check_the_give_up_reads_a_bounded_number_of_missed_urls,
     check_the_sql_filter_folds_no_capital_into_another_host_s_letter,
     check_the_sql_filter_of_a_host_of_many_non_ascii_letters_runs,
     check_the_sql_filter_of_an_idn_destination,
@@ -1363,8 +1364,14 @@ def test_a_set_aside_webhook_destination_s_rows_past_their_schedule_are_given_up
 
 def test_a_set_aside_webhook_destination_s_rows_spelt_past_the_sql_filter_are_given_up_on_postgres(
         pg_db: Database) -> None:
-    # The distinct read of the URLs left past their schedule, and the update of them by exact URL.
+    # The read of the URLs left past their schedule, and the update of them by exact URL.
     check_a_set_aside_destination_s_rows_spelt_past_the_sql_filter_are_given_up_too(pg_db)
+
+
+def test_the_webhook_give_up_reads_a_bounded_number_of_missed_urls_soonest_due_first_on_postgres(
+        pg_db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Grouped by URL, ordered by the soonest `next_attempt_at` of each.
+    check_the_give_up_reads_a_bounded_number_of_missed_urls(pg_db, monkeypatch)
 
 
 def test_webhook_deliveries_made_before_0028_are_given_their_project_on_postgres(postgres_url: str) -> None:
