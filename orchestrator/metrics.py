@@ -148,8 +148,12 @@ def render(db: Database, engines: Mapping[str, Iterable[str]], settled: SettledT
                                Project.local_seconds_per_day).order_by(col(Project.id))).all()
         with settled.lock:
             before = settled.watermark(now)
-            device_ms = _device_ms(s, settled, before)
+            # Folded once every read has answered: a read that fails after another folded its
+            # window left the watermark where it was, and the next scrape folded that window again.
+            settling, device_ms = _device_ms(s, settled, before)
             timings = _timings(s, settled, before)
+            for project_id, ms in settling.items():
+                settled.device_ms[project_id] = settled.device_ms.get(project_id, 0) + ms
             settled.before = before
     names = list(engines)
     pairs = {(stage, name) for name, stages in engines.items() for stage in stages}
@@ -253,10 +257,11 @@ class _Histogram:
         self.count += int(n)
 
 
-def _device_ms(s: Session, settled: SettledTimes, before: datetime) -> dict[str, int]:
+def _device_ms(s: Session, settled: SettledTimes, before: datetime) -> tuple[dict[str, int], dict[str, int]]:
     """The device milliseconds (each job's `device_seconds`, to the millisecond: the sums are a
     full read's whatever the order they were added in) of each project's jobs that ended from
-    `settled.before` on; those that ended before `before` are folded into `settled` instead. A
+    `settled.before` on: those that ended before `before` (for the caller to fold into `settled`
+    once its other reads have answered too), and the others. A
     first read goes through `ix_jobs_device_seconds` whole, once; later ones through
     `ix_jobs_finished_at`, the recent ends only, never every local job's entry (a sum of the
     projects' 24 hours at each scrape would have been)."""
@@ -268,15 +273,16 @@ def _device_ms(s: Session, settled: SettledTimes, before: datetime) -> dict[str,
                    cast(func.round(col(Job.device_seconds) * 1000), BigInteger).label("ms"),
                    case((col(Job.finished_at) < before, 1), else_=0).label("settles"))
             .where(*where).offset(0).subquery())
+    settling: dict[str, int] = {}
     recent: dict[str, int] = {}
     rows: list[Any] = list(s.exec(Select(held.c.project_id, func.sum(held.c.ms), held.c.settles)
                                   .group_by(held.c.project_id, held.c.settles)).all())
     for project_id, ms, settles in rows:
         if ms is None:  # ended jobs that held no local device
             continue
-        kept = settled.device_ms if settles else recent
+        kept = settling if settles else recent
         kept[project_id] = kept.get(project_id, 0) + int(ms)
-    return recent
+    return settling, recent
 
 
 def _timings(s: Session, settled: SettledTimes, before: datetime) -> list[Any]:

@@ -16,8 +16,10 @@ from typing import Any
 
 import pytest
 from sqlalchemy import delete, event, update
+from sqlalchemy.exc import OperationalError
 from sqlmodel import col
 
+from orchestrator import metrics
 from orchestrator.db import Database
 from orchestrator.metrics import SETTLED_MARGIN, SettledTimes, SharedRead, render
 from orchestrator.models import Job, Project
@@ -393,3 +395,36 @@ def test_a_later_scrape_reads_only_the_recent_ends_for_the_device_seconds(sqlite
         plan = "\n".join(row[3] for row in s.connection().exec_driver_sql(f"EXPLAIN QUERY PLAN {statement}",
                                                                           parameters))
     assert "SEARCH jobs USING INDEX ix_jobs_finished_at" in plan and "SCAN jobs" not in plan, plan
+
+
+def test_a_scrape_whose_read_fails_part_way_counts_no_device_second_twice(
+        sqlite_db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A scrape that fails after its device-seconds were read (the histograms' read: a database that
+    went away between two queries) keeps nothing of that read: the next scrape reads the same ends
+    again, and a window folded by the failed one was counted twice, the counter above a full read's."""
+    clock = [NOW]
+    monkeypatch.setattr("orchestrator.metrics.utcnow", lambda: clock[0])
+    engines = {"lite": ["ideation"]}
+    with sqlite_db.transaction() as s:
+        s.add(Project(id="prj_dev_fail", name="fail", policy="balanced"))
+    with sqlite_db.transaction() as s:
+        s.add(Job(id="job_dev_fail", project_id="prj_dev_fail", stage="ideation", engine="lite", status="succeeded",
+                  created_at=NOW, started_at=NOW, finished_at=NOW + timedelta(minutes=1), device_seconds=2.5))
+    settled = SettledTimes()
+    render(sqlite_db, engines, settled)  # the job ended after its watermark: read again by the next
+    clock[0] = NOW + timedelta(hours=1)  # now under the watermark: the next read folds it
+    timings = metrics._timings
+
+    def failing(*args: Any) -> Any:
+        raise OperationalError("SELECT", {}, Exception("the database went away"))
+
+    monkeypatch.setattr("orchestrator.metrics._timings", failing)
+    with pytest.raises(OperationalError):
+        render(sqlite_db, engines, settled)
+    monkeypatch.setattr("orchestrator.metrics._timings", timings)
+    for minutes in (0, 1):
+        clock[0] = NOW + timedelta(hours=1, minutes=minutes)
+        _, samples = parse(render(sqlite_db, engines, settled))
+        _, full = parse(render(sqlite_db, engines))
+        name = "orchestrator_project_local_device_seconds_total"
+        assert samples[name][labels(project="prj_dev_fail")] == full[name][labels(project="prj_dev_fail")] == 2.5
