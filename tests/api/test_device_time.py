@@ -506,18 +506,18 @@ def test_a_local_job_a_dead_process_left_counts_what_it_held_until_its_last_rene
     check_a_local_job_a_dead_process_left_counts_what_it_held(make_settings)
 
 
-def left_by_a_dead_process(settings: Settings) -> tuple[str, str, str]:
-    """A project with two local drafts a dead process left running, 100 s after they started and
-    30 s after its lease's last renewal (a 60 s lease): one with a cancel asked, one to queue again.
-    Returns the project's id, the canceled job's and the other's."""
+def left_by_a_dead_process(settings: Settings, renewed_ago: float = 30.0) -> tuple[str, str, str]:
+    """A project with two local drafts a dead process left running, 70 s of work up to its lease's
+    last renewal `renewed_ago` seconds before (a 60 s lease): one with a cancel asked, one to queue
+    again. Returns the project's id, the canceled job's and the other's."""
     settings.data_dir.mkdir(parents=True)
     db = Database(settings.resolved_database_url)
     db.migrate()
     now = utcnow()
     project_id, canceled_id, requeued_id = new_id("prj"), new_id("job"), new_id("job")
     left: dict[str, Any] = {"status": "running", "attempt": 1, "lease_owner": "dead-host:1:0",
-                            "started_at": now - timedelta(seconds=100),
-                            "lease_expires_at": now - timedelta(seconds=30) + timedelta(seconds=60)}
+                            "started_at": now - timedelta(seconds=renewed_ago + 70),
+                            "lease_expires_at": now - timedelta(seconds=renewed_ago) + timedelta(seconds=60)}
     params = {"stage": "ideation", "prompt": "a lighthouse", "negative_prompt": "", "n": 1, "seed": 5,
               "width": 64, "height": 64, "steps": 2, "tags": {}}
     with db.transaction() as s:
@@ -532,9 +532,9 @@ def left_by_a_dead_process(settings: Settings) -> tuple[str, str, str]:
 
 
 def check_a_local_job_a_dead_process_left_counts_what_it_held(make_settings: SettingsFactory,
-                                                              **database: Any) -> None:
+                                                              renewed_ago: float = 30.0, **database: Any) -> None:
     settings = make_settings(lease_seconds=60, **database)
-    project_id, canceled_id, requeued_id = left_by_a_dead_process(settings)
+    project_id, canceled_id, requeued_id = left_by_a_dead_process(settings, renewed_ago)
 
     with client_for(settings) as client:
         services = services_of(client)
