@@ -374,6 +374,14 @@ def _stamp(path: Path) -> tuple[int, int, int, int] | None:
     return found.st_dev, found.st_ino, found.st_size, found.st_mtime_ns
 
 
+def _regular_size(path: Path) -> int | None:
+    """The size of the regular file at `path` (through a link, as `get` reads it); None for what
+    `get` cannot read as an image (a folder, a FIFO: a restore gone wrong), whose size is not the
+    image's: measured so, an asset kept it for good once its file was mended."""
+    found = os.stat(path)
+    return found.st_size if stat.S_ISREG(found.st_mode) else None
+
+
 def _fsync_dir(folder: Path) -> None:
     """Make a folder's entries (a rename, a new name) durable. Best effort where a folder cannot
     be opened for it (some network filesystems): the file's own fsync still holds its bytes."""
@@ -617,7 +625,7 @@ class ArtifactStore:
         cannot be read. `sha256` must be one (`path_for`)."""
         home = self.path_for(sha256)
         try:
-            return os.stat(home).st_size
+            return _regular_size(home)
         except FileNotFoundError:
             pass
         except OSError:
@@ -625,7 +633,7 @@ class ArtifactStore:
         if (aside := self._set_aside_copy(home)) is not None:
             return len(aside)
         try:  # put back home since the first look (see `get_or_open`)
-            return os.stat(home).st_size
+            return _regular_size(home)
         except OSError:
             return None
 

@@ -4,6 +4,7 @@ refused 507 `storage_quota_exceeded` with nothing written; only the admin key se
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -403,6 +404,52 @@ def test_an_asset_whose_file_is_missing_is_measured_once_its_file_is_restored(
         backup.rename(store.path_for(shas[0]))  # restored from a backup
         assert quota.measure(db, store) == 1
         assert sizes() == ({"ast_l0": len(lost), "ast_l1": len(kept)}, len(lost) + len(kept))
+        assert main(["check"]) == 0, capsys.readouterr().out  # nothing to correct by hand
+    finally:
+        db.dispose()
+
+
+@pytest.mark.parametrize("standing_in", ["folder", "fifo"])
+def test_an_asset_whose_file_is_no_regular_file_is_measured_once_it_is_mended(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], standing_in: str) -> None:
+    """A folder or a FIFO where an asset's file belongs (a restore gone wrong) is no image: `get`
+    calls it unreadable. An asset stored before sizes were kept was measured at its size (a
+    folder's, a FIFO's 0) for good; once a job made its image again (which moves a folder aside and
+    replaces a FIFO), its project's usage stayed short of the file and `orchestrator check` asked
+    for its row and its project's usage to be corrected by hand."""
+    from orchestrator import quota
+    from orchestrator.cli import main
+
+    monkeypatch.setenv("ORCH_DATA_DIR", str(tmp_path))
+    db = Database(f"sqlite:///{tmp_path / 'orchestrator.db'}")
+    try:
+        db.migrate()
+        store = ArtifactStore(tmp_path / "assets")
+        data = b"an image stored before 0029, " * 20
+        sha = store.put(data)
+        home = store.path_for(sha)
+        home.unlink()
+        home.mkdir() if standing_in == "folder" else os.mkfifo(home)
+        with db.transaction() as s:
+            s.add(Project(id="prj_f", name="f", policy="balanced"))
+            s.flush()
+            s.add(Job(id="job_f", project_id="prj_f", stage="ideation", engine="lite", status="succeeded"))
+            s.flush()
+            s.add(Asset(id="ast_f", project_id="prj_f", job_id="job_f", stage="ideation", engine="lite", model="m",
+                        prompt="p", width=64, height=64, sha256=sha))
+
+        def sizes() -> tuple[int | None, int]:
+            with db.session() as s:
+                asset, project = s.get(Asset, "ast_f"), s.get(Project, "prj_f")
+                assert asset is not None and project is not None
+                return asset.bytes, project.storage_bytes
+
+        assert quota.measure(db, store) == 0
+        assert sizes() == (None, 0)
+        assert store.put(data) == sha and home.is_file()  # mended: a job made the image again
+        assert quota.measure(db, store) == 1
+        assert sizes() == (len(data), len(data))
+        capsys.readouterr()
         assert main(["check"]) == 0, capsys.readouterr().out  # nothing to correct by hand
     finally:
         db.dispose()
