@@ -211,7 +211,8 @@ class Asset(SQLModel, table=True):
                       # statistics, took the stage's index above over it and sorted every old draft.
                       sa.Index("ix_assets_stage_live", "stage", "deleted_at", "created_at", "id"),
                       # The assets stored before their size was kept (migration 0029), which the asset
-                      # sweep measures (`orchestrator.quota.measure`): empty once it has, so its look is free.
+                      # sweep measures (`orchestrator.quota.measure`): empty once it has, but for those whose file is
+                      # missing or no regular file, looked at again each sweep until mended.
                       sa.Index("ix_assets_unmeasured", "id", sqlite_where=UNMEASURED, postgresql_where=UNMEASURED))
 
     id: str = Field(primary_key=True, max_length=40)

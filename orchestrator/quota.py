@@ -255,7 +255,7 @@ def measure(db: Database, store: ArtifactStore, *, batch: int = MEASURE_BATCH,
         log.info("measured the files of %d assets stored before their sizes were kept: their projects' storage "
                  "usage counts them now", measured)
     if missing:
-        log.warning("%d live assets stored before their sizes were kept have no file in the store: they count "
+        log.warning("%d live asset(s) stored before their sizes were kept have no file in the store: they count "
                     "nothing in their projects' storage usage until their files are restored (`orchestrator "
                     "check` lists them), then the asset sweep measures them", missing)
     return measured

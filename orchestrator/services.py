@@ -713,10 +713,10 @@ class Services:
         return quota.measure(self.db, self.store, stop=self.sweeps_stop)
 
     async def _sweep_assets(self) -> None:
-        """Assets stored before sizes were kept measured (`quota.measure`: none once done), drafts
-        past ORCH_DRAFT_RETENTION_DAYS and webhook deliveries past ORCH_WEBHOOK_RETENTION_DAYS, then
-        asset files no row names (`ArtifactStore.sweep_orphans`: the drafts' among them) and old temp
-        files: at start, then every `ORPHAN_SWEEP_SECONDS`."""
+        """Assets stored before sizes were kept measured (`quota.measure`: none once done, but those
+        whose file is missing), drafts past ORCH_DRAFT_RETENTION_DAYS and webhook deliveries past
+        ORCH_WEBHOOK_RETENTION_DAYS, then asset files no row names (`ArtifactStore.sweep_orphans`: the
+        drafts' among them) and old temp files: at start, then every `ORPHAN_SWEEP_SECONDS`."""
         while True:
             try:
                 await asyncio.to_thread(self.measure_assets)

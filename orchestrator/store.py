@@ -540,7 +540,7 @@ class ArtifactStore:
                 found = self._read_home(path, sha256, up_to)
             except FileNotFoundError:
                 # Renamed aside by a sweep that stopped mid-way (or is judging it now): served from
-                # there, as the next sweep puts it back. It was told to be restored from a backup.
+                # there, as the next sweep puts it back.
                 # Not aside either: it may have been put back home since the first look (a sweep or
                 # `discard` found it named, a dead sweep's leftover settled), so home is read once
                 # more; a live asset's reader was told to restore its file from a backup (a 500).
