@@ -286,6 +286,11 @@ class ReplicateEngine(CloudEngine):
         # meanwhile: each waited for, up to its 10 s, before the next read, n=16 with Replicate
         # down took some 200 s to fail (fake clock) where the reads have 120 s at most.
         stops = _Stops(self, progress)
+        # Predictions given up on whose stops answered that they had succeeded, not fetched yet: a
+        # cancel while one of them is fetched keeps the rest as made (`canceled`), as it keeps
+        # those its own stops find made. Left here, they stayed failures: their images (paid for)
+        # not fetched, the job charged "unknown" with every prediction made.
+        found_made: list[tuple[str, EngineError, dict[str, Any]]] = []
         made_at: list[int] = []  # the prediction each of `images` came from: they stay in its order
         place = {str(handle["id"]): i for i, handle in enumerate(handles)}
 
@@ -347,9 +352,10 @@ class ReplicateEngine(CloudEngine):
             at_stop, answers = await asyncio.gather(
                 stops.settled(), asyncio.gather(*(self._stop_saved(handles[j]) for j in stopping)))
             made: list[tuple[int, dict[str, Any]]] = []
-            for prediction_id, failure, prediction in at_stop:  # given up on, then found made
+            for prediction_id, failure, prediction in [*found_made, *at_stop]:  # given up on, then found made
                 failures.remove(failure)
                 made.append((place[prediction_id], prediction))
+            found_made.clear()
             for j, answer in zip(stopping, answers, strict=True):
                 prediction_id = str(handles[j]["id"])
                 if _never_ran(answer):
@@ -365,7 +371,9 @@ class ReplicateEngine(CloudEngine):
                 keep(j, outputs)
                 billed += not outputs  # made and billed, its output lost
             if doubtful or any(not failure.work_unbilled for failure in failures):
-                exc.at_least_charged("unknown")  # one may have run, or an earlier one failed and may have billed
+                # One may have run, or an earlier one failed and may have billed: not known, though
+                # a cancel of `i`'s download says "yes" (of `i` alone), which "at least" kept.
+                exc.charged = "unknown"
             elif made:
                 exc.at_least_charged("yes")
             elif unstopped and not billed:
@@ -378,7 +386,9 @@ class ReplicateEngine(CloudEngine):
             # The failures are judged by their stops' answers. One may say its prediction
             # succeeded: read once at the deadline, still running, it finished before its stop
             # came, and its image, made and paid for, was lost with the job failed as if it had.
-            for prediction_id, exc, finished in await stops.settled():
+            found_made.extend(await stops.settled())
+            while found_made:
+                prediction_id, exc, finished = found_made.pop(0)
                 failures.remove(exc)
                 await followed(place[prediction_id], finished)
             if failures:

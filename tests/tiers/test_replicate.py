@@ -1312,3 +1312,63 @@ async def test_a_reattach_canceled_keeps_the_image_of_a_prediction_given_up_on_t
         await engine.reattach(req, [{"id": "p-1"}, {"id": "p-2"}], NullProgress(), token)
     assert output.call_count == 1 and info.value.made is not None and len(info.value.made.images) == 1
     assert info.value.charged == "yes" and info.value.cost_millicredits == engine.estimate(req) // 2
+
+
+@respx.mock
+async def test_a_reattach_canceled_while_it_fetches_one_found_made_keeps_the_others_found_made(
+        engine: ReplicateEngine) -> None:
+    # p-1 and p-2 gone from their reads (404) and stopped, both stops answering that they had
+    # succeeded; p-3 made. The job is canceled while p-1's output is downloaded: p-2, found made by
+    # its stop as well, was left a failure, its image (made and paid for) not fetched, the job
+    # charged "unknown" though every prediction was made.
+    token = CancelToken()
+    ran = {"started_at": "2026-12-07T08:00:00Z"}
+    for i in (1, 2):
+        respx.get(f"{BASE}/v1/predictions/p-{i}").mock(return_value=httpx.Response(404, json={"detail": "Not found."}))
+        respx.post(f"{BASE}/v1/predictions/p-{i}/cancel").mock(
+            return_value=httpx.Response(200, json={**numbered(i), **ran}))
+    respx.get(f"{BASE}/v1/predictions/p-3").mock(return_value=httpx.Response(200, json=numbered(3)))
+    held = HeldRequest(httpx.Response(200, content=png_bytes()))
+
+    async def canceled_while_fetched(request: httpx.Request) -> httpx.Response:
+        token.cancel()
+        return await held(request)
+
+    respx.get("https://cdn.replicate.test/p-1/out.png").mock(side_effect=canceled_while_fetched)
+    others = {i: respx.get(f"https://cdn.replicate.test/p-{i}/out.png").mock(
+        return_value=httpx.Response(200, content=png_bytes())) for i in (2, 3)}
+    req = bridge(n=3)
+    with pytest.raises(Canceled) as info:
+        await asyncio.wait_for(engine.reattach(req, [{"id": f"p-{i}"} for i in (1, 2, 3)], NullProgress(), token), 10)
+    assert held.dropped and others[3].call_count == 1
+    assert others[2].call_count == 1 and info.value.made is not None and len(info.value.made.images) == 2
+    # Every prediction was made and billed (p-1's image lost to the cancel): the whole hold, known.
+    assert info.value.charged == "yes" and info.value.cost_millicredits is None
+
+
+@respx.mock
+@pytest.mark.parametrize("stop_answer", ["ran", "none"])
+async def test_a_reattach_canceled_while_it_fetches_an_output_with_work_still_out_is_charged_unknown(
+        engine: ReplicateEngine, stop_answer: str) -> None:
+    # p-1 made; the job is canceled while its output is downloaded, p-2 not read yet. p-2's stop
+    # answers that it was canceled having run (billed for its time, how much unknown), or is not
+    # answered. The download's cancel says "yes" (p-1 was made), and "unknown" never lowered it:
+    # the job was charged as known, its capture not flagged for reconciliation, p-2's share in it.
+    token = CancelToken()
+    respx.get(f"{BASE}/v1/predictions/p-1").mock(return_value=httpx.Response(200, json=numbered(1)))
+    held = HeldRequest(httpx.Response(200, content=png_bytes()))
+
+    async def canceled_while_fetched(request: httpx.Request) -> httpx.Response:
+        token.cancel()
+        return await held(request)
+
+    respx.get("https://cdn.replicate.test/p-1/out.png").mock(side_effect=canceled_while_fetched)
+    stop = respx.post(f"{BASE}/v1/predictions/p-2/cancel").mock(
+        return_value=httpx.Response(200, json={**numbered(2, "canceled"), "started_at": "2026-12-07T08:00:00Z"})
+        if stop_answer == "ran" else httpx.Response(500))
+    req = bridge(n=2)
+    with pytest.raises(Canceled) as info:
+        await asyncio.wait_for(engine.reattach(req, [{"id": "p-1"}, {"id": "p-2"}], NullProgress(), token), 10)
+    assert held.dropped and stop.call_count >= 1
+    assert info.value.charged == "unknown"  # p-2 may have billed: for a person to reconcile
+    assert info.value.cost_millicredits is None  # both images' share, as a ceiling
