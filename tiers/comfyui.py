@@ -527,7 +527,7 @@ class ComfyUIEngine(SelfHostedEngine):
                 # chose. Sent again, it was rendered twice; followed, it is collected, or found lost.
                 answered = None
             elif response.status_code != 200:
-                raise self._prompt_refused(response)
+                raise await self._prompt_refused(response)
             else:
                 try:
                     queued = json_object(response, self.name, "/prompt")
@@ -541,7 +541,7 @@ class ComfyUIEngine(SelfHostedEngine):
                     # Some outputs failed validation and the server queued the rest: what those
                     # render is not the workflow's result (an intermediate save, or no image).
                     await self._drop(answered if isinstance(answered, str) and answered else prompt_id)
-                    raise self._prompt_refused(response)
+                    raise await self._prompt_refused(response)
         except (EngineTimeout, Canceled) as exc:
             # The prompt may be queued or running with nobody left to collect it.
             raise await self._let_go_and_say(exc, prompt_id, cancel) from None
@@ -811,11 +811,15 @@ class ComfyUIEngine(SelfHostedEngine):
         return await self.http.request(method, url, idempotent=True, timeout=CLEANUP_TIMEOUT,
                                        deadline=self.http.clock() + CLEANUP_TIMEOUT, **kwargs)
 
-    def _prompt_refused(self, response: httpx.Response) -> EngineError:
+    async def _prompt_refused(self, response: httpx.Response) -> EngineError:
         if response.status_code == 404:
             return self._refused(response, "/prompt")
         try:
-            body = answer_json(response)
+            # In a worker thread: a body of megabytes held the event loop. Read whole all the same,
+            # not cut at `error_json`'s bound: a value_not_in_list names every value its input
+            # offers (a LoadImage's: each file in the server's input folder), megabytes on a
+            # server that kept its drafts, and its type says the server lacks what the workflow names.
+            body = await asyncio.to_thread(answer_json, response)
         except ValueError:
             return self.http.fail(response)
         if not isinstance(body, dict):

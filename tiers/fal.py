@@ -23,7 +23,7 @@ import httpx
 
 from orchestrator.errors import BadEngineInput, Canceled, ContentFiltered, EngineError, EngineTimeout, NoImage, NoPrice
 from tiers._cloud import CloudEngine, paid_calls
-from tiers._http import RemoteClient, answer_json, error_text, json_object, without_credentials
+from tiers._http import RemoteClient, answer_json, error_json, error_text, json_object, without_credentials
 from tiers._images import (
     CLASS_EDGES,
     CLASS_PIXELS_SLACK,
@@ -218,7 +218,7 @@ class FalEngine(CloudEngine):
         if response.status_code == 404:  # no such model (retired, misspelt): another engine may serve
             raise self.model_not_served(response)
         if not response.is_success:  # any 2xx is the request queued
-            raise self._refused(response)
+            raise await self._refused(response)
         queued = self._json(response)
         request_id = queued.get("request_id")
         urls = {k: queued.get(k) for k in ("status_url", "response_url", "cancel_url")}
@@ -377,7 +377,7 @@ class FalEngine(CloudEngine):
                                   details={"engine": self.name, "status": response.status_code},
                                   retryable=False, charged="unknown")
             # fal reports model-side refusals (validation, content policy) on the result.
-            error = self._refused(response)
+            error = await self._refused(response)
             error.charged = "unknown"
             raise error
         return response
@@ -482,8 +482,8 @@ class FalEngine(CloudEngine):
         except (EngineError, httpx.HTTPError) as exc:
             log.warning("fal: canceling %s failed (%s); the request may run on, and bill", cancel_url[:200], exc)
             return None
-        try:
-            answer = answer_json(response)
+        try:  # `{"status": ...}`: a body of megabytes is no answer of fal's, and was parsed on the event loop
+            answer = error_json(response)
         except ValueError:
             answer = None
         status = answer.get("status") if isinstance(answer, dict) else None
@@ -495,13 +495,16 @@ class FalEngine(CloudEngine):
             return None
         return status if isinstance(status, str) else None
 
-    def _refused(self, response: httpx.Response) -> EngineError:
+    async def _refused(self, response: httpx.Response) -> EngineError:
         """fal's validation body is `{"detail": [{"loc", "msg", "type"}]}`; a `type` of
         `content_policy_violation` is moderation, not bad input."""
         if response.status_code < 400:  # no refusal, whatever its body says: it may have billed
             return self.http.fail(response)
         try:
-            detail = answer_json(response).get("detail")
+            # In a worker thread: a body of megabytes held the event loop. Read whole all the same,
+            # not cut at `error_json`'s bound: each item echoes the value it refuses (`input`), and
+            # a content policy refusal of the draft holds its data URI, megabytes, before its type.
+            detail = (await asyncio.to_thread(answer_json, response)).get("detail")
         except (ValueError, AttributeError):
             detail = None
         if not isinstance(detail, list) or not detail:

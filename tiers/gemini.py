@@ -31,7 +31,7 @@ from tiers._cloud import (
     reading_an_answer,
     token_counts,
 )
-from tiers._http import RemoteClient, answer_json, error_text
+from tiers._http import RemoteClient, answer_json, error_json, error_text
 from tiers._images import (
     b64decode_tolerant,
     b64encode,
@@ -340,9 +340,11 @@ def factory(ctx: EngineContext) -> GeminiEngine:
 
 
 def _google_error(response: Any) -> dict[str, Any] | None:
-    """The `error` object of a Google error body (sometimes wrapped in a one-element list)."""
+    """The `error` object of a Google error body (sometimes wrapped in a one-element list). Read up
+    to `error_json`'s bound: Google's is a few hundred bytes, and one of megabytes was parsed whole
+    on the event loop for each look (a 429's daily quota, then its credits)."""
     try:
-        body = answer_json(response)
+        body = error_json(response)
     except ValueError:
         return None
     if isinstance(body, list) and body:

@@ -30,7 +30,7 @@ from tiers._cloud import (
     reading_an_answer,
     token_counts,
 )
-from tiers._http import RemoteClient, answer_json, error_text, header_request_id, json_object
+from tiers._http import RemoteClient, error_json, error_text, header_request_id, json_object
 from tiers._images import b64decode_tolerant, decode_image, encode_image, nearest_aspect
 from tiers.base import (
     PROMPT_AND_IMAGE_ONLY,
@@ -90,8 +90,10 @@ def image_size(width: int, height: int) -> str:
 
 
 def _error(response: httpx.Response) -> dict[str, Any]:
+    # Read up to `error_json`'s bound only: OpenAI's error is a few hundred bytes, and a body of
+    # megabytes was parsed whole on the event loop, three times for one refusal.
     try:
-        err = answer_json(response).get("error")
+        err = error_json(response).get("error")
     except (ValueError, AttributeError):
         return {}
     return err if isinstance(err, dict) else {}

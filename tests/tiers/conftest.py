@@ -310,3 +310,29 @@ def engines(make_settings: Callable[..., Settings]) -> Iterator[EngineFactory]:
     yield make
     for lite in made:
         lite.runtime.shutdown(timeout=30)
+
+
+# An error body of 8 MiB of `[0,0,...]` under a key no engine reads: some 0.4 s to parse whole,
+# on the event loop every other job's polls, event streams and lease renewals held meanwhile.
+LARGE_ERROR_PADDING = b"[" + b"0," * 2**22 + b"0]"
+
+
+@pytest.fixture
+def loop_parses(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The sizes of the bodies read as JSON (`tiers._http.text_json`) on the event loop; those
+    read in a worker thread are not listed."""
+    import tiers._http
+
+    real = tiers._http.text_json
+    sizes: list[int] = []
+
+    def parsing(text: str | bytes) -> Any:
+        try:
+            asyncio.get_running_loop()
+            sizes.append(len(text))
+        except RuntimeError:
+            pass  # a worker thread
+        return real(text)
+
+    monkeypatch.setattr(tiers._http, "text_json", parsing)
+    return sizes

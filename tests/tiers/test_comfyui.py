@@ -17,7 +17,15 @@ import respx
 from PIL import Image
 
 from orchestrator.errors import BadEngineInput, Canceled, EngineError, EngineTimeout, EngineUnavailable
-from tests.tiers.conftest import HeldRequest, NoAnswer, RecordingProgress, multipart, png_bytes, until
+from tests.tiers.conftest import (
+    LARGE_ERROR_PADDING,
+    HeldRequest,
+    NoAnswer,
+    RecordingProgress,
+    multipart,
+    png_bytes,
+    until,
+)
 from tests.tiers.conftest import bridge as base_bridge
 from tiers.base import CancelToken, NullProgress, RenderRequest, Restartable, Resumable, before_billable_sends
 from tiers.comfyui import ComfyUIEngine, _results_refused, substitute
@@ -1347,3 +1355,34 @@ async def test_a_deadline_while_following_names_the_prompt_and_what_became_of_it
                                   f"(ORCH_REMOTE_DEADLINE) ({told} prompt {prompt_id})")
     assert info.value.details == {"engine": "comfyui", "prompt_id": prompt_id}
     assert info.value.charged == "no" and info.value.retryable and info.value.code == "timeout"
+
+
+@respx.mock
+async def test_a_prompt_refusal_of_megabytes_is_not_parsed_on_the_event_loop(
+        engine: ComfyUIEngine, loop_parses: list[int]) -> None:
+    # `_prompt_refused` read the 400's body whole as JSON on the event loop, for its node errors.
+    body = (b'{"error": {"type": "prompt_outputs_failed_validation", "message": "failed"}, "node_errors": {}, '
+            b'"pad": ' + LARGE_ERROR_PADDING + b"}")
+    mock_server(prompt=[httpx.Response(400, content=body, headers={"content-type": "application/json"})])
+    with pytest.raises(BadEngineInput):
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert all(size < len(body) for size in loop_parses), loop_parses  # never the whole body
+
+
+@respx.mock
+async def test_a_missing_input_refused_with_a_list_of_megabytes_is_still_the_server_s(engine: ComfyUIEngine) -> None:
+    # ComfyUI's value_not_in_list names every value the input offers (twice: in its details and its
+    # input_config): a LoadImage of a server whose input folder holds tens of thousands of drafts
+    # lists megabytes. A bound on the body read for its types (as for other errors, 1 MiB) took the
+    # server's lack for the request's bad input, failing the job where another engine may take it.
+    offered = [f"orch-{i:064x}.png" for i in range(20_000)]
+    refusal = {"error": {"type": "prompt_outputs_failed_validation", "message": "Prompt outputs failed validation"},
+               "node_errors": {"10": {"class_type": "LoadImage", "errors": [
+                   {"type": "value_not_in_list", "message": "Value not in list",
+                    "details": f"image: 'orch-draft.png' not in {offered}",
+                    "extra_info": {"input_name": "image", "input_config": [offered],
+                                   "received_value": "orch-draft.png"}}]}}}
+    mock_server(prompt=[httpx.Response(400, json=refusal)])
+    with pytest.raises(EngineUnavailable) as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert info.value.retryable and "ORCH_COMFYUI_WORKFLOW" in info.value.message

@@ -25,6 +25,7 @@ from orchestrator.errors import (
 from orchestrator.ledger import Ledger
 from orchestrator.models import Job, LedgerEntry, Project
 from tests.tiers.conftest import (
+    LARGE_ERROR_PADDING,
     HeldRequest,
     NoAnswer,
     RecordingProgress,
@@ -1019,3 +1020,40 @@ async def test_a_cancel_ends_every_download_out(engine: FalEngine) -> None:
     with pytest.raises(Canceled) as info:
         await asyncio.wait_for(running, 5)
     assert info.value.charged == "yes"
+
+
+@respx.mock
+@pytest.mark.parametrize("where", ["submit", "result", "cancel"])
+async def test_an_error_answer_of_megabytes_is_not_parsed_on_the_event_loop(
+        engine: FalEngine, loop_parses: list[int], where: str) -> None:
+    # A refusal's body (`_refused`: fal's validation list, for its types) and a cancel's answer
+    # (`_cancel_remote`: ALREADY_COMPLETED?) were read whole as JSON on the event loop.
+    body = b'{"detail": "no", "pad": ' + LARGE_ERROR_PADDING + b"}"
+    large = httpx.Response(422 if where != "cancel" else 400, content=body,
+                           headers={"content-type": "application/json"})
+    submit, poll, result = happy_queue()
+    token = CancelToken()
+    if where == "submit":
+        submit.mock(return_value=large)
+    elif where == "result":
+        result.mock(return_value=large)
+    else:
+        poll.mock(side_effect=cancel_at_poll(token, lambda: status("IN_PROGRESS")))
+        respx.put(CANCEL).mock(return_value=large)
+    with pytest.raises(Canceled if where == "cancel" else BadEngineInput):
+        await engine.run(bridge(), NullProgress(), token)
+    assert all(size < len(body) for size in loop_parses), loop_parses  # never the whole body
+
+
+@respx.mock
+async def test_a_content_policy_refusal_echoing_a_large_draft_is_still_content_filtered(engine: FalEngine) -> None:
+    # fal's refusal echoes the flagged value (`input`): for the draft, its data URI, megabytes. A
+    # bound on the body read for its types (as for other errors, 1 MiB) took it for bad input.
+    _, _, result = happy_queue()
+    draft = "data:image/png;base64," + "A" * 3 * 2**20
+    result.mock(return_value=httpx.Response(422, json={"detail": [
+        {"loc": ["body", "image_urls", 0], "msg": "The content was flagged by a content checker.",
+         "type": "content_policy_violation", "input": draft}]}))
+    with pytest.raises(ContentFiltered) as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert "flagged" in info.value.message and draft[:100] not in info.value.message

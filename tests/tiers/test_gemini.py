@@ -21,7 +21,7 @@ from orchestrator.errors import (
     NoPrice,
     RateLimited,
 )
-from tests.tiers.conftest import LoopSpy, bridge, png_bytes
+from tests.tiers.conftest import LARGE_ERROR_PADDING, LoopSpy, bridge, png_bytes
 from tiers.base import CancelToken, NullProgress
 from tiers.gemini import GeminiEngine
 
@@ -547,3 +547,22 @@ async def test_a_job_of_several_calls_adds_their_costs_and_names_the_calls(
         assert result.cost_unread is None
     else:
         assert result.cost_unread is not None and unread in result.cost_unread
+
+
+@respx.mock
+@pytest.mark.parametrize("status", [400, 429])
+async def test_an_error_answer_of_megabytes_is_not_parsed_on_the_event_loop(
+        engine: GeminiEngine, loop_parses: list[int], status: int) -> None:
+    # Google's error shape was read whole as JSON on the event loop for its status, quota or
+    # message: for a 400 (FAILED_PRECONDITION?) and each 429 (a daily quota? credits depleted?).
+    # The 429 is answered once, then the image.
+    body = (b'{"error": {"code": %d, "message": "m", "status": "INVALID_ARGUMENT"}, "pad": ' % status
+            + LARGE_ERROR_PADDING + b"}")
+    error = httpx.Response(status, content=body, headers={"content-type": "application/json"})
+    respx.post(URL).mock(side_effect=[error, httpx.Response(200, json=ok_body())])
+    if status == 400:
+        with pytest.raises(BadEngineInput):
+            await engine.run(bridge(), NullProgress(), CancelToken())
+    else:
+        assert len((await engine.run(bridge(), NullProgress(), CancelToken())).images) == 1
+    assert all(size < len(body) for size in loop_parses), loop_parses  # never the whole body

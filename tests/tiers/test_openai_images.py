@@ -19,7 +19,7 @@ from orchestrator.errors import (
     EngineUnavailable,
     NoPrice,
 )
-from tests.tiers.conftest import LoopSpy, RecordingProgress, bridge, multipart, png_bytes
+from tests.tiers.conftest import LARGE_ERROR_PADDING, LoopSpy, RecordingProgress, bridge, multipart, png_bytes
 from tiers import openai_images
 from tiers.base import CancelToken, NullProgress
 from tiers.openai_images import OpenAIImagesEngine, factory
@@ -523,3 +523,16 @@ async def test_a_job_of_several_calls_adds_their_costs_and_names_the_calls(
         assert result.cost_unread is None
     else:
         assert result.cost_unread is not None and unread in result.cost_unread
+
+
+@respx.mock
+async def test_an_error_answer_of_megabytes_is_not_parsed_on_the_event_loop(
+        engine: OpenAIImagesEngine, loop_parses: list[int]) -> None:
+    # `_error` read the body whole as JSON on the event loop for its code and param, three times
+    # over for one refusal (code, model param, chosen field).
+    body = b'{"error": {"code": "invalid_value", "message": "bad", "param": null}, "pad": ' + LARGE_ERROR_PADDING + b"}"
+    respx.post(URL).mock(return_value=httpx.Response(400, content=body, headers={"content-type": "application/json"}))
+    with pytest.raises(BadEngineInput) as info:
+        await engine.run(bridge(), NullProgress(), CancelToken())
+    assert info.value.charged == "no"
+    assert all(size < len(body) for size in loop_parses), loop_parses  # never the whole body
