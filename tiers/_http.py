@@ -1034,9 +1034,9 @@ def _described(response: httpx.Response, limit: int) -> str:
     try:
         body: Any = error_json(response)
     except (ValueError, UnicodeDecodeError):
-        if len(response.content) > MAX_ERROR_JSON_BYTES:  # its start, not the whole decoded
-            return response.content[:4 * limit].decode(response.encoding or "utf-8", errors="replace")[:limit]
-        return response.text[:limit]
+        # Its start only, past the JSON bound: not the whole decoded.
+        content = response.content if len(response.content) <= MAX_ERROR_JSON_BYTES else response.content[:4 * limit]
+        return content.decode(text_encoding(response), errors="replace")[:limit]
     if isinstance(body, list) and body:
         body = body[0]
     if isinstance(body, dict):
@@ -1048,6 +1048,19 @@ def _described(response: httpx.Response, limit: int) -> str:
                 value = body[key]
                 return (value if isinstance(value, str) else json.dumps(value))[:limit]
     return json.dumps(body)[:limit]
+
+
+def text_encoding(response: httpx.Response) -> str:
+    """The encoding an answer's text is decoded with: its charset, unless that names a codec
+    Python knows that decodes no text (`base64`, `rot13`, `zlib`), then UTF-8. httpx takes any
+    codec it can look up, and its `text` then raised AssertionError, TypeError or LookupError out
+    of an engine quoting a provider's error, a 503 that sent nothing failing its job as a crash."""
+    encoding = response.encoding or "utf-8"
+    try:
+        b"-".decode(encoding, errors="replace")  # an empty one is not looked up
+    except LookupError:
+        return "utf-8"
+    return encoding
 
 
 def header_request_id(response: httpx.Response, header: str = "x-request-id") -> str | None:

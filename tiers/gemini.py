@@ -31,7 +31,7 @@ from tiers._cloud import (
     reading_an_answer,
     token_counts,
 )
-from tiers._http import RemoteClient, answer_json, error_json, error_text
+from tiers._http import RemoteClient, answer_json, error_json, error_text, text_encoding
 from tiers._images import (
     b64decode_tolerant,
     b64encode,
@@ -182,7 +182,8 @@ class GeminiEngine(CloudEngine):
                     "POST", f"/v1beta/models/{self._model}:generateContent", json=sent, cancel=cancel
                 )
                 if not response.is_success:  # any 2xx is its answer, and may have been billed
-                    text = response.text
+                    # Not `response.text`, which raised for a charset that names no text encoding.
+                    text = response.content.decode(text_encoding(response), errors="replace")
                     if credits_depleted(response):  # the account's, not a rate: another engine may serve
                         raise EngineUnavailable(f"gemini: the account's prepaid credits are used up: "
                                                 f"{error_text(response)}", details={"engine": self.name, "status": 429})

@@ -566,3 +566,14 @@ async def test_an_error_answer_of_megabytes_is_not_parsed_on_the_event_loop(
     else:
         assert len((await engine.run(bridge(), NullProgress(), CancelToken())).images) == 1
     assert all(size < len(body) for size in loop_parses), loop_parses  # never the whole body
+
+
+@respx.mock
+async def test_a_refusal_in_a_charset_that_is_no_text_encoding_is_still_read(engine: GeminiEngine) -> None:
+    # A charset naming a codec that decodes no text (`base64`): the body's `text`, read for "API
+    # key", raised AssertionError out of the engine, the refusal failing its job as a crash.
+    respx.post(URL).mock(return_value=httpx.Response(
+        400, content=b"API key not valid. Please pass a valid API key.",
+        headers={"content-type": "text/plain; charset=base64"}))
+    with pytest.raises(EngineUnavailable, match="ORCH_GEMINI_API_KEY"):
+        await engine.run(bridge(), NullProgress(), CancelToken())

@@ -1019,3 +1019,20 @@ async def test_a_poll_the_provider_never_answers_is_a_timeout_not_a_request_that
     assert len(calls) > 1  # a poll is asked again until the deadline
     assert "could not reach" not in info.value.message and "nothing was sent" not in info.value.message
     assert info.value.code == "timeout" and info.value.charged == "no"  # the poll itself costs nothing
+
+
+@respx.mock
+@pytest.mark.parametrize("charset", ["base64", "rot13"])
+@pytest.mark.parametrize("size", [100, 2 * 2**20], ids=["small", "past-the-json-bound"])
+async def test_an_error_body_in_a_charset_that_is_no_text_encoding_is_still_told(
+        client: RemoteClient, charset: str, size: int) -> None:
+    # A codec Python knows that decodes no text (`base64`, `rot13`): quoting the body raised
+    # (AssertionError, TypeError or LookupError) out of the client, a 503 that had sent nothing
+    # failing its job as an engine bug, charged "unknown", with no fallback.
+    body = b"Service Unavailable " * (size // 20)
+    route = respx.post(f"{BASE}/images").mock(return_value=httpx.Response(
+        503, content=body, headers={"content-type": f"text/plain; charset={charset}"}))
+    with pytest.raises(EngineError) as info:
+        await client.request("POST", "/images", json={"prompt": "a lighthouse"})
+    assert route.call_count >= 1 and info.value.charged == "no"
+    assert "Service Unavailable" in info.value.message
