@@ -55,10 +55,13 @@ def held_until_lease(job: Job, lease: timedelta, now: datetime | None = None) ->
     from its claim's taking of the lease (`lease_taken_at`) to the lease's last renewal
     (`lease_expires_at` less `lease`), never past `now` (default `shared_now()`), all by the clock
     leases are stamped with: `started_at`, the claiming host's clock, was an hour off the database's
-    on a host an hour off. A row claimed before migration 0038 is counted from its `started_at`.
-    None when the row lacks a start or a lease. A lower bound: the process may have held the device
-    up to its death (or, hung, beyond)."""
-    start = job.lease_taken_at or job.started_at
+    on a host an hour off. A stamp is taken only where the claim that made it is the row's attempt
+    (`lease_taken_attempt`): a release without the column (a rolling upgrade) claims a job again
+    leaving an earlier claim's stamp, hours old. Otherwise, and for a row claimed before migration
+    0048, it is counted from its `started_at`. None when the row lacks a start or a lease. A lower
+    bound: the process may have held the device up to its death (or, hung, beyond)."""
+    stamped = job.lease_taken_attempt is not None and job.lease_taken_attempt == job.attempt
+    start = job.lease_taken_at if stamped and job.lease_taken_at is not None else job.started_at
     if start is None or job.lease_expires_at is None:
         return None
     renewed = min(job.lease_expires_at - lease, now or shared_now())

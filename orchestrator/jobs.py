@@ -49,7 +49,7 @@ from orchestrator.events import EventBus
 from orchestrator.follow import tell_end
 from orchestrator.ids import new_id
 from orchestrator.ledger import Balance, Ledger
-from orchestrator.models import Asset, Job, Project
+from orchestrator.models import NO_LEASE, Asset, Job, Project
 from orchestrator.routing import BUDGET_SKIP, Decision, Router, leaves_machine
 from orchestrator.schemas import (
     MAX_SCALE,
@@ -881,7 +881,7 @@ class JobService:
                 return False  # its holder renewed since the look: it is asked instead, at the next try
             running = update(Job).where(col(Job.id) == job_id, col(Job.status) == "running",
                                         col(Job.attempt) == job.attempt)
-            values = {"status": "canceled", "finished_at": utcnow(), "lease_owner": None, "lease_expires_at": None,
+            values = {"status": "canceled", "finished_at": utcnow(), **NO_LEASE,
                       "error": error, "attempts": job.with_attempt("canceled", error)}
             # What the gone worker's attempt surely held of a local device counts toward its
             # project's quota, as recovery counts it (`device_time.held_until_lease`); never charged.

@@ -8,8 +8,10 @@ flag so a dead worker's job is found.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any, Literal
+from types import MappingProxyType
+from typing import Any, Final, Literal
 
 import sqlalchemy as sa
 from sqlalchemy.types import TypeDecorator
@@ -86,6 +88,12 @@ class Project(SQLModel, table=True):
     local_seconds_per_day: int | None = None
 
 
+# What a job's row holds of a lease, dropped whenever the job goes back to the queue or ends: a
+# stamp left on a queued job was taken by recovery for a later claim's (`held_until_lease`).
+NO_LEASE: Final[Mapping[str, Any]] = MappingProxyType({
+    "lease_owner": None, "lease_expires_at": None, "lease_taken_at": None, "lease_taken_attempt": None})
+
+
 class Job(SQLModel, table=True):
     __tablename__ = "jobs"
     __table_args__ = (sa.Index("ix_jobs_status_created", "status", "created_at"),
@@ -159,8 +167,12 @@ class Job(SQLModel, table=True):
     # When the running attempt's claim took its lease, by the clock leases are stamped with
     # (`clock.shared_now`: the database's on PostgreSQL), where `started_at` is the claiming host's:
     # recovery counts a dead attempt's device time from it to the lease's last renewal, both by one
-    # clock (`device_time.held_until_lease`). Null: a claim to move the job, or one before 0038.
+    # clock (`device_time.held_until_lease`). Null: a claim to move the job, one before 0038, or no lease.
     lease_taken_at: datetime | None = _ts()
+    # The attempt whose claim stamped `lease_taken_at`: a release without these columns (a rolling
+    # upgrade) claims the job again without stamping it, and a stamp another attempt left, hours
+    # old, counted those hours. Null: stamped before 0048, or none.
+    lease_taken_attempt: int | None = None
     finished_at: datetime | None = _ts()
     # Where its end is POSTed, as its request asked, instead of its project's `webhook_url`
     # (`orchestrator.webhooks`); null: the project's. Kept on the row: a fallback, a retry of the

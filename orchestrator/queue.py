@@ -48,7 +48,7 @@ from orchestrator.events import EventBus, on_loop, woken
 from orchestrator.follow import tell_end
 from orchestrator.jobs import render_request
 from orchestrator.ledger import Ledger
-from orchestrator.models import Job
+from orchestrator.models import NO_LEASE, Job
 from orchestrator.outage import Outage
 from orchestrator.routing import fallbacks
 from orchestrator.runner import FINAL_WRITE_SECONDS, Claim, JobRunner, followable, reattachable, restartable
@@ -614,7 +614,8 @@ class Scheduler:
                 claimed = s.scalars(update(Job).where(col(Job.id) == job.id, col(Job.status) == "queued",
                                                       col(Job.engine) == job.engine).values(
                     status="running", attempt=Job.attempt + 1, lease_owner=self.owner,
-                    lease_expires_at=leased + self.lease, lease_taken_at=None if move else leased, error=None,
+                    lease_expires_at=leased + self.lease, lease_taken_at=None if move else leased,
+                    lease_taken_attempt=None if move else Job.attempt + 1, error=None,
                     # A move starts no engine: told as a start from the row (the new one, or one an
                     # earlier attempt left), a job never sent to the engine it left read on other
                     # processes as having run there. Its end gives the row's back (`_guarded_update`).
@@ -1064,13 +1065,13 @@ class Scheduler:
             error = Canceled("canceled; its worker stopped before it could end the job",
                              details={"engine": job.engine})
             values = {"status": "canceled", "finished_at": utcnow(), "error": error.to_dict(),
-                      "lease_owner": None, "lease_expires_at": None,
+                      **NO_LEASE,
                       "attempts": job.with_attempt("canceled", error.to_dict())}
             outcome = "canceled"
         elif rerun and stops < MAX_RECOVERIES:
             died = Interrupted(f"{ENDLESS}; {'its work is followed again' if reattach else 'it was queued again'}",
                                details={"engine": job.engine})
-            values = {"status": "queued", "lease_owner": None, "lease_expires_at": None,
+            values = {"status": "queued", **NO_LEASE,
                       "progress_step": 0, "progress_total": 0,
                       "attempts": job.with_attempt("interrupted", died.to_dict())}
             outcome = "reattaching" if reattach else "requeued"
@@ -1084,7 +1085,7 @@ class Scheduler:
                 details={"engine": job.engine, "interruptions": stops},
             )
             values = {"status": "failed", "finished_at": utcnow(), "error": error.to_dict(),
-                      "lease_owner": None, "lease_expires_at": None,
+                      **NO_LEASE,
                       "attempts": job.with_attempt("interrupted", error.to_dict())}
             outcome = "given up"
         else:
@@ -1099,7 +1100,7 @@ class Scheduler:
                 details={"engine": job.engine, "provider_request_id": job.provider_request_id},
             )
             values = {"status": "failed", "finished_at": utcnow(), "error": error.to_dict(),
-                      "lease_owner": None, "lease_expires_at": None,
+                      **NO_LEASE,
                       "attempts": job.with_attempt("failed", error.to_dict())}
             outcome = "failed"
         # What the dead attempt surely held of a local device counts toward its project's quota

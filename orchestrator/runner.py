@@ -63,7 +63,7 @@ from orchestrator.health import EngineHealth
 from orchestrator.ids import new_id
 from orchestrator.jobs import render_request
 from orchestrator.ledger import Ledger
-from orchestrator.models import Asset, Job, Project
+from orchestrator.models import NO_LEASE, Asset, Job, Project
 from orchestrator.outage import Outage
 from orchestrator.routing import Router, fallbacks, leaves_machine, priced
 from orchestrator.schemas import storable
@@ -1014,7 +1014,7 @@ class JobRunner:
         # A COMMIT whose answer was lost is read back: taken for superseded, the job was left
         # unmarked as waiting, and this process could claim it again before the circuit's verdict.
         def undo(s: Session) -> None:
-            self._guarded_update(s, claim, status="queued", lease_owner=None, lease_expires_at=None,
+            self._guarded_update(s, claim, status="queued", **NO_LEASE,
                                  started_at=claim.started_before, unless_canceled=True)
 
         self._end_write(claim, f"job {claim.job.id} queued again to wait", undo,
@@ -1053,7 +1053,7 @@ class JobRunner:
         for attempt in self.db.retrying(STOP_WRITE_SECONDS, f"job {job.id} queued again"):
             with attempt, self.db.transaction() as s:
                 # Unstarted, no engine started it: `started_at` says so again (an earlier attempt's stays).
-                self._guarded_update(s, claim, status="queued", lease_owner=None, lease_expires_at=None,
+                self._guarded_update(s, claim, status="queued", **NO_LEASE,
                                      progress_step=0, progress_total=0, **kept, **held,
                                      attempts=job.with_attempt("interrupted", stopped.to_dict()),
                                      **({} if started else {"started_at": claim.started_before}),
@@ -1065,7 +1065,7 @@ class JobRunner:
                               "again", details={"engine": job.engine, "graceful": True})
         for attempt in self.db.retrying(STOP_WRITE_SECONDS, f"job {job.id} queued again to be followed"):
             with attempt, self.db.transaction() as s:
-                self._guarded_update(s, claim, status="queued", lease_owner=None, lease_expires_at=None,
+                self._guarded_update(s, claim, status="queued", **NO_LEASE,
                                      progress_step=0, progress_total=0, **_accepted_values(work),
                                      attempts=job.with_attempt("interrupted", stopped.to_dict()),
                                      unless_canceled=True)
@@ -1104,7 +1104,7 @@ class JobRunner:
                                  # for another worker's engine): only a success is looked up.
                                  cache_key=cache_key(engine, model or "", job.params) if job.cache_key else None,
                                  provider_work=None, **held,
-                                 lease_owner=None, lease_expires_at=None, progress_step=0, progress_total=0,
+                                 **NO_LEASE, progress_step=0, progress_total=0,
                                  attempts=job.with_attempt("failed", error.to_dict()))
             project = self.ledger.lock_project(s, job.project_id)
             # The rule judged on the budget's share under the lock, as a submit judges it again: a
@@ -1170,7 +1170,7 @@ class JobRunner:
             self._guarded_update(s, claim, unless_canceled=True, status="succeeded", engine=engine, model=model,
                                  estimated=estimate, cache_key=key, cache_hit=True, **params,
                                  attempt=claim.attempt + 1, started_at=now, finished_at=now, **held,
-                                 provider_work=None, lease_owner=None, lease_expires_at=None,
+                                 provider_work=None, **NO_LEASE,
                                  progress_step=1, progress_total=1, attempts=attempts)
             quota.add_assets(s, cached_copies(found, job))
             webhooks.job_ended(s, claim.job.id, claim.job.project_id, "succeeded")
@@ -1735,9 +1735,8 @@ class JobRunner:
         # Added to what earlier attempts held (a local one a fallback moved off, one a crash ended):
         # a remote engine's success leaves those seconds counted.
         held = {"device_seconds": device_time.added(used)} if used is not None else {}
-        self._guarded_update(s, claim, unless_canceled=True, status="succeeded", finished_at=now, lease_owner=None,
-                             **held,
-                             lease_expires_at=None, progress_step=job.progress_total or 1,
+        self._guarded_update(s, claim, unless_canceled=True, status="succeeded", finished_at=now, **NO_LEASE,
+                             **held, progress_step=job.progress_total or 1,
                              progress_total=job.progress_total or 1, model=result.model, **accepted,
                              # The column's size: n ids of a many-call job may be longer.
                              provider_request_id=(request_id or "")[:500] or None,
@@ -1820,7 +1819,7 @@ class JobRunner:
             accepted = _accepted_values(claim.accepted) if claim.accepted else {}
             unstarted_values: dict[str, Any] = {"started_at": claim.started_before} if unstarted else {}
             self._guarded_update(s, claim, status=status, finished_at=utcnow(), error=error.to_dict(),
-                                 lease_owner=None, lease_expires_at=None, progress_step=job.progress_step,
+                                 **NO_LEASE, progress_step=job.progress_step,
                                  progress_total=job.progress_total, **accepted, **held,
                                  **unstarted_values, attempts=job.with_attempt(status, error.to_dict()))
             _add_assets(s, rows)

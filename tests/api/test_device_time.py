@@ -5,6 +5,7 @@ engines unavailable (a fallback routes on), and a job only they could take is re
 
 from __future__ import annotations
 
+import asyncio
 import math
 import threading
 import time
@@ -16,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 from pydantic import ValidationError
+from sqlalchemy import update
 from sqlmodel import col, select
 
 from orchestrator.clock import utcnow
@@ -23,6 +25,7 @@ from orchestrator.db import Database
 from orchestrator.errors import EngineError
 from orchestrator.ids import new_id
 from orchestrator.models import IdempotencyKey, Job, LedgerEntry, Project
+from orchestrator.schemas import DraftCreate
 from orchestrator.services import Services
 from orchestrator.settings import Settings
 from tests.api import SLOW, SMALL, assert_error, create_project, run_draft, submit_draft, wait_for_job
@@ -547,6 +550,62 @@ def check_a_local_job_a_dead_process_left_counts_what_it_held(make_settings: Set
         assert requeued is not None and 70.0 < requeued < 70.0 + 60
         used = client.get(f"/v1/projects/{project_id}").json()["local_seconds_used"]
         assert used == pytest.approx(70.0 + requeued, abs=0.002)
+
+
+@pytest.mark.parametrize("requeue", ["stop", "old-release"])
+def test_a_claim_that_stamps_no_lease_taken_at_is_not_counted_from_an_earlier_claim_s(
+        make_settings: SettingsFactory, requeue: str) -> None:
+    """A rolling upgrade: a claim stamped `lease_taken_at` (T0), the job went back to the queue
+    still holding it (a stop of this release, or a requeue by a release without the column), and
+    hours later a release without the column claimed it (`started_at` and the lease alone) and
+    died: recovery counted from T0, three hours of device time no attempt held."""
+    check_a_claim_that_stamps_no_lease_taken_at_is_not_counted_from_an_earlier_claim_s(make_settings, requeue)
+
+
+def check_a_claim_that_stamps_no_lease_taken_at_is_not_counted_from_an_earlier_claim_s(
+        make_settings: SettingsFactory, requeue: str, **database: Any) -> None:
+    services = Services.build(make_settings(lease_seconds=60, **database))
+    try:
+        project_id = new_id("prj")
+        with services.db.transaction() as s:
+            s.add(Project(id=project_id, name="rolling upgrade", policy="balanced", local_seconds_per_day=3600))
+        body = DraftCreate(prompt="a lighthouse", n=1, width=64, height=64, steps=1)
+        job_id = services.jobs.submit(lambda: services.jobs.prepare_draft(project_id, body), body, engine=None,
+                                      max_credits=None, idempotency_key=None, scope="test")[0].id
+        [(claim, _lane)] = services.scheduler._claim_ready({})
+        assert claim.job.id == job_id and claim.job.engine == "lite"
+        if requeue == "stop":  # this release's stop gives the unstarted claim back
+            services.scheduler.runner.give_back(claim)
+        else:  # a release without the column queues it again, as its recovery or stop does
+            with services.db.transaction() as s:
+                s.execute(update(Job).where(col(Job.id) == job_id).values(
+                    status="queued", lease_owner=None, lease_expires_at=None))
+        services.scheduler._claimed.clear()
+        with services.db.transaction() as s:
+            row = s.get(Job, job_id)
+            assert row is not None and row.status == "queued"
+            if requeue == "stop":  # queued again, the job holds nothing of the claim's lease
+                assert (row.lease_taken_at, row.lease_taken_attempt) == (None, None)
+            now = services.db.now()
+            # Three hours on (whatever stamp the row still holds is as old), a release without the
+            # column claims it: `started_at` and its lease, last renewed 70 s after its start.
+            stamp = None if row.lease_taken_at is None else row.lease_taken_at - timedelta(hours=3)
+            s.execute(update(Job).where(col(Job.id) == job_id).values(lease_taken_at=stamp))
+            s.execute(update(Job).where(col(Job.id) == job_id).values(
+                status="running", attempt=Job.attempt + 1, lease_owner="old-release:1:0",
+                started_at=now - timedelta(seconds=100),
+                lease_expires_at=now - timedelta(seconds=30) + timedelta(seconds=60)))
+        with services.db.session() as s:
+            left = s.get(Job, job_id)
+            assert left is not None and left.status == "running"
+        assert services.scheduler._recover_one(left) is not None
+        with services.db.session() as s:
+            recovered = s.get(Job, job_id)
+            assert recovered is not None and recovered.status == "queued"
+            assert recovered.device_seconds == pytest.approx(70.0, abs=0.5)
+            assert (recovered.lease_taken_at, recovered.lease_taken_attempt) == (None, None)
+    finally:
+        asyncio.run(services.aclose())
 
 
 def test_a_local_job_a_stop_queued_again_counts_its_attempt_once_it_ends(make_settings: SettingsFactory) -> None:

@@ -47,6 +47,7 @@ from tests.api import (
     worker_process,
 )
 from tests.api.test_device_time import (
+    check_a_claim_that_stamps_no_lease_taken_at_is_not_counted_from_an_earlier_claim_s,
     check_a_local_job_a_dead_process_left_counts_what_it_held,
     check_a_local_job_s_success_keeps_its_device_seconds,
     check_a_local_job_that_fails_after_its_work_counts_it,
@@ -331,6 +332,14 @@ def test_a_dead_process_s_local_attempt_counts_by_one_clock_on_postgres(
             assert recovered.device_seconds == pytest.approx(70.0, abs=0.5)
     finally:
         asyncio.run(services.aclose())
+
+
+@pytest.mark.parametrize("requeue", ["stop", "old-release"])
+def test_a_claim_that_stamps_no_lease_taken_at_is_not_counted_from_an_earlier_claim_s_on_postgres(
+        postgres_url: str, make_settings: Callable[..., Settings], requeue: str) -> None:
+    # The stamp and the attempt as PostgreSQL stores them, the count by the database's clock.
+    check_a_claim_that_stamps_no_lease_taken_at_is_not_counted_from_an_earlier_claim_s(
+        make_settings, requeue, database_url=postgres_url)
 
 
 def _has_lease_taken(s: Session) -> bool:
