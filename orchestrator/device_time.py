@@ -58,7 +58,7 @@ def held_until_lease(job: Job, lease: timedelta, now: datetime | None = None) ->
     on a host an hour off. A stamp is taken only where the claim that made it is the row's attempt
     (`lease_taken_attempt`): a release without the column (a rolling upgrade) claims a job again
     leaving an earlier claim's stamp, hours old. Otherwise, and for a row claimed before migration
-    0048, it is counted from its `started_at`. None when the row lacks a start or a lease. A lower
+    0037, it is counted from its `started_at`. None when the row lacks a start or a lease. A lower
     bound: the process may have held the device up to its death (or, hung, beyond)."""
     stamped = job.lease_taken_attempt is not None and job.lease_taken_attempt == job.attempt
     start = job.lease_taken_at if stamped and job.lease_taken_at is not None else job.started_at

@@ -167,11 +167,11 @@ class Job(SQLModel, table=True):
     # When the running attempt's claim took its lease, by the clock leases are stamped with
     # (`clock.shared_now`: the database's on PostgreSQL), where `started_at` is the claiming host's:
     # recovery counts a dead attempt's device time from it to the lease's last renewal, both by one
-    # clock (`device_time.held_until_lease`). Null: a claim to move the job, one before 0038, or no lease.
+    # clock (`device_time.held_until_lease`). Null: a claim to move the job, one before 0036, or no lease.
     lease_taken_at: datetime | None = _ts()
     # The attempt whose claim stamped `lease_taken_at`: a release without these columns (a rolling
     # upgrade) claims the job again without stamping it, and a stamp another attempt left, hours
-    # old, counted those hours. Null: stamped before 0048, or none.
+    # old, counted those hours. Null: stamped before 0037, or none.
     lease_taken_attempt: int | None = None
     finished_at: datetime | None = _ts()
     # Where its end is POSTed, as its request asked, instead of its project's `webhook_url`

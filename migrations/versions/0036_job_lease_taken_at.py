@@ -6,7 +6,7 @@ PostgreSQL: a host an hour off counted an hour more or less. The claim now also 
 took the lease by the clock it stamps the lease with. Rows claimed before this revision have none
 and are counted from `started_at`, as before.
 
-Revision ID: 0038
+Revision ID: 0036
 Revises: 0035
 Create Date: 2026-12-07 13:30:00.000000
 """
@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = '0038'
+revision: str = '0036'
 down_revision: str | None = '0035'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None

@@ -5,10 +5,10 @@ that column (during a rolling upgrade) claims a job again setting `started_at` a
 so a stamp an earlier claim left (the job queued again by a stop, a fallback or a recovery) was
 taken for its own: hours of device time no attempt held counted toward the project's quota. The
 claim now also records its attempt, and the stamp counts only for that attempt. Rows stamped before
-this revision have none and are counted from `started_at`, as before 0038.
+this revision have none and are counted from `started_at`, as before 0036.
 
-Revision ID: 0048
-Revises: 0038
+Revision ID: 0037
+Revises: 0036
 Create Date: 2026-12-07 14:20:00.000000
 """
 
@@ -19,8 +19,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = '0048'
-down_revision: str | None = '0038'
+revision: str = '0037'
+down_revision: str | None = '0036'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
