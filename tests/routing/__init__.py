@@ -97,3 +97,8 @@ def engines(client: httpx.Client) -> dict[str, dict[str, Any]]:
     response = client.get("/v1/engines")
     assert response.status_code == 200, response.text
     return {e["name"]: e for e in response.json()}
+
+
+def zero_b_factory(ctx: EngineContext) -> NamedFakeEngine:
+    """A cloud engine priced 0 that fails on its own tag (`fake-zero-b`), beside the others in one chain."""
+    return NamedFakeEngine(ctx, "fake-zero-b", 0.0)
