@@ -118,6 +118,7 @@ from tests.routing.test_health import (
     check_a_clock_stepped_back_before_the_first_sync_leaves_no_success_ahead,
     check_what_a_process_saw_before_it_first_synced_is_stamped_by_the_database_s_clock,
 )
+from tests.routing.test_random_fallbacks import MIX_ENGINES, check_random_fallback_chains, mix_policies
 from tests.test_db import check_json_columns_take_what_engines_report
 from tests.test_metrics import (
     check_device_seconds_by_project,
@@ -1457,3 +1458,15 @@ def test_a_clock_stepped_back_before_the_first_sync_leaves_no_success_ahead_on_p
 def test_a_circuit_opened_while_the_first_sync_runs_is_judged_by_the_database_s_clock_on_postgres(
         pg_db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
     check_a_circuit_opened_while_the_first_sync_runs_is_judged_by_the_database_s_clock(pg_db, monkeypatch)
+
+
+@pytest.mark.parametrize("seed", tuple(range(1, random_runs(1) + 1)))
+def test_random_fallback_chains_leave_every_view_agreeing_on_postgres(
+        seed: int, postgres_url: str, tmp_path: Path, paid_settings_for: Callable[..., Settings],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Moves judged under the project's row lock (`FOR UPDATE`): the budget, the storage quota and the
+    # rule's share, with submits and cancels of the project's other jobs going on beside them.
+    settings = paid_settings_for(tmp_path / "data", database_url=postgres_url, engines=MIX_ENGINES,
+                                 policy="mix-test", policy_dir=mix_policies(tmp_path / "policies"),
+                                 local_gpu_second_credits=2.0)
+    check_random_fallback_chains(settings, seed, monkeypatch)

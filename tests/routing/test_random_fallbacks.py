@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
+from orchestrator.settings import Settings
 from tests.conftest import random_runs
 from tests.credits import jobs_of
 from tests.credits.test_views_agree import all_agree
@@ -131,15 +132,27 @@ def first_answer_agrees(job: dict[str, Any], first: dict[str, Any], replayed: di
     assert first["cost"]["held"] == first["cost"]["estimated"] == (held[0]["held"] if held else 0), context
 
 
-@pytest.mark.parametrize("seed", tuple(range(1, random_runs(2) + 1)))
+SEEDS = tuple(range(1, random_runs(2) + 1))
+MIX_ENGINES = f"{FAKE_ENGINES},fake-zero-b=tests.routing:zero_b_factory"
+
+
+def mix_policies(folder: Path) -> Path:
+    return write_policies(folder, {"mix-test": MIX_POLICY, "soft-mix-test": SOFT_MIX_POLICY})
+
+
+@pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("metered", [False, True], ids=["free-local", "metered-local"])
 def test_random_fallback_chains_leave_every_view_agreeing(seed: int, metered: bool, new_settings: SettingsFactory,
                                                           tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = new_settings(engines=MIX_ENGINES, policy="mix-test", policy_dir=mix_policies(tmp_path / "policies"),
+                            local_gpu_second_credits=2.0 if metered else 0.0)
+    check_random_fallback_chains(settings, seed, monkeypatch)
+
+
+def check_random_fallback_chains(settings: Settings, seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`settings`: MIX_ENGINES and the policies of `mix_policies`."""
     monkeypatch.setattr(NamedFakeEngine, "largest_size", lambda self, req: (2048, 2048) if self.name == "fake-b"
                         else (req.width, req.height), raising=False)
-    folder = write_policies(tmp_path / "policies", {"mix-test": MIX_POLICY, "soft-mix-test": SOFT_MIX_POLICY})
-    settings = new_settings(engines=f"{FAKE_ENGINES},fake-zero-b=tests.routing:zero_b_factory", policy="mix-test",
-                            policy_dir=folder, local_gpu_second_credits=2.0 if metered else 0.0)
     with running(settings) as api:
         projects: dict[str, str] = {}
         assets: dict[str, str] = {}
