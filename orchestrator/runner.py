@@ -879,8 +879,9 @@ class JobRunner:
                 except OrchestratorError as refused:
                     skipped.append(self._rule_skip(routing, refused))
                     break
+                # Refused for the rule alone, this candidate was never judged: the new rule may give it too.
+                looked.discard(name)
                 if rerouted is None:  # the budget moved back meanwhile: this candidate again
-                    looked.discard(name)
                     pending.insert(0, name)
                     continue
                 routing = rerouted

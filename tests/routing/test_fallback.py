@@ -1674,6 +1674,62 @@ def check_a_fallback_follows_the_rule_the_budget_s_share_picks_now(settings: Set
         assert (raced["routing"]["rule"], raced["routing"]["rule_before"]) == ("soft", "paid")
 
 
+NARROW_FALLBACK_POLICY = """
+name = "narrow-fallback-test"
+description = "On fake-paid, then fake-b, then local-hifi; fake-b alone once 80% of the budget is used."
+
+[[rules]]
+name = "drafts"
+match = { stage = "ideation" }
+engines = ["lite"]
+
+[[rules]]
+name = "narrow"
+match = { stage = ["bridge", "polish"], budget_used_over = 0.8 }
+engines = ["fake-b"]
+
+[[rules]]
+name = "paid"
+match = { stage = ["bridge", "polish"] }
+engines = ["fake-paid", "fake-b", "local-hifi"]
+"""
+
+
+def test_a_fallback_s_candidate_the_rule_changed_under_is_tried_under_the_new_rule(
+        new_settings: SettingsFactory, tmp_path: Path) -> None:
+    """The share crosses 80% between the fallback's look and its move to fake-b: the move finds the
+    `narrow` rule applies, which gives fake-b too. fake-b was only looked at, never judged (the
+    move refused for the rule alone): it is the new rule's candidate, and the job moves there. It
+    was left out as already looked at, and the job failed with its engine's error, no reason told."""
+    folder = write_policies(tmp_path / "policies", {"fallback-test": FALLBACK_POLICY,
+                                                    "narrow-fallback-test": NARROW_FALLBACK_POLICY})
+    settings = new_settings(engines=FAKE_ENGINES, policy="fallback-test", policy_dir=folder)
+    with running(settings) as client:
+        project_id, asset_id = draft_asset(client, policy="narrow-fallback-test",
+                                           budget={"limit": 200, "period": "month"})
+        looked = JobRunner._routing_now
+        held: list[str] = []
+
+        def look_then_another_request_holds(self: JobRunner, *args: Any) -> Any:
+            routing = looked(self, *args)
+            if not held:
+                held.append(project_id)
+                with self.db.transaction() as s:  # another client's work, held after the look
+                    s.add(LedgerEntry(project_id=project_id, kind="hold", amount=165_000, created_at=utcnow()))
+            return routing
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(JobRunner, "_routing_now", look_then_another_request_holds)
+            done = wait_for_job(client, promote(client, asset_id, tags={"fake": "fail"})["id"])
+        assert held
+        assert (done["status"], [(a["engine"], a["status"]) for a in done["attempts"]]) == (
+            "succeeded", [("fake-paid", "failed"), ("fake-b", "succeeded")]), done
+        assert (done["routing"]["rule"], done["routing"]["rule_before"]) == ("narrow", "paid")
+        assert kinds(ledger(client, project_id, done["id"])) == [
+            ("hold", 10.0, "fake-paid"), ("release", 10.0, "fake-paid"), ("hold", 20.0, "fake-b"),
+            ("capture", 20.0, "fake-b")]
+
+
 def check_two_fallbacks_into_room_for_one(client: httpx.Client, folder: Path) -> None:
     """Two jobs on fake-paid (10 each), fake-b (20) skipped for the budget by both, fail at once
     with the limit raised to 35: each move releases its own 10, and fake-b fits the first (10 + 20
