@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import PurePath
 from typing import Any
@@ -21,7 +22,10 @@ from orchestrator.health import EngineHealth
 from orchestrator.store import hide_paths
 from policies import PolicyStore, RequestFacts, Rule, order_candidates
 from tiers.base import MAX_AMOUNT, Engine, RenderRequest, Stage, is_amount, to_credits
-from tiers.registry import EngineRegistry
+from tiers.registry import EngineRegistry, left_off
+
+# An engine's estimate (millicredits) where another live worker runs it and this process lacks it; None: not so.
+Elsewhere = Callable[[str], int | None]
 
 
 def leaves_machine(engine: Engine) -> bool:
@@ -153,13 +157,13 @@ class Router:
 
     def decide(self, policy_name: str, req: RenderRequest, requested: str | None,
                budget_used: float | None, *, holder: str | None = None, circuits: bool = True,
-               device: DeviceTime | None = None) -> Decision:
+               device: DeviceTime | None = None, elsewhere: Elsewhere | None = None) -> Decision:
         """`holder`: the reservation of a half-open circuit's probe this request already holds
         (see `EngineHealth.reserve`); that engine is not skipped as "its probe is out".
         `circuits=False`: no engine is skipped for its circuit breaker or the project's device
         time (for a copy, which sends nothing). `device`: the project's device time; exhausted,
         its local engines are skipped as unavailable to it, and a request no other engine may take
-        is refused `DeviceTimeExhausted`."""
+        is refused `DeviceTimeExhausted`. `elsewhere`: see `assess`."""
         try:
             # Read once: a reload between a look and a read could take the policy away in between.
             policy = self.policies.get(policy_name)
@@ -203,8 +207,8 @@ class Router:
             )
         names = [requested] if requested is not None else list(rule.engines)
         exhausted = device if device is not None and device.exhausted and circuits else None
-        assessed = {name: self.assess(name, req, rule, holder=holder, circuits=circuits, device=exhausted)
-                    for name in names}
+        assessed = {name: self.assess(name, req, rule, holder=holder, circuits=circuits, device=exhausted,
+                                      elsewhere=elsewhere) for name in names}
         ordered = self._order(rule, req.stage, assessed)
         usable = [c for c in ordered if c.skipped is None]
         if not usable:
@@ -268,10 +272,17 @@ class Router:
         return [c for c in candidates if c.skipped is None] + [c for c in candidates if c.skipped is not None]
 
     def assess(self, name: str, req: RenderRequest, rule: Rule | None = None, *,
-               holder: str | None = None, circuits: bool = True, device: DeviceTime | None = None) -> Candidate:
+               holder: str | None = None, circuits: bool = True, device: DeviceTime | None = None,
+               elsewhere: Elsewhere | None = None) -> Candidate:
         """Whether engine `name` can take `req` under `rule`, with its estimate or why not. `device`:
-        the project's device time, exhausted: a local engine is skipped for it."""
+        the project's device time, exhausted: a local engine is skipped for it. `elsewhere`: for an
+        engine this process lacks (not installed, or left off: its key given to other hosts), its
+        estimate where another live worker runs it (a fallback's, `JobRunner._routing_now`), else None."""
         candidate = Candidate(name)
+        lacked = name not in self.registry or left_off(self.registry.get(name))
+        away = elsewhere(name) if elsewhere is not None and lacked else None
+        if away is not None:
+            return self._assess_elsewhere(candidate, away, req, rule, holder=holder, circuits=circuits)
         if name not in self.registry:
             reason = self.registry.broken[name].reason if name in self.registry.broken else "no such engine"
             candidate.skipped = f"unknown engine: {reason}"
@@ -324,6 +335,24 @@ class Router:
             candidate.skipped = device.skipped()
             candidate.for_now = candidate.over_device_time = True
         elif candidate.skipped is None and circuits and not self.health.allow(name, holder):
+            candidate.skipped = ("circuit half-open: its probe request is out" if self.health.probe_out(name)
+                                 else "circuit open after repeated failures")
+            candidate.for_now = True
+        return candidate
+
+    def _assess_elsewhere(self, candidate: Candidate, estimate: int, req: RenderRequest, rule: Rule | None, *,
+                          holder: str | None, circuits: bool) -> Candidate:
+        """An engine only another worker runs, at `estimate`: this process cannot say whether it
+        sends data off the machine, so a private request never goes there; the rule's cap and its
+        circuit judged as for any other."""
+        name = candidate.engine
+        candidate.estimate = estimate
+        limit = rule.max_millicredits if rule is not None else None
+        if rule is not None and rule.keeps_local(req.tags):
+            candidate.skipped = "private request: this engine runs on another worker, which may send data elsewhere"
+        elif limit is not None and estimate > limit:
+            candidate.skipped = f"estimate {to_credits(estimate)} is over the rule's max_credits"
+        elif circuits and not self.health.allow(name, holder):
             candidate.skipped = ("circuit half-open: its probe request is out" if self.health.probe_out(name)
                                  else "circuit open after repeated failures")
             candidate.for_now = True

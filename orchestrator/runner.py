@@ -932,7 +932,24 @@ class JobRunner:
         now = self.router.rule_for(policy, request, used, routing.get("policy_hash"))
         if now is None or now == rule:
             return None
-        decision = self.router.decide(policy, request, None, used)
+        # Judged by this process's engines alone, an engine of the rule that only another worker
+        # has read as unusable: the fallback, which moves jobs there, failed the job instead.
+        routed = {c.get("engine"): c.get("estimate") for c in routing.get("candidates", []) if isinstance(c, dict)}
+
+        def elsewhere(name: str) -> int | None:
+            if not self.served_elsewhere(name):
+                return None
+            if name in self.registry:  # left off here (its key given to other hosts): priced here
+                try:
+                    return priced(self.registry.get(name), request)
+                except OrchestratorError:
+                    return None
+            estimate = routed.get(name)  # priced as the job was routed, as `_fallback_target` prices it
+            if not isinstance(estimate, int | float) or isinstance(estimate, bool) or estimate < 0:
+                return None
+            return to_millicredits(estimate)
+
+        decision = self.router.decide(policy, request, None, used, elsewhere=elsewhere)
         caps = [cap for cap in (routing.get("max_credits"), decision.extra.get("max_credits"))
                 if isinstance(cap, int | float)]
         return {**decision.as_dict(), "max_credits": min(caps) if caps else None, "rule_before": rule,
@@ -1081,7 +1098,7 @@ class JobRunner:
         # An engine only another worker has: the router that listed it for a private request judged
         # it local; otherwise it may leave the machine, for all this process knows.
         leaves = (leaves_machine(self.registry.get(engine)) if engine in self.registry
-                  else not (job.routing or {}).get("private"))
+                  else not followed.get("private"))
         # What its images may take on the engine it moves to (a provider that picks a larger size):
         # held back from its project's storage quota from now on. A job taken before migration 0030
         # still holds nothing: its project's quota was never judged with it.

@@ -1064,3 +1064,67 @@ def test_a_stability_answer_whose_finish_reason_is_error_fails_the_job_storing_a
         assert ledger_of(services, job_id) == [("hold", estimate, False), ("release", estimate, False)]
     finally:
         asyncio.run(services.aclose())
+
+
+def test_a_fallback_under_the_rule_the_budget_picks_now_moves_to_an_engine_only_another_worker_has(
+        make_settings: SettingsFactory, tmp_path: Path) -> None:
+    # The project crossed the policy's `budget_used_over` share after the job was routed: its
+    # fallback follows the rule that applies now (fake-b alone), which this process has not but a
+    # live worker has. Judged by this process's engines alone, the rule read as one no engine may
+    # take: the job failed (`budget_rule`), where the rule it was routed by moved it to that worker.
+    from tests.routing import FAKE_B_PRICE
+    from tests.routing.conftest import write_policies
+    from tests.routing.test_fallback import NARROW_FALLBACK_POLICY
+
+    folder = write_policies(tmp_path / "policies", {"narrow-fallback-test": NARROW_FALLBACK_POLICY})
+    here = Services.build(make_settings(engines="fake-paid=tests.fakes:factory", policy_dir=folder))
+    there = Services.build(make_settings(engines="fake-b=tests.routing:fake_b_factory", policy_dir=folder))
+    try:
+        there.scheduler.presence.enter(there.scheduler.owner, there.scheduler.engines())
+        policy = here.policies.get("narrow-fallback-test")
+        routing: dict[str, Any] = {
+            "policy": policy.name, "policy_hash": policy.content_hash, "rule": "paid", "chosen": "fake-paid",
+            "candidates": [{"engine": "fake-paid", "estimate": fakes.FAKE_PRICE, "skipped": None},
+                           {"engine": "fake-b", "estimate": FAKE_B_PRICE, "skipped": None}],
+            "max_credits": None}
+        job_id = new_id("job")
+        with here.db.transaction() as s:
+            project = Project(id=new_id("prj"), name="rule now", policy=policy.name, budget_limit=200_000,
+                              budget_period="month")
+            s.add(project)
+            s.flush()
+            job = Job(id=job_id, project_id=project.id, stage="bridge", engine="fake-paid", model="fake-1",
+                      params={**BRIDGE, "tags": {"fake": "fail"}}, estimated=HOLD, status="queued",
+                      routing=routing)
+            s.add(job)
+            s.flush()
+            here.ledger.hold(s, project, job, HOLD)
+            # Another client's work, held since the job was routed: 165 of 200 credits, past 80%.
+            s.add(LedgerEntry(project_id=project.id, kind="hold", amount=165_000, created_at=utcnow()))
+        job = claim_and_run(here, job_id)
+        assert job.error is None, job.error
+        assert (job.status, job.engine) == ("queued", "fake-b")
+        assert job.routing is not None and (job.routing["rule"], job.routing["rule_before"]) == ("narrow", "paid")
+        assert ledger_of(here, job_id) == [("hold", HOLD, False), ("release", HOLD, False),
+                                           ("hold", int(FAKE_B_PRICE * 1000), False)]
+        job = claim_and_run(there, job_id)
+        assert (job.status, job.engine) == ("succeeded", "fake-b"), job.error
+
+        # A private request never goes to an engine this process cannot judge to keep it local.
+        private_id = new_id("job")
+        with here.db.transaction() as s:
+            row = s.get(Project, project.id)
+            assert row is not None
+            private = Job(id=private_id, project_id=project.id, stage="bridge", engine="fake-paid", model="fake-1",
+                          params={**BRIDGE, "tags": {"fake": "fail", "privacy": "local"}}, estimated=HOLD,
+                          status="queued", routing=routing)
+            s.add(private)
+            s.flush()
+            here.ledger.hold(s, row, private, HOLD)
+        private = claim_and_run(here, private_id)
+        assert (private.status, private.engine) == ("failed", "fake-paid")
+        assert private.error is not None
+        assert [skip["reason"] for skip in private.error["details"]["fallbacks_skipped"]] == ["budget_rule"]
+    finally:
+        for services in (here, there):
+            asyncio.run(services.aclose())
