@@ -949,7 +949,11 @@ class JobRunner:
                 return None
             return to_millicredits(estimate)
 
-        decision = self.router.decide(policy, request, None, used, elsewhere=elsewhere)
+        # Its engines' circuits left to the fallback's own look (`EngineHealth.reserve`), as for
+        # recorded candidates: one kept off by its circuit alone is skipped `circuit_open`, which
+        # a job moved off an engine nobody has waits on. Judged here, a rule whose engines' circuits
+        # were all open read as one no engine may take, and that job was failed.
+        decision = self.router.decide(policy, request, None, used, circuits=False, elsewhere=elsewhere)
         caps = [cap for cap in (routing.get("max_credits"), decision.extra.get("max_credits"))
                 if isinstance(cap, int | float)]
         return {**decision.as_dict(), "max_credits": min(caps) if caps else None, "rule_before": rule,

@@ -1128,3 +1128,48 @@ def test_a_fallback_under_the_rule_the_budget_picks_now_moves_to_an_engine_only_
     finally:
         for services in (here, there):
             asyncio.run(services.aclose())
+
+
+def test_a_job_off_an_unserved_engine_waits_for_the_open_circuit_of_the_rule_the_budget_picks_now(
+        make_settings: SettingsFactory, tmp_path: Path) -> None:
+    # No process has fake-paid any more (its job movable: local-hifi, a recorded candidate, is
+    # here); the project crossed the policy's `budget_used_over` share since the job was routed,
+    # and the rule that applies now names fake-b alone, whose circuit is open. Judged with the
+    # circuits, that rule read as one no engine may take (`budget_rule`), and the job was failed,
+    # where a candidate kept off by its circuit alone leaves it waiting for it.
+    from tests.routing import FAKE_B_PRICE
+    from tests.routing.conftest import write_policies
+    from tests.routing.test_fallback import NARROW_FALLBACK_POLICY
+
+    folder = write_policies(tmp_path / "policies", {"narrow-fallback-test": NARROW_FALLBACK_POLICY})
+    services = Services.build(make_settings(engines="fake-b=tests.routing:fake_b_factory", policy_dir=folder))
+    try:
+        policy = services.policies.get("narrow-fallback-test")
+        routing: dict[str, Any] = {
+            "policy": policy.name, "policy_hash": policy.content_hash, "rule": "paid", "chosen": "fake-paid",
+            "candidates": [{"engine": "fake-paid", "estimate": fakes.FAKE_PRICE, "skipped": None},
+                           {"engine": "fake-b", "estimate": FAKE_B_PRICE, "skipped": None},
+                           {"engine": "local-hifi", "estimate": 0.0, "skipped": None}],
+            "max_credits": None}
+        job_id = new_id("job")
+        with services.db.transaction() as s:
+            project = Project(id=new_id("prj"), name="rule now", policy=policy.name, budget_limit=200_000,
+                              budget_period="month")
+            s.add(project)
+            s.flush()
+            job = Job(id=job_id, project_id=project.id, stage="bridge", engine="fake-paid", model="fake-1",
+                      params=BRIDGE, estimated=HOLD, status="queued", routing=routing)
+            s.add(job)
+            s.flush()
+            services.ledger.hold(s, project, job, HOLD)
+            s.add(LedgerEntry(project_id=project.id, kind="hold", amount=165_000, created_at=utcnow()))
+        open_circuit(services, "fake-b")
+        services.scheduler.unserved_grace = 0
+        services.scheduler._fail_unserved()
+        [claim] = services.scheduler._moves
+        asyncio.run(services.runner.run(claim))
+        job = read_job(services, job_id)
+        assert (job.status, job.engine) == ("queued", "fake-paid"), job.error
+        assert ledger_of(services, job_id) == [("hold", HOLD, False)]
+    finally:
+        asyncio.run(services.aclose())
