@@ -279,8 +279,7 @@ class Router:
         engine this process lacks (not installed, or left off: its key given to other hosts), its
         estimate where another live worker runs it (a fallback's, `JobRunner._routing_now`), else None."""
         candidate = Candidate(name)
-        lacked = name not in self.registry or left_off(self.registry.get(name))
-        away = elsewhere(name) if elsewhere is not None and lacked else None
+        away = elsewhere(name) if elsewhere is not None and name not in self.registry else None
         if away is not None:
             return self._assess_elsewhere(candidate, away, req, rule, holder=holder, circuits=circuits)
         if name not in self.registry:
@@ -298,7 +297,10 @@ class Router:
             candidate.off_stage = True
             candidate.refusal = NoRoute(f"engine '{name}' does not serve the {req.stage} stage",
                                         details={"engine": name, "stage": req.stage})
-        elif not (available := engine.availability())[0]:
+        elif not (available := engine.availability())[0] and not (
+                # Left off here (its key given to other hosts): judged as any other, priced here, where
+                # another live worker runs it.
+                elsewhere is not None and left_off(engine) and elsewhere(name) is not None):
             # Told to whoever asked, a project key's client too: the model by its name, not its path.
             candidate.skipped = f"unavailable: {hide_paths(available[1] or 'not set up', name)}"
         elif req.width > caps.max_width or req.height > caps.max_height:

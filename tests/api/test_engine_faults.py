@@ -1066,8 +1066,9 @@ def test_a_stability_answer_whose_finish_reason_is_error_fails_the_job_storing_a
         asyncio.run(services.aclose())
 
 
+@pytest.mark.parametrize("installed_here", [False, True])
 def test_a_fallback_under_the_rule_the_budget_picks_now_moves_to_an_engine_only_another_worker_has(
-        make_settings: SettingsFactory, tmp_path: Path) -> None:
+        make_settings: SettingsFactory, tmp_path: Path, installed_here: bool) -> None:
     # The project crossed the policy's `budget_used_over` share after the job was routed: its
     # fallback follows the rule that applies now (fake-b alone), which this process has not but a
     # live worker has. Judged by this process's engines alone, the rule read as one no engine may
@@ -1077,9 +1078,16 @@ def test_a_fallback_under_the_rule_the_budget_picks_now_moves_to_an_engine_only_
     from tests.routing.test_fallback import NARROW_FALLBACK_POLICY
 
     folder = write_policies(tmp_path / "policies", {"narrow-fallback-test": NARROW_FALLBACK_POLICY})
-    here = Services.build(make_settings(engines="fake-paid=tests.fakes:factory", policy_dir=folder))
-    there = Services.build(make_settings(engines="fake-b=tests.routing:fake_b_factory", policy_dir=folder))
+    b = "fake-b=tests.routing:fake_b_factory"
+    here = Services.build(make_settings(engines="fake-paid=tests.fakes:factory" + (f",{b}" if installed_here else ""),
+                                        policy_dir=folder))
+    there = Services.build(make_settings(engines=b, policy_dir=folder))
     try:
+        if installed_here:  # its key given to the other host only: left off here, priced here
+            engine: Any = here.registry.get("fake-b")
+            engine = getattr(engine, "wrapped", engine)
+            engine.reachable = False
+            engine.availability = lambda: (False, "no key")
         there.scheduler.presence.enter(there.scheduler.owner, there.scheduler.engines())
         policy = here.policies.get("narrow-fallback-test")
         routing: dict[str, Any] = {
