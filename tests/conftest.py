@@ -18,6 +18,13 @@ from typing import Any
 # Tests never reach the Hugging Face Hub, whatever a test's settings say (`auto` would look for
 # it): set before anything imports huggingface_hub, which reads it once.
 os.environ["HF_HUB_OFFLINE"] = "1"
+# torch's OpenMP threads spin between operations by default. The suite's drafts are a few ms each
+# on a 64 px tiny model, with two test processes (or other work) sharing the cores: the spinning
+# made a draft's CPU time ten to twenty times its work (0.4-2 s instead of 0.04 s), and doubled
+# `tests/api/test_flow.py`. Passive threads sleep instead; images are the same, the threads do the
+# same split of the work. Read once, when torch loads its OpenMP runtime: set before any import of
+# torch, and inherited by the servers tests start as subprocesses.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import httpx
 import pytest
