@@ -344,7 +344,15 @@ def _written_as(where: str) -> list[str]:
     with its port, and without it when it is its scheme's default; an IDN in Unicode and as
     `xn--`, an IPv4 address also as the IPv6 address mapping it, written so and compressed (an
     IPv6 host not otherwise than as `destination` writes it, nor an IDN's labels half in one and
-    half in the other, nor a numeric IPv4 spelling as `127.1`: `Deliverer._due`, `_give_up`)."""
+    half in the other, nor a numeric IPv4 spelling as `127.1`: `Deliverer._due`, `_give_up`). An
+    unparsed destination (`_unparsed`) only as it is written."""
+    try:
+        urlsplit(where)
+    except ValueError:
+        # Its host is no host, its port maybe no number: spelt as a parsed one's, a port `²`
+        # (`isdigit`, but no `int`) raised in every read of due rows while it was full or set aside,
+        # and `ü[@alive.example`'s ASCII spelling (httpx reads `ü[` as a user) was another receiver's.
+        return [where]
     scheme, _, rest = where.partition("://")
     host, colon, port = rest.rpartition(":")
     if not colon or not port.isdigit():  # no port written (a scheme without a default), or an IPv6 host's colon

@@ -1254,3 +1254,32 @@ def check_the_give_up_reads_a_bounded_number_of_missed_urls(db: Database, monkey
     assert given_up() == [ids[1]]
     deliverer._give_up(set_aside)
     assert given_up() == ids[1:]
+
+
+@pytest.mark.parametrize("stored", ["http://[bad]:\u00b2/h", "http://\u00fc[@alive.example/h", "http://[@\u00fc%x@/h"])
+def test_an_unparsed_destination_s_sql_filter_holds_back_and_gives_up_only_its_own_rows(
+        db: Database, stored: str) -> None:
+    check_an_unparsed_destination_s_sql_filter_is_its_own(db, stored)
+
+
+def check_an_unparsed_destination_s_sql_filter_is_its_own(db: Database, stored: str) -> None:
+    # A URL `urlsplit` refuses is a destination of its own, written as stored (`_unparsed`), and
+    # full or set aside, its SQL filter (`_to`) is in every read of due rows and in the give-up. Read
+    # as a parsed destination's, its spellings raised (a port `²` is `isdigit` but no `int`; a zone
+    # its ASCII spelling lost), so no delivery of any project was read again; or its ASCII spelling
+    # (httpx reads `ü[` as a user) was another receiver's, whose rows were held back and given up.
+    with pytest.raises(ValueError):
+        urlsplit(stored).hostname  # noqa: B018 -- read for its check
+    alive = "http://alive.example/h"
+    ids = _deliveries(db, [(stored, 1), (alive, 1)])
+    where = webhooks.destination(stored)
+    assert where != webhooks.destination(alive)
+    deliverer = webhooks.Deliverer(db, lambda job_id: {"id": job_id}, None, interval=0.02)
+    assert [row.id for row in deliverer._due((), [where])] == [ids[1]]
+    with db.transaction() as s:
+        for row in s.exec(select(WebhookDelivery)).all():
+            row.created_at = shared_now() - timedelta(seconds=webhooks.SCHEDULE_SECONDS + 60)
+    deliverer._give_up({where: "ConnectError"})
+    rows = _rows(db)
+    assert rows[ids[0]].next_attempt_at is None and "ConnectError" in (rows[ids[0]].last_error or "")
+    assert rows[ids[1]].next_attempt_at is not None and rows[ids[1]].last_error is None
