@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 from pydantic import ValidationError
+from sqlalchemy import event as sa_event
 from sqlmodel import select
 
 from orchestrator import webhooks
@@ -1283,3 +1284,33 @@ def check_an_unparsed_destination_s_sql_filter_is_its_own(db: Database, stored: 
     rows = _rows(db)
     assert rows[ids[0]].next_attempt_at is None and "ConnectError" in (rows[ids[0]].last_error or "")
     assert rows[ids[1]].next_attempt_at is not None and rows[ids[1]].last_error is None
+
+
+def test_many_distinct_urls_the_sql_filter_misses_are_read_past_in_few_reads(db: Database) -> None:
+    check_many_distinct_urls_the_sql_filter_misses_are_read_past_in_few_reads(db)
+
+
+def check_many_distinct_urls_the_sql_filter_misses_are_read_past_in_few_reads(db: Database) -> None:
+    # `http://127.1:9000` is 127.0.0.1's destination, but no SQL prefix of it: a full or set-aside
+    # 127.0.0.1's rows so spelt, each URL its own (a job's `?job=` token), were read past 20 a read,
+    # each read again excluding every URL read so far: 2,000 rows 101 reads binding 100,000 values,
+    # 8,000 rows 21 s a look and 40,000 rows 7 minutes, while no delivery of any project was sent.
+    count = 2000
+    ids = _deliveries(db, [*((f"http://127.1:9000/h?job={n}", 1) for n in range(count)), ("http://alive.example/h", 1)])
+    with db.transaction() as s:  # due in that order, all of them now
+        for n, row in enumerate(sorted(s.exec(select(WebhookDelivery)).all(), key=lambda row: row.id)):
+            row.next_attempt_at = shared_now() - timedelta(hours=1) + timedelta(milliseconds=n)
+    deliverer = webhooks.Deliverer(db, lambda job_id: {}, None, interval=0.1)
+    reads: list[int] = []
+
+    def counted(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, many: bool) -> None:
+        if statement.lstrip().upper().startswith("SELECT"):
+            reads.append(len(parameters))
+
+    sa_event.listen(db.engine, "before_cursor_execute", counted)
+    try:
+        due = deliverer._due((), [webhooks.destination("http://127.0.0.1:9000/")])
+    finally:
+        sa_event.remove(db.engine, "before_cursor_execute", counted)
+    assert [row.id for row in due] == [ids[-1]]
+    assert len(reads) <= 10 and sum(reads) < count, reads

@@ -83,6 +83,7 @@ from tests.api.test_webhook_sending import (
     check_a_full_destination_is_read_past,
     check_a_set_aside_destination_s_rows_past_their_schedule_are_given_up_unsent,
     check_a_set_aside_destination_s_rows_spelt_past_the_sql_filter_are_given_up_too,
+    check_many_distinct_urls_the_sql_filter_misses_are_read_past_in_few_reads,
     check_spellings_the_sql_filter_misses_do_not_fill_every_read,
     check_the_give_up_reads_a_bounded_number_of_missed_urls,
     check_the_sql_filter_folds_no_capital_into_another_host_s_letter,
@@ -1359,6 +1360,7 @@ def test_webhook_deliveries_are_listed_within_a_time_range_on_postgres(pg_db: Da
 
 @pytest.mark.parametrize("check", [check_a_full_destination_is_read_past, check_a_claim_given_back_is_due_as_it_was,
                                    check_spellings_the_sql_filter_misses_do_not_fill_every_read,
+                                   check_many_distinct_urls_the_sql_filter_misses_are_read_past_in_few_reads,
                                    check_the_sql_filter_of_an_idn_destination,
                                    check_the_sql_filter_of_an_idn_destination_folds_its_non_ascii_capitals,
                                    check_the_sql_filter_folds_no_capital_into_another_host_s_letter,
