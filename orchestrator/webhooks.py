@@ -42,6 +42,7 @@ import httpx
 import sqlalchemy as sa
 from sqlalchemy import func, update
 from sqlmodel import Session, col, select
+from sqlmodel.sql.expression import SelectOfScalar
 
 from orchestrator.clock import shared_now
 from orchestrator.db import Database, changed
@@ -760,29 +761,38 @@ class Deliverer:
             if sending:
                 query = query.where(col(WebhookDelivery.id).not_in(sending))
             # In SQL, not after the read: a receiver's thousand rows would fill every read.
-            query = query.where(*(sa.not_(_to(where)) for where in full)).order_by(
-                col(WebhookDelivery.next_attempt_at), col(WebhookDelivery.id))
+            query = query.where(*(sa.not_(_to(where)) for where in full))
+            rows = s.exec(query.order_by(col(WebhookDelivery.next_attempt_at)).limit(limit)).all()
             full = set(full)
-            kept: list[WebhookDelivery] = []
-            read, size = query, limit
-            while True:
-                rows = s.exec(read.limit(size)).all()
-                # Spellings of a full destination its prefixes do not write (`host:/`, a port `0443`,
-                # `127.1`, an uncompressed IPv6 address): read past, and the read goes on after the
-                # last row read, twice as many at a time, or its oldest rows filled each read and no
-                # other destination's row was ever read. (Excluding each URL read past, read again,
-                # was a read per 20 rows, each binding every URL before it: for 8,000 rows of
-                # distinct URLs (a job's `?job=` token), 21 s a look.)
-                kept += [r for r in rows if destination(r.url) not in full]
-                if len(rows) < size or len(kept) >= limit:
-                    return [Due(r.id, r.job_id, r.url, r.event, r.attempts, r.next_attempt_at) for r in kept[:limit]
-                            if r.next_attempt_at is not None]
-                last = rows[-1]
-                read = query.where(sa.or_(
-                    col(WebhookDelivery.next_attempt_at) > last.next_attempt_at,
-                    sa.and_(col(WebhookDelivery.next_attempt_at) == last.next_attempt_at,
-                            col(WebhookDelivery.id) > last.id)))
-                size = min(size * 2, MAX_READ)
+            if any(destination(r.url) in full for r in rows):
+                rows = self._read_past(s, query, full, limit)
+            return [Due(r.id, r.job_id, r.url, r.event, r.attempts, r.next_attempt_at) for r in rows
+                    if r.next_attempt_at is not None]
+
+    @staticmethod
+    def _read_past(s: Session, query: SelectOfScalar[WebhookDelivery], full: set[str],
+                   limit: int) -> list[WebhookDelivery]:
+        """The first `limit` rows of `query` not to a `full` destination, read past those that are:
+        spellings its SQL prefixes do not write (`host:/`, a port `0443`, `127.1`, an uncompressed
+        IPv6 address), which otherwise filled each read, and no other destination's row was read.
+        In (next_attempt_at, id) order, each read after the last row read, twice as many at a time:
+        excluding each URL read past and reading again was a read per 20 rows, each binding every
+        URL before it (for 8,000 rows of distinct URLs, a job's `?job=` token, 21 s a look). (Not
+        the first read's order: a tie of many rows, as a bulk redelivery leaves, is sorted by id.)"""
+        kept: list[WebhookDelivery] = []
+        ordered = query.order_by(col(WebhookDelivery.next_attempt_at), col(WebhookDelivery.id))
+        read, size = ordered, limit
+        while True:
+            rows = s.exec(read.limit(size)).all()
+            kept += [r for r in rows if destination(r.url) not in full]
+            if len(rows) < size or len(kept) >= limit:
+                return kept[:limit]
+            last = rows[-1]
+            read = ordered.where(sa.or_(
+                col(WebhookDelivery.next_attempt_at) > last.next_attempt_at,
+                sa.and_(col(WebhookDelivery.next_attempt_at) == last.next_attempt_at,
+                        col(WebhookDelivery.id) > last.id)))
+            size = min(size * 2, MAX_READ)
 
     def _give_up(self, set_aside: dict[str, str]) -> None:
         """Give up, unsent, the due rows of each set-aside destination (to its last error) made or
