@@ -543,7 +543,8 @@ class ArtifactStore:
                 # there, as the next sweep puts it back.
                 # Not aside either: it may have been put back home since the first look (a sweep or
                 # `discard` found it named, a dead sweep's leftover settled), so home is read once
-                # more; a live asset's reader was told to restore its file from a backup (a 500).
+                # more (read in neither place, a live asset's reader was told, with a 500, to restore
+                # a file that was there).
                 aside = self._set_aside_copy(path)
                 found = aside if aside is not None else self._read_home(path, sha256, up_to)
         except FileNotFoundError:
