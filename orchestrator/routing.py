@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import PurePath
 from typing import Any
 
@@ -141,19 +141,34 @@ class Router:
         self.health = health
 
     def rule_for(self, policy_name: str, req: RenderRequest, budget_used: float | None,
-                 version: str | None) -> str | None:
+                 version: str | None, routed: str | None = None) -> str | None:
         """The name of the rule of the policy that the request (its engine left to the policy)
         matches with `budget_used`; None when the policy is not loaded as `version` (its content
         hash: a job routed by another version of the file follows its recorded decision) or no
-        rule fits."""
+        rule fits. `routed`: the rule the job was routed by, given back unless the budget's share
+        alone moved the request off it (the same facts match it at another share)."""
         try:
             policy = self.policies.get(policy_name)
         except NotFound:
             return None
         if policy.content_hash != version:
             return None
-        matched = policy.match(RequestFacts.from_request(req, engine=None, budget_used=budget_used))
-        return None if matched is None else matched[1].name
+        facts = RequestFacts.from_request(req, engine=None, budget_used=budget_used)
+        matched = policy.match(facts)
+        now = None if matched is None else matched[1].name
+        if routed is None or now == routed:
+            return now
+        # The job's facts are not the submit's: a private rule's request is recorded with
+        # tags.privacy=local (`JobService.job_params`), which an earlier rule may match. Such a
+        # rule, no share of the budget making the recorded one apply, is no budget's doing: the
+        # job follows its recorded decision, as every job did before fallbacks judged the share.
+        thresholds = {r.match.budget_used_over for r in policy.rules if r.match.budget_used_over is not None}
+        shares: set[float | None] = {None, 0.0, math.inf, *thresholds,
+                                     *(math.nextafter(t, math.inf) for t in thresholds)}
+        if any((other := policy.match(replace(facts, budget_used=share))) is not None and other[1].name == routed
+               for share in shares):
+            return now
+        return routed
 
     def decide(self, policy_name: str, req: RenderRequest, requested: str | None,
                budget_used: float | None, *, holder: str | None = None, circuits: bool = True,

@@ -929,7 +929,7 @@ class JobRunner:
                 balance = self.ledger.balance(s, project)
                 own = self.ledger.open_hold(s, job.id)
                 used = replace(balance, held=balance.held - (own.amount if own is not None else 0)).used_fraction
-        now = self.router.rule_for(policy, request, used, routing.get("policy_hash"))
+        now = self.router.rule_for(policy, request, used, routing.get("policy_hash"), rule)
         if now is None or now == rule:
             return None
         # Judged by this process's engines alone, an engine of the rule that only another worker
@@ -1133,8 +1133,9 @@ class JobRunner:
             # hold taken since the fallback looked may have moved the project past a rule's share.
             if self.router is not None and isinstance(followed.get("policy"), str):
                 used = None if project.budget_limit is None else self.ledger.balance(s, project).used_fraction
+                routed = followed.get("rule")
                 now = self.router.rule_for(followed["policy"], render_request(job.params), used,
-                                           followed.get("policy_hash"))
+                                           followed.get("policy_hash"), routed if isinstance(routed, str) else None)
                 if now is not None and now != followed.get("rule"):
                     raise RuleChanged(now)
             if grows:

@@ -1181,3 +1181,50 @@ def test_a_job_off_an_unserved_engine_waits_for_the_open_circuit_of_the_rule_the
         assert ledger_of(services, job_id) == [("hold", HOLD, False)]
     finally:
         asyncio.run(services.aclose())
+
+
+TAG_FIRST_POLICY = """
+name = "tag-first-test"
+description = "Tagged private work on local-hifi; every other bridge kept on this machine by a rule."
+
+[[rules]]
+name = "tagged"
+match = { tags = { privacy = "local" } }
+engines = ["local-hifi"]
+private = true
+
+[[rules]]
+name = "studio"
+match = { stage = ["bridge", "polish"] }
+engines = ["fake-paid", "local-hifi"]
+private = true
+"""
+
+
+def test_a_fallback_without_a_budget_keeps_the_rule_a_private_rule_routed_it_by(
+        make_settings: SettingsFactory, tmp_path: Path) -> None:
+    """A request the `studio` rule keeps local is recorded with tags.privacy=local (`JobService.job_params`).
+    Its fallback, in a project with no budget at all, matched the policy again on those tags and
+    took the `tagged` rule for one the budget's share picked: the job's routing rewritten with a
+    rule_before, where a project with no budget follows its recorded decision as it did before
+    `budget_used_over` was judged again at fallback."""
+    from tests.routing.conftest import write_policies
+
+    folder = write_policies(tmp_path / "policies", {"tag-first-test": TAG_FIRST_POLICY})
+    services = Services.build(make_settings(engines="fake-paid=tests.fakes:factory", policy_dir=folder))
+    try:
+        router = services.runner.router
+        assert router is not None
+        decision = router.decide("tag-first-test", render_request(BRIDGE), None, None, circuits=False)
+        assert (decision.rule, decision.private) == ("studio", True)
+        params = {**BRIDGE, "tags": {"privacy": "local"}}  # as the job records a private rule's request
+        job_id = queue_job(services, "local-hifi", estimated=0, params=params, routing=decision.as_dict())
+        with services.db.session() as s:
+            job = s.get(Job, job_id)
+        assert job is not None
+        assert services.runner._routing_now(job, render_request(params), job.routing or {}) is None
+        # Judged under the move's lock as well: the recorded rule given back, no RuleChanged.
+        assert router.rule_for("tag-first-test", render_request(params), None, decision.policy_hash,
+                               routed="studio") == "studio"
+    finally:
+        asyncio.run(services.aclose())
