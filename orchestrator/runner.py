@@ -68,7 +68,7 @@ from orchestrator.outage import Outage
 from orchestrator.routing import Router, fallbacks, leaves_machine, priced
 from orchestrator.schemas import storable
 from orchestrator.store import ArtifactStore, Preview, PreviewFiles, Put, encode_png, hide_paths
-from policies.schema import is_private
+from policies.schema import PRIVACY_LOCAL, PRIVACY_TAG, is_private
 from tiers._http import SendsCredentials
 from tiers.base import (
     DEVICE_SECONDS,
@@ -1121,7 +1121,8 @@ class JobRunner:
             self.ledger.settle_failure(s, job, error)
             self._guarded_update(s, claim, unless_canceled=True, status="queued", engine=engine, model=model,
                                  estimated=estimate, reserved_bytes=bound,
-                                 **({} if routing is None else {"routing": routing}),
+                                 **({} if routing is None else
+                                    {"routing": routing, **self._kept_local(s, job, routing)}),
                                  # Keyed again by the model that renders it when it succeeds (unknown here
                                  # for another worker's engine): only a success is looked up.
                                  cache_key=cache_key(engine, model or "", job.params) if job.cache_key else None,
@@ -1156,6 +1157,21 @@ class JobRunner:
         self._end_write(claim, f"job {job.id} moved to {engine}", move,
                         lambda row: row.status == "queued" and row.engine == engine
                         and _last_attempt(row, claim, "failed", error))
+
+    @staticmethod
+    def _kept_local(s: Session, job: Job, routing: dict[str, Any]) -> dict[str, Any]:
+        """The params a move under another rule (`_routing_now`) that keeps the request local
+        records, as a submit under it records them (`JobService.job_params`): marked private, so
+        its images' promotions and polishes stay on this machine too. Read from the row: the
+        claim's copy lacks a mark written since."""
+        if not routing.get("private"):
+            return {}
+        params = s.scalar(select(Job.params).where(col(Job.id) == job.id))
+        params = params if isinstance(params, dict) else job.params
+        tags = params.get("tags") or {}
+        if tags.get(PRIVACY_TAG) == PRIVACY_LOCAL:
+            return {}
+        return {"params": {**params, "tags": {**tags, PRIVACY_TAG: PRIVACY_LOCAL}}}
 
     def _copy_on(self, claim: Claim, error: EngineError, engine: str, model: str, estimate: int) -> list[str] | None:
         """End the job as a copy of an earlier identical job's images on `engine` (see

@@ -1989,3 +1989,38 @@ def test_a_cancel_racing_a_fallback_s_move_settles_each_hold_once(
         new_settings: SettingsFactory, fallback_policies: Path, monkeypatch: pytest.MonkeyPatch, first: str) -> None:
     check_a_cancel_racing_a_fallback_s_move_settles_each_hold_once(
         new_settings(engines=FAKE_ENGINES, policy="fallback-test", policy_dir=fallback_policies), monkeypatch, first)
+
+
+def test_a_fallback_a_private_rule_now_takes_makes_private_images(new_settings: SettingsFactory,
+                                                                  tmp_path: Path) -> None:
+    """Past 80% used, the policy's `soft` rule keeps the project's work on this machine (`private`),
+    and a request it routes is recorded private (tags.privacy=local: its images' promotions and
+    polishes stay local). A job routed at 0% by `paid` and moved there by its fallback once the
+    share crossed is made by that rule too: recorded private as a submit then would be."""
+    from orchestrator.db import Database
+
+    private_soft = SOFT_FALLBACK_POLICY.replace('"soft-fallback-test"', '"private-soft-test"').replace(
+        'engines = ["local-hifi"]', 'engines = ["local-hifi"]\nprivate = true')
+    folder = write_policies(tmp_path / "policies",
+                            {"fallback-test": FALLBACK_POLICY, "private-soft-test": private_soft})
+    settings = new_settings(engines=FAKE_ENGINES, policy="fallback-test", policy_dir=folder)
+    with running(settings) as client:
+        project_id, asset_id = draft_asset(client, policy="private-soft-test", budget={"limit": 200, "period": "month"})
+        go = tmp_path / "go"
+        job = promote(client, asset_id, tags={"fake": "wait-before-send", "until": str(go), "then": "fail"})
+        assert (job["engine"], job["routing"]["rule"], job["routing"]["private"]) == ("fake-paid", "paid", False)
+        poll(lambda: client.get(f"/v1/jobs/{job['id']}").json()["status"] == "running", what="the job sent")
+        db = Database(settings.resolved_database_url)
+        try:
+            with db.transaction() as s:  # another client's work, held meanwhile
+                s.add(LedgerEntry(project_id=project_id, kind="hold", amount=165_000, created_at=utcnow()))
+            go.touch()
+            done = wait_for_job(client, job["id"])
+            assert (done["status"], done["engine"], done["routing"]["rule"], done["routing"]["private"]) == (
+                "succeeded", "local-hifi", "soft", True), done
+            with db.session() as s:
+                row = s.get(Job, job["id"])
+                assert row is not None
+                assert row.params["tags"].get("privacy") == "local", row.params
+        finally:
+            db.dispose()
