@@ -68,6 +68,17 @@ def _source(ep: EntryPoint) -> str:
     return f"package {dist.name} ({ep.value})" if dist is not None else ep.value
 
 
+def spend_key_problem(name: str) -> str | None:
+    """Why an engine may not be called `name`, a key of the spend report (`GET /v1/spend`) its
+    charges would be read as; None where it may. Without a path: a broken engine's reason, which
+    clients read, has its paths cut (`hide_paths`)."""
+    if name.lower() == TOTALS_KEY:
+        return "is the key of the spend export's totals row"
+    if name == NO_ENGINE_KEY:
+        return "is the spend report's key for charges that name no engine"
+    return None
+
+
 def extra_engine_problems(entries: str) -> list[str]:
     """What is wrong with ORCH_ENGINES' entries (`name=module:factory,...`): a name given twice, or
     taken by a built-in engine (the entry was ignored with a warning) or by a plugin installed here
@@ -82,12 +93,8 @@ def extra_engine_problems(entries: str) -> list[str]:
             problems.append(f"'{name[:40]}...' is longer than {MAX_ENGINE_CHARS} characters, which jobs store")
         elif name in BUILTIN:
             problems.append(f"'{name}' is a built-in engine's name: give the engine another")
-        elif name.lower() == TOTALS_KEY:
-            problems.append(f"'{name}' is the key of the spend export's totals row (GET /v1/spend as CSV): give the "
-                            "engine another name")
-        elif name == NO_ENGINE_KEY:
-            problems.append(f"'{name}' is GET /v1/spend's key for charges that name no engine: give the engine "
-                            "another name")
+        elif (reserved := spend_key_problem(name)) is not None:
+            problems.append(f"'{name}' {reserved}: give the engine another name")
         elif name in installed:
             problems.append(f"'{name}' is the name of an installed plugin's engine ({_source(installed[name])}): "
                             "give the engine another, or uninstall the plugin")
@@ -140,6 +147,10 @@ class EngineRegistry:
             plugins.setdefault(ep.name, {})[_source(ep), ep.value] = ep
         broken: dict[str, BrokenEngine] = {}
         for name, registered in plugins.items():
+            if (reserved := spend_key_problem(name)) is not None:  # as ORCH_ENGINES refuses it at start
+                log.error("engine %s: %s; it is not loaded", name, reserved)
+                broken[name] = BrokenEngine(name, f"{reserved}; it is not loaded")
+                continue
             if len(registered) == 1:
                 factories[name] = next(iter(registered.values())).value
                 continue

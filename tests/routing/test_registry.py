@@ -242,7 +242,7 @@ def test_an_engine_may_not_take_the_spend_report_s_key_for_charges_without_one()
     from tiers.registry import extra_engine_problems
 
     assert extra_engine_problems("-=tests.fakes:factory,ok=x:y") == [
-        "'-' is GET /v1/spend's key for charges that name no engine: give the engine another name"]
+        "'-' is the spend report's key for charges that name no engine: give the engine another name"]
     assert extra_engine_problems("-x=tests.fakes:factory") == []  # written "'-x" in the CSV, its own group
 
 
@@ -898,3 +898,18 @@ def test_a_plugin_s_largest_size_is_its_own_and_one_without_is_held_at_the_size_
     sized = registry_module.checked(Sized(EngineContext(settings=None)), "tests:sized")  # type: ignore[arg-type, attr-defined]
     plain = registry_module.checked(FakePaidEngine(EngineContext(settings=None)), "tests:plain")  # type: ignore[arg-type, attr-defined]
     assert (quota.output_size(sized, asked), quota.output_size(plain, asked)) == ((1024, 768), (320, 256))
+
+
+@pytest.mark.parametrize(("name", "reason"), [
+    ("Total", "is the key of the spend export's totals row"),
+    ("-", "is the spend report's key for charges that name no engine"),
+])
+def test_a_plugin_named_as_a_spend_report_key_is_not_loaded(load: Load, name: str, reason: str,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    """An installed plugin's engine may not take a name ORCH_ENGINES is refused at start for: its
+    charges would be read as the spend report's totals row, or merged with those naming no engine."""
+    registry = load(extra=[ep(name, f"{HERE}:fake_ep_factory"), ep("fake-ep", f"{HERE}:fake_ep_factory")])
+    assert name not in registry and name in registry.names()
+    assert registry.broken[name].reason.startswith(reason)
+    assert reason in caplog.text
+    assert isinstance(registry.get("fake-ep").wrapped, FakePaidEngine)  # type: ignore[attr-defined]
