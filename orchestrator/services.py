@@ -382,6 +382,10 @@ def database_url_problems(text: str) -> list[str]:
         # `check` read it as the relative path `x.db` under another folder.
         return [f"{told}: {shown} names a host, which a SQLite URL does not: a file is "
                 "sqlite:////absolute/path.db (four slashes) or sqlite:///relative/path.db (three)"]
+    if url.port is not None and not 1 <= url.port <= 65535:
+        # libpq refuses it at the first connection only ('invalid port number'): exit 1, after
+        # `migrate` or `serve` had made the data dir.
+        return [f"{told}: {shown}: its port {url.port} is not one of 1 to 65535"]
     try:
         with warnings.catch_warnings():  # of the options SQLite's driver drops: told below
             warnings.simplefilter("ignore", SAWarning)

@@ -943,6 +943,10 @@ def test_migrate_tells_what_its_own_upgrade_found(make_settings: SettingsFactory
     ("migrate", "ORCH_DATABASE_URL", "postgresql+psycopg://u:Pa@secret@db/orch", "must be written %40"),
     # No database: libpq took the user's own (`postgres`), and the tables went into the server's.
     ("migrate", "ORCH_DATABASE_URL", "postgresql+psycopg://u@127.0.0.1/", "names no database"),
+    # A port past 65535: once exit 1 at the first connection ('invalid port number'), after the data dir was made.
+    ("migrate", "ORCH_DATABASE_URL", "postgresql+psycopg://u:secret@127.0.0.1:99999/orch",
+     "postgresql+psycopg://u:***@127.0.0.1:99999/orch: its port 99999 is not one of 1 to 65535"),
+    ("serve", "ORCH_DATABASE_URL", "postgresql+psycopg://u@db:0/orch", "its port 0 is not one of 1 to 65535"),
     ("serve", "ORCH_PRICES_FILE", "{tmp}/missing.toml", "ORCH_PRICES_FILE: prices file {tmp}/missing.toml: no such "
      "file\n"),
     ("serve", "ORCH_PRICES_FILE", "{tmp}", "ORCH_PRICES_FILE: prices file {tmp}: is a directory, not a TOML file\n"),
