@@ -1202,28 +1202,14 @@ async def test_a_creative_result_s_end_is_looked_for_while_the_event_loop_runs_o
 @respx.mock
 @pytest.mark.parametrize("status", [400, 403, 503])
 async def test_an_error_answer_of_megabytes_is_not_parsed_on_the_event_loop(
-        engine: StabilityEngine, monkeypatch: pytest.MonkeyPatch, status: int) -> None:
+        engine: StabilityEngine, loop_parses: list[int], status: int) -> None:
     # An error's body was read whole as JSON on the event loop for what it says (Stability's error
     # name, a message, a retry delay): 32 MiB of `[0,0,...]` took 1.6 s here, 256 MiB (as large as
     # an answer is read, some 250 KiB gzipped) would take some 12 s, every other job held meanwhile.
-    import tiers._http
-
-    real = tiers._http.text_json
-    parsed_on_loop: list[int] = []
-
-    def parsing(text: str | bytes) -> Any:
-        try:
-            asyncio.get_running_loop()
-            parsed_on_loop.append(len(text))
-        except RuntimeError:
-            pass  # a worker thread
-        return real(text)
-
-    monkeypatch.setattr(tiers._http, "text_json", parsing)
     body = b'{"id": "x", "name": "bad_request", "errors": [' + b"0," * 2**22 + b"0]}"
     respx.post(SD3).mock(return_value=httpx.Response(status, content=body,
                                                      headers={"content-type": "application/json"}))
     with pytest.raises(EngineError) as info:
         await engine.run(bridge(), NullProgress(), CancelToken())
     assert info.value.charged == "no"  # nothing was made
-    assert all(size < len(body) for size in parsed_on_loop), parsed_on_loop  # never the whole body
+    assert all(size < len(body) for size in loop_parses), loop_parses  # never the whole body
