@@ -539,9 +539,11 @@ def _unnamed(engine: Engine, store: ArtifactStore) -> tuple[int, int, list[str],
     asset names that may be running jobs') in the store. While a job runs, an unnamed file younger
     than the sweep's grace may be its image before its end commits: counted apart. With no job
     running, none can be, and a young one counts as any other (a copy of a running service's
-    SQLite file without its -wal names none of the recent files)."""
-    with Session(engine) as s:
-        running = s.exec(select(Job.id).where(col(Job.status) == "running").limit(1)).first() is not None
+    SQLite file without its -wal names none of the recent files).
+
+    Whether a job runs is read with each batch's names, in their snapshot, taken after the batch
+    was listed: read once before the listing, a job claimed meanwhile had its images (stored before
+    the rows naming them) counted as orphans, and listed to move out of the store."""
     cutoff = time.time() - ORPHAN_GRACE_SECONDS
     unnamed = files = in_flight = 0
     paths: list[str] = []
@@ -549,6 +551,7 @@ def _unnamed(engine: Engine, store: ArtifactStore) -> tuple[int, int, list[str],
                           if not path.name.startswith(".") and (sha := stored_sha(path)) is not None):
         with Session(engine) as s:
             named = set(s.exec(select(Asset.sha256).where(col(Asset.sha256).in_(batch))))
+            running = s.exec(select(Job.id).where(col(Job.status) == "running").limit(1)).first() is not None
         unnamed_here = [sha for sha in batch if sha not in named]
         if running:
             old = [sha for sha in unnamed_here if not _written_since(store, sha, cutoff)]

@@ -368,3 +368,36 @@ def test_a_capture_made_by_hand_without_a_hold_of_a_job_charged_on_its_hold_is_a
         second = s.exec(select(LedgerEntry.id).where(LedgerEntry.kind == "capture",
                                                      col(LedgerEntry.hold_id).is_(None))).one()
     assert check.check_ledger(sqlite_db.engine).problems == {check.SECOND_CHARGE: [str(second)]}
+
+
+def test_a_job_that_starts_as_the_store_is_listed_has_its_young_files_counted_in_flight(
+        sqlite_db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check read once, before listing the store, whether a job runs. A job claimed between
+    that read and the listing, its images stored before the transaction naming them commits, had
+    them counted as files no asset names and listed to move out of the store (which lost the job's
+    images once its rows named them)."""
+    from orchestrator.models import Asset, Job, Project
+    from orchestrator.store import ArtifactStore
+
+    store = ArtifactStore(tmp_path / "assets")
+    with sqlite_db.transaction() as s:
+        s.add(Project(id="prj_mid", name="mid", policy="balanced"))
+        s.flush()
+        s.add(Job(id="job_done", project_id="prj_mid", stage="ideation", engine="lite", status="succeeded"))
+        s.add(Job(id="job_mid", project_id="prj_mid", stage="ideation", engine="lite", status="queued"))
+        s.flush()
+        s.add(Asset(id="ast_done", project_id="prj_mid", job_id="job_done", stage="ideation", engine="lite",
+                    model="m", prompt="p", width=64, height=64, sha256=store.put(b"an earlier image")))
+    listing = Path.glob
+
+    def claimed_as_listed(self: Path, pattern: str, *args: Any, **kwargs: Any) -> Any:
+        if self == store.root and pattern == "*/*.png":
+            with sqlite_db.transaction() as s:  # as a worker claims the job, then stores its images
+                s.execute(text("UPDATE jobs SET status = 'running' WHERE id = 'job_mid'"))
+            store.put(b"the running job's first image")
+            store.put(b"the running job's second image")
+        return listing(self, pattern, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "glob", claimed_as_listed)
+    report = check.check_store(check.read_only_engine(str(sqlite_db.engine.url)), store)
+    assert (report.files, report.unnamed, report.in_flight, report.unnamed_paths) == (3, 0, 2, [])
