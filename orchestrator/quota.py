@@ -44,6 +44,7 @@ MIB = 2**20
 SETTING = "ORCH_PROJECT_STORAGE_QUOTA_MB"
 # Assets measured per write transaction: each holds the write lock for a few milliseconds.
 MEASURE_BATCH = 500
+MISSING_NAMED = 5  # asset ids a warning of missing files names; `orchestrator check` lists them all
 
 # What one stored PNG can take (`image_bound`), from what `store.encode_png` writes through Pillow:
 # the signature, IHDR and IEND; the pixels 4 bytes each (an engine's alpha is kept: RGBA) behind
@@ -205,7 +206,7 @@ def file_size(store: ArtifactStore, sha256: str) -> int | None:
 
 
 def measure(db: Database, store: ArtifactStore, *, batch: int = MEASURE_BATCH,
-            stop: threading.Event | None = None) -> int:
+            stop: threading.Event | None = None, told: set[str] | None = None) -> int:
     """Read the size of the files of the assets stored before sizes were kept (null `bytes`), and
     add the live ones to their projects' usage; how many it measured. The files are read outside
     the write lock; each batch's rows are then written only where still null (another process's
@@ -215,9 +216,14 @@ def measure(db: Database, store: ArtifactStore, *, batch: int = MEASURE_BATCH,
     A live asset whose file is missing is left unmeasured (counted as 0, as a null is), and measured
     by a later sweep once its file is restored: given 0, its project's usage stayed short of the
     restored file, and `orchestrator check` asked for both to be corrected by hand. A deleted one's
-    is given 0 (its file swept, most likely): it counts nothing either way."""
+    is given 0 (its file swept, most likely): it counts nothing either way.
+
+    `told`: the assets whose missing file this process has warned of already (the service's
+    sweeps share one), each warned of once: every hourly sweep warned again of files lost for good,
+    burying new warnings. Bounded by the assets stored before 0029: none is added since."""
     stop = stop or threading.Event()
-    measured = missing = 0
+    measured = 0
+    missing: list[str] = []
     after = ""
     while not stop.is_set():
         with db.session() as s:
@@ -233,7 +239,7 @@ def measure(db: Database, store: ArtifactStore, *, batch: int = MEASURE_BATCH,
                     select(col(Asset.id), col(Asset.project_id), col(Asset.deleted_at)).where(
                         col(Asset.id).in_(list(sizes)), col(Asset.bytes).is_(None))):
                 if sizes[asset_id] is None and deleted_at is None:
-                    missing += 1
+                    missing.append(asset_id)
                 else:
                     rows.append((asset_id, project_id, deleted_at))
             if rows:
@@ -254,8 +260,23 @@ def measure(db: Database, store: ArtifactStore, *, batch: int = MEASURE_BATCH,
     if measured:
         log.info("measured the files of %d assets stored before their sizes were kept: their projects' storage "
                  "usage counts them now", measured)
-    if missing:
-        log.warning("%d live asset(s) stored before their sizes were kept have no file in the store: they count "
-                    "nothing in their projects' storage usage until their files are restored (`orchestrator "
-                    "check` lists them), then the asset sweep measures them", missing)
+    _tell_missing(missing, set() if told is None else told)
     return measured
+
+
+def _tell_missing(missing: list[str], told: set[str]) -> None:
+    """Warn of the assets in `missing` not in `told` (then added to it), naming a few; the rest at debug level."""
+    new = [asset_id for asset_id in missing if asset_id not in told]
+    told.update(new)
+    if not new:
+        if missing:
+            log.debug("%d live asset(s) stored before their sizes were kept still have no file in the store",
+                      len(missing))
+        return
+    more = len(new) - MISSING_NAMED
+    named = ", ".join(new[:MISSING_NAMED]) + (f" and {more} more" if more > 0 else "")
+    earlier = f"; {len(missing) - len(new)} of them warned of before" if len(missing) > len(new) else ""
+    log.warning("%d live asset(s) stored before their sizes were kept have no file in the store (newly found: %s%s): "
+                "they count nothing in their projects' storage usage until their files are restored (`orchestrator "
+                "check` lists them), then the asset sweep measures them; each is warned of once a process",
+                len(missing), named, earlier)

@@ -447,6 +447,8 @@ class Services:
     # batches of drafts (a first sweep of 100,000 took 30 s, which a stop waited out), and between
     # two files of the store (`ArtifactStore.sweep_orphans`).
     sweeps_stop: threading.Event = field(default_factory=threading.Event)
+    # Assets whose file the sweeps found missing and warned of (`quota.measure`): once a process.
+    missing_told: set[str] = field(default_factory=set)
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
@@ -714,7 +716,7 @@ class Services:
     def measure_assets(self) -> int:
         """The sizes of the files of assets stored before sizes were kept, added to their projects'
         storage usage (`orchestrator.quota.measure`); how many."""
-        return quota.measure(self.db, self.store, stop=self.sweeps_stop)
+        return quota.measure(self.db, self.store, stop=self.sweeps_stop, told=self.missing_told)
 
     async def _sweep_assets(self) -> None:
         """Assets stored before sizes were kept measured (`quota.measure`: none once done, but those

@@ -4,6 +4,7 @@ refused 507 `storage_quota_exceeded` with nothing written; only the admin key se
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -635,3 +636,44 @@ def check_0030_leaves_jobs_taken_before_it_holding_nothing_and_downgrades(url: s
         upgrade(url)
     finally:
         engine.dispose()
+
+
+def test_an_asset_whose_file_stays_missing_is_warned_of_once_by_the_sweeps_of_a_process(
+        make_settings: SettingsFactory, caplog: pytest.LogCaptureFixture) -> None:
+    """Each asset sweep (at start, then hourly) warned again of the same assets stored before sizes
+    were kept whose files are lost for good: a line an hour that buried new warnings. The sweeps of
+    one process warn of each once, naming it; `orchestrator check` still lists them all."""
+    services = Services.build(make_settings())
+    try:
+        def lost(asset_id: str) -> None:
+            with services.db.transaction() as s:
+                if s.get(Project, "prj_w") is None:
+                    s.add(Project(id="prj_w", name="w", policy="balanced"))
+                    s.flush()
+                    s.add(Job(id="job_w", project_id="prj_w", stage="ideation", engine="lite", status="succeeded"))
+                    s.flush()
+                s.add(Asset(id=asset_id, project_id="prj_w", job_id="job_w", stage="ideation", engine="lite",
+                            model="m", prompt="p", width=64, height=64, sha256=asset_id[-1] * 64))
+
+        def warnings() -> list[str]:
+            said = [r.getMessage() for r in caplog.records
+                    if r.name == "orchestrator.quota" and r.levelname == "WARNING"]
+            caplog.clear()
+            return said
+
+        lost("ast_w1")
+        with caplog.at_level("WARNING", logger="orchestrator.quota"):
+            services.measure_assets()
+            services.measure_assets()  # the next sweep: nothing new
+            first = warnings()
+            assert len(first) == 1, first
+            assert "1 live asset(s)" in first[0] and "ast_w1" in first[0], first
+            lost("ast_w2")
+            services.measure_assets()
+            second = warnings()
+            assert len(second) == 1 and "ast_w2" in second[0] and "ast_w1" not in second[0], second
+            assert "2 live asset(s)" in second[0], second  # the count still says how many are lost
+        with services.db.session() as s:
+            assert s.exec(select(Asset.id).where(col(Asset.bytes).is_(None))).all() == ["ast_w1", "ast_w2"]
+    finally:
+        asyncio.run(services.aclose())
