@@ -653,7 +653,9 @@ class JobRunner:
                 stopped = StoppedPartWay(f"the service stopped without waiting for the job's request out; the {made} "
                                          f"image(s) its earlier requests made are kept", details={"engine": job.engine},
                                          charged=exc.charged, cost_millicredits=exc.cost_millicredits)
-                stopped.made = exc.made
+                # A report of the cost that could not be read goes with the charge: without it, the
+                # estimate captured for it read as a known bill, never reconciled with the invoice.
+                stopped.made, stopped.cost_unread = exc.made, exc.cost_unread
                 await self._end(claim, "failed", stopped)
                 return
             log.info("job %s interrupted by shutdown; the next start recovers it", job.id)

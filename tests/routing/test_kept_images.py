@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import threading
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -16,7 +17,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from orchestrator.errors import EngineError
+from orchestrator.errors import Canceled, EngineError
 from orchestrator.settings import Settings
 from tests.api import read_events, worker_process
 from tests.routing import FAKE_B_PRICE, PaidDraftEngine, create_project, ledger, poll, submit, wait_for_job
@@ -59,6 +60,30 @@ class MadeThenFailed(PaidDraftEngine):
         failed = EngineError("the second call was refused", retryable=False, charged="yes")
         failed.made = result
         raise failed
+
+
+class StoppedWithCostUnread(PaidDraftEngine):
+    """A plugin whose first call made an image, billed with a usage report it could not read, and
+    whose stop that did not wait came while its second call was out: its `Canceled` says so."""
+
+    UNREAD = "the provider's usage holds token counts that are not counts ('x'); the estimate is captured"
+    second_call_out = threading.Event()
+
+    async def run(self, req: RenderRequest, progress: Progress, cancel: CancelToken) -> RenderResult:
+        result = await super().run(replace(req, n=1), progress, cancel)
+        result.cost_millicredits, result.cost_unread = None, self.UNREAD
+        self.second_call_out.set()
+        try:
+            await cancel.sleep(120)
+        except Canceled:
+            stopped = Canceled("stopped while the second call was out", charged="yes")
+            stopped.made, stopped.cost_unread = result, self.UNREAD
+            raise stopped from None
+        raise EngineError("the second call never answered", retryable=False, charged="unknown")
+
+
+def stopped_with_cost_unread_factory(ctx: EngineContext) -> StoppedWithCostUnread:
+    return StoppedWithCostUnread(ctx, "stopped-unread", FAKE_B_PRICE)
 
 
 def plugins_factory(ctx: EngineContext) -> PaidDraftEngine:
@@ -238,3 +263,32 @@ def test_a_stop_that_does_not_wait_ends_the_job_keeping_the_images_made(new_sett
     # Two of the three images were asked for: their share of the estimate, for a person to reconcile.
     [capture] = [e for e in entries if e["kind"] == "capture"]
     assert capture["unreconciled"] and capture["amount"] < job["cost"]["estimated"]
+
+
+def test_a_plugin_s_stop_part_way_with_its_cost_unread_is_charged_for_reconciliation(
+        new_settings: SettingsFactory, tmp_path: Path) -> None:
+    # As a success whose cost report could not be read: the estimate, flagged for the invoice with
+    # the reason. The stop's own error dropped the reason, and the estimate read as a known bill.
+    policy = POLICY.replace("gemini-drafts", "stopped-unread")
+    folder = write_policies(tmp_path / "policies", {"stopped-unread": policy})
+    settings = new_settings(engines="stopped-unread=tests.routing.test_kept_images:stopped_with_cost_unread_factory",
+                            policy="stopped-unread", policy_dir=folder, stop_grace=0)
+    StoppedWithCostUnread.second_call_out.clear()
+    with running(settings) as client:
+        project = create_project(client, "kept", budget={"limit": 100, "period": "month"})
+        job = submit(client, f"/v1/projects/{project['id']}/drafts",
+                     {"prompt": "a lighthouse", "n": 2, "width": 64, "height": 64, "cache": False})
+        poll(StoppedWithCostUnread.second_call_out.is_set, what="the second call out")
+    with running(settings) as client:
+        job = wait_for_job(client, job["id"])
+        entries = ledger(client, project["id"], job["id"])
+        waiting = client.get(f"/v1/projects/{project['id']}/ledger", params={"unreconciled": True}).json()["items"]
+        spend = client.get("/v1/spend", params={"group_by": "engine"}).json()
+    assert (job["status"], job["error"]["code"], len(job["assets"])) == ("failed", "interrupted", 1), job["error"]
+    [capture] = [e for e in entries if e["kind"] == "capture"]
+    assert capture["unreconciled"] and StoppedWithCostUnread.UNREAD in capture["note"]
+    assert capture["amount"] == job["cost"]["charged"] == job["cost"]["estimated"] > 0
+    assert [e["id"] for e in waiting] == [capture["id"]]
+    [group] = spend["groups"]
+    assert (group["key"], group["unreconciled"], group["unreconciled_entries"]) == (
+        "stopped-unread", job["cost"]["charged"], 1)
