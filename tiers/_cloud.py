@@ -220,6 +220,22 @@ def failed_follows(failures: list[EngineError], asked: Asked, made: int, noun: s
     error.details.setdefault("failed", len(failures))
     return error
 
+# Seconds a user's cancel gives the downloads of output images out (made and billed) to finish,
+# as Replicate's cancel answered "succeeded" gives its fetch (`tiers.replicate.STOP_SECONDS`).
+OUTPUT_KEPT_SECONDS = 10.0
+
+
+class CanceledFetched(Canceled):
+    """A user's cancel met while output images were downloaded: the provider made and billed
+    them, and the downloads out finished; `images` holds them, for the engine to keep with the
+    images made before (`paid_calls`' `made`)."""
+
+    def __init__(self, images: list[RenderedImage]) -> None:
+        super().__init__("the job was canceled while its output, made and billed, was downloaded; it is kept",
+                         charged="yes")
+        self.images = images
+
+
 # Status answers in a row that cannot be read (a proxy's error page with a 200, a body cut short)
 # before the work they report on is given up, and so withdrawn: a poll costs nothing, the work may.
 UNREADABLE_POLLS = 3
@@ -257,6 +273,8 @@ class CloudEngine(SendsCredentials):
     announces_sends: ClassVar[bool] = True
     http: RemoteClient
     poll_interval: float = 1.0  # seconds between looks at work a provider accepted
+    # Seconds a user's cancel lets output downloads out finish (`fetch_outputs`); tests shorten it.
+    output_kept_seconds: float = OUTPUT_KEPT_SECONDS
     # Price keys read beyond those of the default table's models (`PriceTable`'s `optional`); None
     # for a plugin's engine, whose prices file keys are its own.
     optional_prices: ClassVar[frozenset[str] | None] = None
@@ -356,23 +374,47 @@ class CloudEngine(SendsCredentials):
         answer listing hundreds of large images is not downloaded and decoded whole to keep a few.
         The provider has billed the job by now, so every failure from here on is a charged one.
         Only for engines whose client carries no key (fal and replicate put it on each API call):
-        CDN hosts never see it. `deadline`: when the downloads must end (else one of their own)."""
+        CDN hosts never see it. `deadline`: when the downloads must end (else one of their own).
+        A user's cancel meanwhile lets them finish, for `output_kept_seconds` at most, and raises
+        `CanceledFetched` holding the images (made and billed, as a cancel answered "succeeded"
+        keeps its image); dropped, they were lost though paid for. One that abandons the job
+        (another process follows the work on, and fetches them) drops them."""
         try:
             if not urls:
                 raise NoImage(f"{self.name}: {empty}", details={"engine": self.name, **details})
-            return [RenderedImage(await asyncio.to_thread(decode_image, await self._download(url, cancel, deadline),
-                                                          self.name))
-                    for url in urls[:wanted]]
+            fetching = asyncio.ensure_future(self._fetched(urls[:wanted], deadline))
+            try:
+                return await cancel.race(asyncio.shield(fetching), charged="yes")
+            except Canceled:
+                if cancel.abandoned:
+                    raise
+                await asyncio.wait({fetching}, timeout=self.output_kept_seconds)
+                if not fetching.done():
+                    log.warning("%s: the job was canceled while its output (made and billed) was downloaded, "
+                                "which did not end within %.0f s; it is not kept", self.name, self.output_kept_seconds)
+                    raise
+                if fetching.cancelled() or fetching.exception() is not None:
+                    log.warning("%s: the job was canceled while its output (made and billed) was downloaded, which "
+                                "then failed (%s); it is not kept", self.name,
+                                "cancelled" if fetching.cancelled() else fetching.exception())
+                    raise
+                raise CanceledFetched(fetching.result()) from None
+            finally:
+                if not fetching.done():
+                    fetching.cancel()
         except EngineError as exc:
             exc.at_least_charged("yes")
             raise
 
-    async def _download(self, url: str, cancel: CancelToken, deadline: float | None = None) -> bytes:
+    async def _fetched(self, urls: list[str], deadline: float | None) -> list[RenderedImage]:
+        return [RenderedImage(await asyncio.to_thread(decode_image, await self._download(url, deadline), self.name))
+                for url in urls]
+
+    async def _download(self, url: str, deadline: float | None = None) -> bytes:
         if url.startswith("data:"):
             return b64decode_tolerant(url.partition(",")[2], self.name)
         try:
-            response = await cancel.race(self.http.request("GET", url, idempotent=True, deadline=deadline),
-                                         charged="yes")
+            response = await self.http.request("GET", url, idempotent=True, deadline=deadline)
         except EngineUnavailable as exc:
             if exc.details.get("status") not in (401, 403):
                 raise

@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 
 from orchestrator.errors import BadEngineInput, Canceled, ContentFiltered, EngineError, EngineTimeout, NoImage, NoPrice
-from tiers._cloud import CloudEngine, paid_calls
+from tiers._cloud import CanceledFetched, CloudEngine, paid_calls
 from tiers._http import RemoteClient, answer_json, error_json, error_text, json_object, without_credentials
 from tiers._images import (
     CLASS_EDGES,
@@ -422,6 +422,8 @@ class FalEngine(CloudEngine):
             return_exceptions=True)
         failures: list[BaseException] = []
         for outcome in outcomes:
+            if isinstance(outcome, CanceledFetched):  # finished on a user's cancel: made and paid for, kept
+                images.extend(outcome.images)
             if isinstance(outcome, BaseException):
                 failures.append(outcome)
             else:

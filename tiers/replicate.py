@@ -33,7 +33,7 @@ from orchestrator.errors import (
     EngineTimeout,
     EngineUnavailable,
 )
-from tiers._cloud import Asked, CloudEngine, failed_follows, follows_billed, paid_calls
+from tiers._cloud import Asked, CanceledFetched, CloudEngine, failed_follows, follows_billed, paid_calls
 from tiers._http import RemoteClient, answer_json, error_text, json_object, path_id
 from tiers._images import b64encode, class_bound, encode_image, nearest_aspect, shaped_as, size_class
 from tiers.base import (
@@ -212,7 +212,12 @@ class ReplicateEngine(CloudEngine):
                     images.extend(RenderedImage(out.image, seed=seed) for out in kept)
                     raise
                 prediction_ids.append(str(prediction["id"]))
-                images.extend(RenderedImage(out.image, seed=seed) for out in await self._outputs(prediction, cancel))
+                try:
+                    outputs = await self._outputs(prediction, cancel)
+                except CanceledFetched as exc:  # made and paid for: its image is the job's
+                    images.extend(RenderedImage(out.image, seed=seed) for out in exc.images)
+                    raise
+                images.extend(RenderedImage(out.image, seed=seed) for out in outputs)
                 metrics = prediction.get("metrics")
                 if isinstance(metrics, dict) and isinstance(metrics.get("predict_time"), int | float):
                     predict_time += float(metrics["predict_time"])
@@ -311,6 +316,9 @@ class ReplicateEngine(CloudEngine):
             started = self.http.clock()
             try:
                 outputs = await self._outputs(prediction, cancel, started + fetching)
+            except CanceledFetched as exc:  # made and paid for: its image is the job's
+                keep(i, exc.images)
+                raise
             finally:
                 fetching -= self.http.clock() - started
             keep(i, outputs)
@@ -345,8 +353,10 @@ class ReplicateEngine(CloudEngine):
             out = unstopped + (list(range(i + 1, len(handles))) if finished is None else [])
             # Predictions that may have billed (`doubtful`) or surely did (`billed`), not among the
             # images kept nor the failures; `i` itself, its stop not ours, by what its error says.
-            billed = int(not unstopped and exc.charged == "yes")
-            doubtful = int(not unstopped and not billed and not exc.work_unbilled)
+            # `i`'s output fetched on the cancel (`CanceledFetched`) is among the images kept.
+            own = not unstopped and not isinstance(exc, CanceledFetched)
+            billed = int(own and exc.charged == "yes")
+            doubtful = int(own and not billed and not exc.work_unbilled)
             stopping = out if not cancel.abandoned else []
             doubtful += len(out) - len(stopping)
             at_stop, answers = await asyncio.gather(

@@ -360,6 +360,7 @@ async def test_a_failed_download_of_an_answer_listing_more_images_than_asked_cha
 
 @respx.mock
 async def test_a_cancel_while_downloading_past_a_failed_one_ends_the_job_as_canceled(engine: FalEngine) -> None:
+    engine.output_kept_seconds = 0.05  # the download out never ends
     _, _, result = happy_queue()
     result.mock(return_value=done(OUTPUTS[:2]))
     respx.get(OUTPUTS[0]).mock(return_value=httpx.Response(404))
@@ -376,6 +377,7 @@ async def test_a_cancel_while_downloading_past_a_failed_one_ends_the_job_as_canc
 @respx.mock
 async def test_a_cancel_while_downloading_from_an_answer_listing_more_images_than_asked_charges_each_listed(
         engine: FalEngine) -> None:
+    engine.output_kept_seconds = 0.05  # the download out never ends
     _, _, result = happy_queue()
     result.mock(return_value=done(OUTPUTS[:2]))
     held = NoAnswer()
@@ -1006,7 +1008,8 @@ async def test_downloads_from_a_cdn_that_is_down_share_one_deadline(engine: FalE
 
 @respx.mock
 async def test_a_cancel_ends_every_download_out(engine: FalEngine) -> None:
-    # All are out at once; the cancel ends the job without waiting on any of them.
+    # All are out at once and none answers: the cancel ends the job once the downloads' bound is past.
+    engine.output_kept_seconds = 0.05
     _, _, result = happy_queue()
     result.mock(return_value=done(OUTPUTS))
     holds = [NoAnswer() for _ in OUTPUTS]
@@ -1057,3 +1060,30 @@ async def test_a_content_policy_refusal_echoing_a_large_draft_is_still_content_f
     with pytest.raises(ContentFiltered) as info:
         await engine.run(bridge(), NullProgress(), CancelToken())
     assert "flagged" in info.value.message and draft[:100] not in info.value.message
+
+
+@respx.mock
+async def test_a_cancel_while_outputs_download_keeps_their_images(engine: FalEngine) -> None:
+    # fal made and billed every listed image (charged "yes"); the user's cancel came while two of
+    # them were downloaded, which were dropped: the images paid for were lost, the first one only kept.
+    _, _, result = happy_queue()
+    result.mock(return_value=done(OUTPUTS))
+    respx.get(OUTPUTS[0]).mock(return_value=httpx.Response(200, content=png_bytes((1, 1, 1))))
+    holds = [HeldRequest(httpx.Response(200, content=png_bytes((i, i, i)))) for i in (2, 3)]
+    for url, held in zip(OUTPUTS[1:], holds, strict=True):
+        respx.get(url).mock(side_effect=held)
+    token = CancelToken()
+    running = asyncio.create_task(engine.run(bridge(n=3), NullProgress(), token))
+    for held in holds:
+        await asyncio.wait_for(held.sent.wait(), 5)
+    token.cancel()
+    await asyncio.sleep(0.01)
+    for held in holds:
+        held.answer.set()
+    with pytest.raises(Canceled) as info:
+        await asyncio.wait_for(running, 5)
+    assert all(held.answered and not held.dropped for held in holds)
+    made = info.value.made
+    assert made is not None and [image.image.getpixel((0, 0)) for image in made.images] == [(1, 1, 1), (2, 2, 2),
+                                                                                          (3, 3, 3)]
+    assert info.value.charged == "yes"

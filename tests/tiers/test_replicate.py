@@ -1328,11 +1328,11 @@ async def test_a_reattach_canceled_while_it_fetches_one_found_made_keeps_the_oth
         respx.post(f"{BASE}/v1/predictions/p-{i}/cancel").mock(
             return_value=httpx.Response(200, json={**numbered(i), **ran}))
     respx.get(f"{BASE}/v1/predictions/p-3").mock(return_value=httpx.Response(200, json=numbered(3)))
-    held = HeldRequest(httpx.Response(200, content=png_bytes()))
 
     async def canceled_while_fetched(request: httpx.Request) -> httpx.Response:
         token.cancel()
-        return await held(request)
+        await asyncio.sleep(0.01)  # the cancel reaches the job while the download is out
+        return httpx.Response(200, content=png_bytes())
 
     respx.get("https://cdn.replicate.test/p-1/out.png").mock(side_effect=canceled_while_fetched)
     others = {i: respx.get(f"https://cdn.replicate.test/p-{i}/out.png").mock(
@@ -1340,9 +1340,10 @@ async def test_a_reattach_canceled_while_it_fetches_one_found_made_keeps_the_oth
     req = bridge(n=3)
     with pytest.raises(Canceled) as info:
         await asyncio.wait_for(engine.reattach(req, [{"id": f"p-{i}"} for i in (1, 2, 3)], NullProgress(), token), 10)
-    assert held.dropped and others[3].call_count == 1
-    assert others[2].call_count == 1 and info.value.made is not None and len(info.value.made.images) == 2
-    # Every prediction was made and billed (p-1's image lost to the cancel): the whole hold, known.
+    assert others[3].call_count == 1
+    # p-1's download, out when the cancel came, is finished and kept as well (made and paid for).
+    assert others[2].call_count == 1 and info.value.made is not None and len(info.value.made.images) == 3
+    # Every prediction was made and billed: the whole hold, known.
     assert info.value.charged == "yes" and info.value.cost_millicredits is None
 
 
@@ -1356,11 +1357,11 @@ async def test_a_reattach_canceled_while_it_fetches_an_output_with_work_still_ou
     # the job was charged as known, its capture not flagged for reconciliation, p-2's share in it.
     token = CancelToken()
     respx.get(f"{BASE}/v1/predictions/p-1").mock(return_value=httpx.Response(200, json=numbered(1)))
-    held = HeldRequest(httpx.Response(200, content=png_bytes()))
 
     async def canceled_while_fetched(request: httpx.Request) -> httpx.Response:
         token.cancel()
-        return await held(request)
+        await asyncio.sleep(0.01)  # the cancel reaches the job while the download is out
+        return httpx.Response(200, content=png_bytes())
 
     respx.get("https://cdn.replicate.test/p-1/out.png").mock(side_effect=canceled_while_fetched)
     stop = respx.post(f"{BASE}/v1/predictions/p-2/cancel").mock(
@@ -1369,6 +1370,52 @@ async def test_a_reattach_canceled_while_it_fetches_an_output_with_work_still_ou
     req = bridge(n=2)
     with pytest.raises(Canceled) as info:
         await asyncio.wait_for(engine.reattach(req, [{"id": "p-1"}, {"id": "p-2"}], NullProgress(), token), 10)
-    assert held.dropped and stop.call_count >= 1
+    assert stop.call_count >= 1
+    # p-1's download, out when the cancel came, is finished and its image kept (made and paid for).
+    assert info.value.made is not None and len(info.value.made.images) == 1
     assert info.value.charged == "unknown"  # p-2 may have billed: for a person to reconcile
     assert info.value.cost_millicredits is None  # both images' share, as a ceiling
+
+
+@respx.mock
+@pytest.mark.parametrize("n", [1, 2])
+async def test_a_cancel_while_a_made_prediction_s_output_downloads_keeps_its_image(engine: ReplicateEngine,
+                                                                                  n: int) -> None:
+    # The prediction succeeded (made and billed, charged "yes"); the user's cancel came while its
+    # output was downloaded, which was dropped: the image paid for was lost. With n=2 the first
+    # image was made before.
+    made = {**prediction(), "id": "p-0", "output": "https://cdn.replicate.test/p-0/out.png"}
+    respx.post(CREATE).mock(side_effect=[httpx.Response(201, json=made)] * (n - 1)
+                            + [httpx.Response(201, json=prediction())])
+    respx.get("https://cdn.replicate.test/p-0/out.png").mock(return_value=httpx.Response(200, content=png_bytes()))
+    held = HeldRequest(httpx.Response(200, content=png_bytes((1, 2, 3))))
+    respx.get(OUTPUT).mock(side_effect=held)
+    token = CancelToken()
+    running = asyncio.create_task(engine.run(bridge(n=n), NullProgress(), token))
+    await asyncio.wait_for(held.sent.wait(), 5)
+    token.cancel()
+    await asyncio.sleep(0.01)
+    held.answer.set()
+    with pytest.raises(Canceled) as info:
+        await asyncio.wait_for(running, 5)
+    assert held.answered and not held.dropped
+    kept = info.value.made
+    assert kept is not None and len(kept.images) == n and kept.images[-1].image.getpixel((0, 0)) == (1, 2, 3)
+    # Every prediction asked for was made: the whole estimate, nothing to reconcile.
+    assert info.value.charged == "yes" and info.value.cost_millicredits is None
+
+
+@respx.mock
+async def test_a_cancel_while_an_output_downloads_waits_for_it_a_bounded_time(engine: ReplicateEngine) -> None:
+    # A download that never answers: the cancel ends the job once the bound has passed, the image lost.
+    engine.output_kept_seconds = 0.05
+    respx.post(CREATE).mock(return_value=httpx.Response(201, json=prediction()))
+    held = NoAnswer()
+    respx.get(OUTPUT).mock(side_effect=held)
+    token = CancelToken()
+    running = asyncio.create_task(engine.run(bridge(), NullProgress(), token))
+    await asyncio.wait_for(held.sent.wait(), 5)
+    token.cancel()
+    with pytest.raises(Canceled) as info:
+        await asyncio.wait_for(running, 5)
+    assert info.value.made is None and info.value.charged == "yes"
