@@ -47,6 +47,7 @@ from orchestrator.errors import (
 from tiers._cloud import (
     UNREADABLE_POLLS,
     Asked,
+    CanceledFetched,
     CloudEngine,
     failed_follows,
     follows_billed,
@@ -375,23 +376,31 @@ class StabilityEngine(CloudEngine):
                 asked.asking()
                 files = {"image": ("draft.png", draft, "image/png")}
                 request_id: str | None
-                if op == "upscale-creative":
-                    response, request_id = await self._creative(fields, files, progress, cancel)
-                else:
-                    response = await self._send("POST", self._path(op), data=fields, files=files, cancel=cancel)
-                    request_id = header_request_id(response)
-                    if request_id and response.is_success:  # a refusal names no work made
-                        progress.provider_request(request_id)
-                if request_id:
-                    request_ids.append(request_id)
-                if not response.is_success:  # any 2xx is its answer, and may have been billed
-                    error = self._error(response)
-                    if request_id:  # for the provider's support
-                        error.details.setdefault("request_id", request_id)
-                    # A creative upscale's final poll failing comes after the provider took the job.
-                    raise self._creative_failed(response, error) if op == "upscale-creative" else error
-                with reading_an_answer():
-                    image, seed, reason = await asyncio.to_thread(self._result, response, req)
+                try:
+                    if op == "upscale-creative":
+                        response, request_id = await self._creative(fields, files, progress, cancel)
+                    else:
+                        response = await self._send("POST", self._path(op), data=fields, files=files, cancel=cancel)
+                        request_id = header_request_id(response)
+                        if request_id and response.is_success:  # a refusal names no work made
+                            progress.provider_request(request_id)
+                    if request_id:
+                        request_ids.append(request_id)
+                    if not response.is_success:  # any 2xx is its answer, and may have been billed
+                        error = self._error(response)
+                        if request_id:  # for the provider's support
+                            error.details.setdefault("request_id", request_id)
+                        # A creative upscale's final poll failing comes after the provider took the job.
+                        raise self._creative_failed(response, error) if op == "upscale-creative" else error
+                    with reading_an_answer():
+                        image, seed, reason = await self._read(response, req, cancel)
+                except _CanceledAnswered as exc:
+                    if exc.job_id:
+                        request_ids.append(exc.job_id)
+                    canceled = await self._kept_at_cancel(exc, req)
+                    if isinstance(canceled, CanceledFetched):
+                        images.extend(canceled.images)
+                    raise canceled from None
                 images.append(RenderedImage(image, seed=seed))
                 finish_reasons.append(reason)
                 progress.step(len(images), req.n)
@@ -501,7 +510,17 @@ class StabilityEngine(CloudEngine):
                     if not response.is_success:
                         raise self._creative_failed(response, self._error(response))
                     with reading_an_answer():
-                        image, seed, reason = await asyncio.to_thread(self._result, response, req)
+                        image, seed, reason = await self._read(response, req, cancel)
+                except _CanceledAnswered as exc:
+                    canceled = await self._kept_at_cancel(exc, req)
+                    out = len(handles) - i  # this one and the rest, running on
+                    if isinstance(canceled, CanceledFetched):
+                        images.extend(canceled.images)
+                        out -= 1
+                        if out or any(not failure.work_unbilled for failure in failures):
+                            canceled.charged = "unknown"  # the rest may have billed: not known
+                    follows_billed(asked, len(images), failures, out)
+                    raise canceled from None
                 except Canceled:
                     # Stability has no cancel: this one and the rest run on, charged as asked; the
                     # failures it said were free are not (the whole estimate was captured).
@@ -555,12 +574,20 @@ class StabilityEngine(CloudEngine):
                                       details={"engine": self.name, "provider_id": job_id}, charged="unknown")
                 # Off the event loop: finding a hostile 256 MiB image's end (or reading as much JSON)
                 # held it for seconds, every other job's polls and event streams with it.
-                if (response.is_success and unreadable < UNREADABLE_POLLS - 1
-                        and not await asyncio.to_thread(_readable, response)):
-                    # Asked again (kept 24 h): one gateway page lost an upscale made, and paid for.
-                    unreadable += 1
-                    continue
+                if response.is_success and unreadable < UNREADABLE_POLLS - 1:
+                    checking = asyncio.ensure_future(asyncio.to_thread(_readable, response))
+                    try:
+                        readable = await cancel.race(asyncio.shield(checking))
+                    except Canceled:
+                        # Raced: a hostile answer's check takes seconds, which a cancel waited out.
+                        raise _CanceledAnswered(response, checking, job_id, abandon=cancel.abandoned) from None
+                    if not readable:
+                        # Asked again (kept 24 h): one gateway page lost an upscale made, and paid for.
+                        unreadable += 1
+                        continue
                 return response
+        except _CanceledAnswered:
+            raise
         except Canceled as exc:
             # The provider has the job and no way to stop it: it may finish and bill.
             raise Canceled(exc.message, details={"engine": self.name, "provider_id": job_id},
@@ -569,6 +596,45 @@ class StabilityEngine(CloudEngine):
             # Whatever stopped the polling (a 5xx, a 429, the network), the job runs on and bills.
             exc.at_least_charged("unknown")
             raise
+
+    async def _read(self, response: httpx.Response, req: RenderRequest,
+                    cancel: CancelToken) -> tuple[Any, int | None, str]:
+        """`_result` in a worker thread (a hostile answer of 256 MiB takes seconds), raced against
+        a user's cancel, which raises `_CanceledAnswered` with the reading still under way."""
+        reading = asyncio.ensure_future(asyncio.to_thread(self._result, response, req))
+        try:
+            return await cancel.race(asyncio.shield(reading))
+        except Canceled:
+            if reading.done():  # read in the same instant
+                return reading.result()
+            raise _CanceledAnswered(response, None, reading=reading, abandon=cancel.abandoned) from None
+
+    async def _kept_at_cancel(self, exc: _CanceledAnswered, req: RenderRequest) -> Canceled:
+        """The error a job ends with on a user's cancel met while an answer of work made (and billed)
+        was checked or read: its image kept when that ends within `output_kept_seconds`
+        (`CanceledFetched`, charged "yes", as an output a cancel finds downloading is); else the
+        cancel as it was, charged "unknown", the work left to the thread (it cannot be stopped).
+        A cancel abandoning the job (another process follows it on) keeps nothing."""
+        checked, response = exc.checked, exc.response
+
+        async def read() -> tuple[Any, int | None, str] | None:
+            if exc.reading is not None:
+                return await exc.reading
+            if checked is not None and not await checked:
+                return None  # unreadable: it would have been asked again
+            return await asyncio.to_thread(self._result, response, req)
+
+        reading = asyncio.ensure_future(read())
+        if not exc.abandon:
+            await asyncio.wait({reading}, timeout=self.output_kept_seconds)
+        if not reading.done():
+            reading.cancel()
+            return Canceled(exc.message, details={"engine": self.name}, charged="unknown")
+        answered = None if reading.cancelled() or reading.exception() is not None else reading.result()
+        if answered is None:
+            return Canceled(exc.message, details={"engine": self.name}, charged="unknown")
+        image, seed, _ = answered
+        return CanceledFetched([RenderedImage(image, seed=seed)])
 
     async def _send(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
         # Stability answers a bad key with 401 and content moderation with 403, which its body
@@ -660,6 +726,17 @@ class StabilityEngine(CloudEngine):
             return EngineUnavailable(f"{self.name} has no such endpoint (HTTP 404, {response.request.url.path}): "
                                      f"{error_text(response)}; check ORCH_STABILITY_BASE_URL", details=details)
         return self.http.fail(response)
+
+
+class _CanceledAnswered(Canceled):
+    """A user's cancel met while an answer of work made was checked (`checked`: `_readable`) or
+    read (`reading`: `_result`), in a worker thread; `StabilityEngine._kept_at_cancel` judges it."""
+
+    def __init__(self, response: httpx.Response, checked: asyncio.Future[bool] | None, job_id: str | None = None,
+                 *, reading: asyncio.Future[tuple[Any, int | None, str]] | None = None, abandon: bool) -> None:
+        super().__init__("the job was canceled while the provider's answer was read", charged="unknown")
+        self.response, self.checked, self.reading, self.job_id = response, checked, reading, job_id
+        self.abandon = abandon  # another process follows the work on
 
 
 def factory(ctx: EngineContext) -> StabilityEngine:

@@ -1213,3 +1213,48 @@ async def test_an_error_answer_of_megabytes_is_not_parsed_on_the_event_loop(
         await engine.run(bridge(), NullProgress(), CancelToken())
     assert info.value.charged == "no"  # nothing was made
     assert all(size < len(body) for size in loop_parses), loop_parses  # never the whole body
+
+
+@respx.mock
+@pytest.mark.parametrize("follow", ["run", "reattach"])
+@pytest.mark.parametrize("check_ends", [True, False])
+async def test_a_cancel_during_a_long_creative_result_check_answers_keeping_the_image_it_can(
+        engine: StabilityEngine, monkeypatch: pytest.MonkeyPatch, follow: str, check_ends: bool) -> None:
+    # The check of a creative result's answer (`_readable`, in a worker thread: seconds for a hostile
+    # 256 MiB one) was not raced against a cancel: the cancel waited for it, however long. The
+    # answer is the upscale made and billed: a check that ends within the bound keeps its image.
+    import tiers.stability
+
+    engine.output_kept_seconds = 0.05 if not check_ends else 5.0
+    real = tiers.stability._readable
+    checking, release = threading.Event(), threading.Event()
+
+    def slow(response: httpx.Response) -> bool:
+        checking.set()
+        release.wait(timeout=30)
+        return real(response)
+
+    monkeypatch.setattr(tiers.stability, "_readable", slow)
+    respx.post(CREATIVE).mock(return_value=httpx.Response(200, json={"id": "job-42"}))
+    respx.get(RESULT).mock(return_value=done(seed=7))
+    token = CancelToken()
+    req = polish(creativity=0.45)
+    running = asyncio.create_task(
+        engine.run(req, NullProgress(), token) if follow == "run"
+        else engine.reattach(req, [{"id": "job-42", "creative": True}], NullProgress(), token))
+    try:
+        await asyncio.wait_for(asyncio.to_thread(checking.wait, 5), 10)
+        token.cancel()
+        if check_ends:
+            await asyncio.sleep(0.01)
+            release.set()
+        with pytest.raises(Canceled) as info:
+            await asyncio.wait_for(running, 5)
+    finally:
+        release.set()
+    if check_ends:
+        made = info.value.made
+        assert made is not None and len(made.images) == 1 and made.images[0].seed == 7
+        assert info.value.charged == "yes" and info.value.cost_millicredits is None
+    else:
+        assert info.value.made is None and info.value.charged == "unknown"
