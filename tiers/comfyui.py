@@ -682,7 +682,9 @@ class ComfyUIEngine(SelfHostedEngine):
         )
         if response.status_code != 200:
             raise self.http.fail(response)
-        entry = json_object(response, self.name, "/history").get(prompt_id)
+        # In a worker thread, as each answer read whole below: a history of many outputs, or a
+        # queue of many workflows (each whole), is megabytes, which held the event loop.
+        entry = (await asyncio.to_thread(json_object, response, self.name, "/history")).get(prompt_id)
         return entry if isinstance(entry, dict) and entry else None
 
     async def _lost(self, prompt_id: str, cancel: CancelToken) -> bool:
@@ -691,7 +693,7 @@ class ComfyUIEngine(SelfHostedEngine):
         does not wait for the answer (`CLEANUP_TIMEOUT` of a server slow to give it)."""
         try:
             response = await cancel.race(self._cleanup("GET", "/queue"), charged="no")
-            body = answer_json(response) if response.status_code == 200 else None
+            body = await asyncio.to_thread(answer_json, response) if response.status_code == 200 else None
         except Canceled:
             raise
         except (EngineError, httpx.HTTPError, ValueError):
@@ -799,7 +801,7 @@ class ComfyUIEngine(SelfHostedEngine):
         with contextlib.suppress(EngineError, httpx.HTTPError):
             queue = await self._cleanup("GET", "/queue")
             try:
-                body = answer_json(queue) if queue.status_code == 200 else None
+                body = await asyncio.to_thread(answer_json, queue) if queue.status_code == 200 else None
             except ValueError:  # a proxy's page: not knowing what runs, interrupt nothing
                 body = None
             running = body.get("queue_running") if isinstance(body, dict) else None

@@ -1386,3 +1386,33 @@ async def test_a_missing_input_refused_with_a_list_of_megabytes_is_still_the_ser
     with pytest.raises(EngineUnavailable) as info:
         await engine.run(bridge(), NullProgress(), CancelToken())
     assert info.value.retryable and "ORCH_COMFYUI_WORKFLOW" in info.value.message
+
+
+def padded(response: httpx.Response) -> httpx.Response:
+    """`response`'s JSON object with megabytes more under a key no engine reads."""
+    body = response.content
+    assert body.startswith(b"{")
+    rest = b"}" if body.strip() == b"{}" else b", " + body[1:]
+    return httpx.Response(response.status_code, content=b'{"pad": ' + LARGE_ERROR_PADDING + rest,
+                          headers={"content-type": "application/json"})
+
+
+@respx.mock
+@pytest.mark.parametrize("where", ["history", "queue"])
+async def test_a_history_or_queue_answer_of_megabytes_is_not_parsed_on_the_event_loop(
+        engine: ComfyUIEngine, loop_parses: list[int], where: str) -> None:
+    # `_history`'s and `_lost`'s answers, and the cleanup's look at the queue, were read whole as
+    # JSON on the event loop: a large history (many outputs) or queue (many workflows, each whole)
+    # held every other job's polls, event streams and lease renewals while it was parsed.
+    routes = mock_server()
+    if where == "history":
+        on_history = routes["history"].side_effect
+        routes["history"].side_effect = lambda request: padded(on_history(request))
+        result = await engine.run(bridge(), NullProgress(), CancelToken())
+        assert len(result.images) == 1
+    else:
+        on_queue = routes["queue_state"].side_effect
+        routes["queue_state"].side_effect = lambda request: padded(on_queue(request))
+        await cancel_while_polling(engine, routes)
+        assert routes["queue_state"].call_count >= 1 and routes["interrupt"].call_count == 1  # the queue was read
+    assert all(size < 2**20 for size in loop_parses), loop_parses  # never the whole body
