@@ -620,7 +620,9 @@ class ReplicateEngine(CloudEngine):
                         "until its Cancel-After", prediction_id, response.status_code, error_text(response)[:200])
             return None
         try:
-            answer = answer_json(response)
+            # In a worker thread: a prediction that has ended is answered whole, its output possibly
+            # inline (a data URI of megabytes), which held the event loop while it was parsed.
+            answer = await asyncio.to_thread(answer_json, response)
         except ValueError:
             return None
         if not isinstance(answer, dict):

@@ -21,6 +21,7 @@ from orchestrator.errors import (
     NoPrice,
 )
 from tests.tiers.conftest import (
+    LARGE_ERROR_PADDING,
     FakeTime,
     HeldRequest,
     NoAnswer,
@@ -1419,3 +1420,23 @@ async def test_a_cancel_while_an_output_downloads_waits_for_it_a_bounded_time(en
     with pytest.raises(Canceled) as info:
         await asyncio.wait_for(running, 5)
     assert info.value.made is None and info.value.charged == "yes"
+
+
+@respx.mock
+async def test_a_cancel_s_answer_of_megabytes_is_not_parsed_on_the_event_loop(engine: ReplicateEngine,
+                                                                              loop_parses: list[int]) -> None:
+    # The cancel of a prediction that has ended answers it as it stands, its output inline (a data
+    # URI, megabytes): `_cancel_remote` read it whole as JSON on the event loop.
+    token = CancelToken()
+    uri = "data:image/png;base64," + base64.b64encode(png_bytes((1, 2, 3))).decode()
+    respx.post(CREATE).mock(return_value=httpx.Response(201, json=prediction("processing")))
+    respx.get(POLL).mock(side_effect=cancel_at_poll(token, lambda: httpx.Response(200, json=prediction("processing"))))
+    answer = json.dumps({**prediction(output=[uri]), "started_at": "2026-12-07T08:00:00Z"}).encode()
+    body = answer[:-1] + b', "pad": ' + LARGE_ERROR_PADDING + b"}"
+    respx.post(CANCEL).mock(return_value=httpx.Response(200, content=body,
+                                                        headers={"content-type": "application/json"}))
+    with pytest.raises(Canceled) as info:
+        await engine.run(bridge(), NullProgress(), token)
+    kept = info.value.made
+    assert kept is not None and kept.images[0].image.getpixel((0, 0)) == (1, 2, 3)  # the answer was read
+    assert all(size < len(body) for size in loop_parses), loop_parses  # never the whole body
