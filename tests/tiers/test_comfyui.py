@@ -1388,6 +1388,9 @@ async def test_a_missing_input_refused_with_a_list_of_megabytes_is_still_the_ser
     assert info.value.retryable and "ORCH_COMFYUI_WORKFLOW" in info.value.message
 
 
+Answering = Callable[[httpx.Request], httpx.Response]
+
+
 def padded(response: httpx.Response) -> httpx.Response:
     """`response`'s JSON object with megabytes more under a key no engine reads."""
     body = response.content
@@ -1406,12 +1409,12 @@ async def test_a_history_or_queue_answer_of_megabytes_is_not_parsed_on_the_event
     # held every other job's polls, event streams and lease renewals while it was parsed.
     routes = mock_server()
     if where == "history":
-        on_history = routes["history"].side_effect
+        on_history = cast(Answering, routes["history"].side_effect)
         routes["history"].side_effect = lambda request: padded(on_history(request))
         result = await engine.run(bridge(), NullProgress(), CancelToken())
         assert len(result.images) == 1
     else:
-        on_queue = routes["queue_state"].side_effect
+        on_queue = cast(Answering, routes["queue_state"].side_effect)
         routes["queue_state"].side_effect = lambda request: padded(on_queue(request))
         await cancel_while_polling(engine, routes)
         assert routes["queue_state"].call_count >= 1 and routes["interrupt"].call_count == 1  # the queue was read
