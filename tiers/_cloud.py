@@ -339,7 +339,9 @@ class CloudEngine(SendsCredentials):
         for attempt in range(1, UNREADABLE_POLLS + 1):
             response = await fetch()
             try:
-                return read(response)
+                # In a worker thread: a finished answer may hold its output inline (a data URI of
+                # megabytes), which held the event loop while it was parsed.
+                return await asyncio.to_thread(read, response)
             except EngineError:
                 if attempt == UNREADABLE_POLLS or self.http.clock() >= deadline:
                     raise

@@ -246,7 +246,7 @@ class ReplicateEngine(CloudEngine):
                 details={"engine": self.name, "status": response.status_code}, charged="unknown")
         if not response.is_success:  # any 2xx is the prediction made
             raise self._refused(response)
-        prediction = self._json(response)
+        prediction = await asyncio.to_thread(self._json, response)  # its output may be inline, megabytes
         progress.provider_request(str(prediction["id"]))
         return await self._settle(prediction, deadline, progress, cancel)
 

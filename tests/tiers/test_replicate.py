@@ -1440,3 +1440,20 @@ async def test_a_cancel_s_answer_of_megabytes_is_not_parsed_on_the_event_loop(en
     kept = info.value.made
     assert kept is not None and kept.images[0].image.getpixel((0, 0)) == (1, 2, 3)  # the answer was read
     assert all(size < len(body) for size in loop_parses), loop_parses  # never the whole body
+
+
+@respx.mock
+@pytest.mark.parametrize("where", ["create", "poll"])
+async def test_a_prediction_answer_of_megabytes_is_not_parsed_on_the_event_loop(
+        engine: ReplicateEngine, loop_parses: list[int], where: str) -> None:
+    # A succeeded prediction is answered whole, its output possibly inline (a data URI of megabytes),
+    # by the create held open and by each poll: both were parsed on the event loop.
+    uri = "data:image/png;base64," + base64.b64encode(png_bytes((1, 2, 3))).decode()
+    body = json.dumps(prediction(output=[uri])).encode()[:-1] + b', "pad": ' + LARGE_ERROR_PADDING + b"}"
+    large = httpx.Response(200 if where == "poll" else 201, content=body, headers={"content-type": "application/json"})
+    respx.post(CREATE).mock(return_value=large if where == "create" else
+                            httpx.Response(201, json=prediction("processing")))
+    respx.get(POLL).mock(return_value=large)
+    result = await engine.run(bridge(), NullProgress(), CancelToken())
+    assert result.images[0].image.getpixel((0, 0)) == (1, 2, 3)
+    assert all(size < len(body) for size in loop_parses), loop_parses  # never the whole body
