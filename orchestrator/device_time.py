@@ -6,34 +6,42 @@ ORCH_MAX_PENDING_JOBS times. A quota bounds the device-seconds its local jobs he
 24 hours (a rolling window, not a calendar day: no midnight lets a day's worth through twice in an
 hour). Every attempt on a local engine counts, whatever its outcome, summed on the job's row
 (`Job.device_seconds`, `added`) and counted from the job's end (`finished_at`, the clock of the host
-that ended it): a success's seconds are the ones metered local work is charged for
+that ended it) for 24 hours; until the job ends, its earlier attempts' sum and its running attempt's
+seconds so far count at once (`ongoing_by`): a success's seconds are the ones metered local work is charged for
 (`runner.device_seconds`: the engine's own count, which leaves out loading the model); a failed or
 canceled attempt's, one a fallback moved to another engine (a cloud one included) and one a stop
 queued again are the runner's measure from the start of the engine's work on the device (told by
 the engine once its model is loaded, `Progress.on_device`: the load is left out, as from the
 engine's own count, which comes only with a result) to its return or raise; one whose process died is
-counted by recovery from its claim to its lease's last renewal, by the leases' clock (`held_until_lease`). Metering
-charges a success alone: a failure is never charged for its seconds.
+counted by recovery from its claim to its lease's last renewal, by the leases' clock (`held_until_lease`). A
+running attempt is counted the way recovery would count it now, from its claim to its lease's last
+renewal: a live process renews its lease while its engine works (a hung one too, as long as it
+renews), so a project cannot start long local jobs one after another while the first still holds
+the device uncounted. It counts its model's load, which its end, with the engine's own count, may
+leave out again. Metering charges a success alone: a failure is never charged for its seconds.
 
 A new job is judged when it is routed (`JobService.decide`, for `POST /v1/route/explain` too), and
 again under the project's lock as it is taken (a quota PATCHed meanwhile routes it again): with
 the project at or over its quota, local engines count as unavailable to it, so a rule that lists a
 cloud engine as well routes there, and one that lists only local engines (or a private request) is
 refused 429 `device_time_exhausted`, its `Retry-After` when enough of the seconds are 24 hours old
-to take the project under its quota again. Nothing is written on a refusal. A copy of an earlier
-result holds no device and is never refused for it. Judged at admission only: a job already queued
-or running is never stopped by it, so the quota can be passed by what the project's jobs admitted
-under it go on to use (ORCH_MAX_PENDING_JOBS of them at most).
+to take the project under its quota again (24 hours at least where its unfinished jobs' seconds alone
+keep it there: they age out only from their end). Nothing is written on a refusal. A copy of an
+earlier result holds no device and is never refused for it. Judged at admission only: a job already
+queued or running is never stopped by it, so the quota can be passed by what the project's jobs
+admitted under it go on to use (ORCH_MAX_PENDING_JOBS of them at most).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple, Protocol
 
 from sqlmodel import Session, col, func, select
+from sqlmodel.sql.expression import Select
 
 from orchestrator.clock import shared_now, utcnow
 from orchestrator.errors import DeviceTimeExhausted
@@ -41,6 +49,22 @@ from orchestrator.models import Job, Project
 
 SETTING = "ORCH_PROJECT_LOCAL_SECONDS_PER_DAY"
 WINDOW = timedelta(days=1)
+UNFINISHED = ("queued", "running")
+
+
+class LeaseStamps(Protocol):
+    """What `held_until_lease` reads of a job's row (a `Job`, or the columns `ongoing_by` selects)."""
+
+    @property
+    def attempt(self) -> int: ...
+    @property
+    def started_at(self) -> datetime | None: ...
+    @property
+    def lease_expires_at(self) -> datetime | None: ...
+    @property
+    def lease_taken_at(self) -> datetime | None: ...
+    @property
+    def lease_taken_attempt(self) -> int | None: ...
 
 
 def added(seconds: float) -> Any:
@@ -50,7 +74,7 @@ def added(seconds: float) -> Any:
     return func.coalesce(col(Job.device_seconds), 0.0) + seconds
 
 
-def held_until_lease(job: Job, lease: timedelta, now: datetime | None = None) -> float | None:
+def held_until_lease(job: LeaseStamps, lease: timedelta, now: datetime | None = None) -> float | None:
     """The seconds a local attempt whose process stopped without ending it surely held the device:
     from its claim's taking of the lease (`lease_taken_at`) to the lease's last renewal
     (`lease_expires_at` less `lease`), never past `now` (default `shared_now()`), all by the clock
@@ -74,8 +98,19 @@ def quota_seconds(project: Project, default: int | None) -> int | None:
     return project.local_seconds_per_day if project.local_seconds_per_day is not None else default
 
 
-def used_by(s: Session, project_ids: list[str], now: datetime | None = None) -> dict[str, float]:
-    """The device-seconds each project's local jobs held over the 24 hours before `now`; none for
+def used_by(s: Session, project_ids: list[str], *, local: Collection[str], lease: timedelta,
+            now: datetime | None = None) -> dict[str, float]:
+    """The device-seconds each project's local jobs held over the 24 hours before `now` (`ended_by`)
+    and hold so far unended (`ongoing_by`, `local` and `lease` as there); none for a project
+    without any."""
+    ended = ended_by(s, project_ids, now)
+    ongoing = ongoing_by(s, project_ids, local=local, lease=lease)
+    return {project_id: ended.get(project_id, 0.0) + ongoing.get(project_id, 0.0)
+            for project_id in sorted(ended.keys() | ongoing.keys())}
+
+
+def ended_by(s: Session, project_ids: list[str], now: datetime | None = None) -> dict[str, float]:
+    """The device-seconds of each project's jobs that ended in the 24 hours before `now`; none for
     a project without any. Read from `ix_jobs_device_seconds` alone."""
     if not project_ids:
         return {}
@@ -84,6 +119,48 @@ def used_by(s: Session, project_ids: list[str], now: datetime | None = None) -> 
         col(Job.project_id).in_(project_ids), col(Job.device_seconds).is_not(None),
         col(Job.finished_at) > since).group_by(col(Job.project_id)))
     return {project_id: float(total or 0.0) for project_id, total in rows}
+
+
+class _Unfinished(NamedTuple):
+    project_id: str
+    status: str
+    engine: str
+    device_seconds: float | None
+    finished_at: datetime | None
+    attempt: int
+    started_at: datetime | None
+    lease_expires_at: datetime | None
+    lease_taken_at: datetime | None
+    lease_taken_attempt: int | None
+
+
+def ongoing_by(s: Session, project_ids: list[str], *, local: Collection[str], lease: timedelta) -> dict[str, float]:
+    """The device-seconds each project's unfinished (queued, running) jobs hold so far: their
+    earlier attempts' (kept on the row until the job ends), and, of one running on an engine in
+    `local` (those of kind local), its attempt's from its claim to its lease's last renewal by the
+    leases' clock, as recovery would count it (`held_until_lease`, `lease`: ORCH_LEASE_SECONDS).
+    Counted whole at every read, never aged: each counts from its job's end once it ends. Read
+    through `ix_jobs_project_status` (a project has ORCH_MAX_PENDING_JOBS unfinished jobs at most)."""
+    if not project_ids:
+        return {}
+    # `Select`: sqlmodel's `select` is typed for four columns at most.
+    rows: Iterable[Any] = s.exec(Select(*(col(getattr(Job, name)) for name in _Unfinished._fields)).where(
+        col(Job.project_id).in_(project_ids), col(Job.status).in_(UNFINISHED)))
+    now = shared_now()
+    held: dict[str, float] = {}
+    for row in map(_Unfinished._make, rows):
+        # A row stamped ended and unfinished (a cancel's write racing): the ended sum counts it.
+        seconds = (row.device_seconds or 0.0) if row.finished_at is None else 0.0
+        if row.status == "running" and row.engine in local:
+            seconds += held_until_lease(row, lease, now) or 0.0
+        if seconds:
+            held[row.project_id] = held.get(row.project_id, 0.0) + seconds
+    return held
+
+
+def local_engines(engines: Iterable[Any]) -> frozenset[str]:
+    """The names of the engines of kind local among `engines` (a registry)."""
+    return frozenset(engine.name for engine in engines if getattr(engine, "kind", None) == "local")
 
 
 @dataclass(frozen=True)
@@ -127,22 +204,27 @@ def exhausted(device: DeviceTime | None) -> bool:
     return device is not None and device.exhausted
 
 
-def state(s: Session, project: Project, default: int | None, now: datetime | None = None) -> DeviceTime | None:
-    """The project's device time, or None where no quota is in force (nothing to judge, so nothing read)."""
+def state(s: Session, project: Project, default: int | None, *, local: Collection[str], lease: timedelta,
+          now: datetime | None = None) -> DeviceTime | None:
+    """The project's device time (`used_by`, `local` and `lease` as there), or None where no quota
+    is in force (nothing to judge, so nothing read)."""
     quota = quota_seconds(project, default)
     if quota is None:
         return None
     now = now or utcnow()
-    used = used_by(s, [project.id], now).get(project.id, 0.0)
+    ongoing = ongoing_by(s, [project.id], local=local, lease=lease).get(project.id, 0.0)
+    used = ended_by(s, [project.id], now).get(project.id, 0.0) + ongoing
     if used < quota:
         return DeviceTime(project.id, quota, used, project.local_seconds_per_day is not None)
     return DeviceTime(project.id, quota, used, project.local_seconds_per_day is not None,
-                      _under_again_in(s, project.id, quota, used, now))
+                      _under_again_in(s, project.id, quota, used, ongoing, now))
 
 
-def _under_again_in(s: Session, project_id: str, quota: int, used: float, now: datetime) -> int | None:
+def _under_again_in(s: Session, project_id: str, quota: int, used: float, ongoing: float,
+                    now: datetime) -> int | None:
     """Seconds until the oldest of the window's jobs have aged out of it enough to leave the project
-    under `quota`; None for a quota of 0, which nothing ages under."""
+    under `quota`; None for a quota of 0, which nothing ages under. `ongoing`: the part of `used`
+    its unfinished jobs hold, which ages out only 24 hours after they end."""
     if quota <= 0:
         return None
     left = used
@@ -153,6 +235,8 @@ def _under_again_in(s: Session, project_id: str, quota: int, used: float, now: d
         left -= seconds or 0.0
         if left < quota and finished_at is not None:
             return max(1, math.ceil((finished_at + WINDOW - now).total_seconds()))
+    if ongoing >= quota:  # they end now at the soonest
+        return math.ceil(WINDOW.total_seconds())
     return 1  # read apart from the sum: jobs aged out between the two reads
 
 

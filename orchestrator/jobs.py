@@ -513,7 +513,7 @@ class JobService:
                 # And a device-time quota lowered (or raised) since past the project's use: a PATCH
                 # to 0 that committed meanwhile (this lock waited for it) let a local job be queued
                 # after its 200. Read only where a quota is in force, as routing reads it.
-                device = device_time.state(s, project, self.default_local_seconds)
+                device = self.device_state(s, project)
                 if not cached and (decision.copy or decision.policy != project.policy
                                    or self._reloaded_since(decision) or (decision.estimate > 0 and (
                                        project.budget_limit is not None or max_credits is not None))
@@ -624,7 +624,7 @@ class JobService:
             balance = None if project.budget_limit is None else self.ledger.balance(s, project)
             # Judged again under the project's lock in `submit`, for a quota changed meanwhile (a
             # job that ends meanwhile could as well have ended just after).
-            device = device_time.state(s, project, self.default_local_seconds)
+            device = self.device_state(s, project)
         return self._route(project.policy, prepared, engine, max_credits, balance, cache=cache, holder=holder,
                            device=device)
 
@@ -868,6 +868,16 @@ class JobService:
             return True
         return (job.lease_expires_at is not None and job.lease_expires_at > now
                 and self.presence.alive(job.lease_owner))
+
+    def device_state(self, s: Session, project: Project) -> DeviceTime | None:
+        """The project's device time as admission judges it (`device_time.state`)."""
+        return device_time.state(s, project, self.default_local_seconds,
+                                 local=device_time.local_engines(self.router.registry), lease=self.lease)
+
+    def device_used(self, s: Session, project_ids: list[str]) -> dict[str, float]:
+        """Each project's device-seconds as admission counts them (`device_time.used_by`)."""
+        return device_time.used_by(s, project_ids, local=device_time.local_engines(self.router.registry),
+                                   lease=self.lease)
 
     def cancel_orphan(self, job_id: str) -> bool:
         """Cancel a running job whose worker is gone; False when it is back in the queue (a

@@ -4,7 +4,7 @@ from fastapi import APIRouter, Request, Response
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from orchestrator import device_time, idempotency, quota
+from orchestrator import idempotency, quota
 from orchestrator.api.deps import CallerDep, IdempotencyKey, ServicesDep, admin_only, existing_project
 from orchestrator.api.docs import (
     BODY_422,
@@ -99,7 +99,7 @@ def _public(s: Session, services: ServicesDep, project: Project) -> ProjectPubli
     default_quota_mb = services.settings.project_storage_quota_mb
     return project_public(project, default_quota_mb, quota.held(s, project, default_quota_mb),
                           default_local_seconds=services.settings.project_local_seconds_per_day,
-                          local_used=device_time.used_by(s, [project.id]).get(project.id, 0.0))
+                          local_used=services.jobs.device_used(s, [project.id]).get(project.id, 0.0))
 
 
 def _replayed(first: ProjectPublic, response: Response) -> ProjectPublic:
@@ -173,7 +173,7 @@ def list_projects(services: ServicesDep, caller: CallerDep, limit: Limit = 50,
         rows = rows[:limit]
         default_quota_mb = services.settings.project_storage_quota_mb
         held = quota.held_by(s, rows, default_quota_mb)
-        used = device_time.used_by(s, [p.id for p in rows])
+        used = services.jobs.device_used(s, [p.id for p in rows])
     return Page(items=[project_public(p, default_quota_mb, held.get(p.id, 0),
                                       default_local_seconds=services.settings.project_local_seconds_per_day,
                                       local_used=used.get(p.id, 0.0)) for p in rows],

@@ -608,9 +608,63 @@ def check_a_claim_that_stamps_no_lease_taken_at_is_not_counted_from_an_earlier_c
         asyncio.run(services.aclose())
 
 
+def test_a_running_local_attempt_counts_toward_the_quota_as_it_runs(make_settings: SettingsFactory) -> None:
+    """Admission counted the seconds of jobs that had ended alone: a project with a quota of 120
+    whose draft had held the device 95 s so far (its process alive, renewing its lease) and whose
+    other draft, queued again by a stop, kept 30 s of an earlier attempt, read 0 used and was let
+    start more local jobs. Now both count at once, and the project is refused."""
+    check_a_running_local_attempt_counts_toward_the_quota(make_settings)
+
+
+def running_and_requeued(services: Services, project_id: str) -> tuple[str, str]:
+    """A draft of the project running on Lite for 100 s by the leases' clock, its lease (60 s) last
+    renewed 5 s ago by a live process, and one queued again holding 30 s of an earlier attempt."""
+    running_id, queued_id = new_id("job"), new_id("job")
+    params = {"stage": "ideation", "prompt": "a lighthouse", "negative_prompt": "", "n": 1, "seed": 5,
+              "width": 64, "height": 64, "steps": 2, "tags": {}}
+    with services.db.transaction() as s:
+        now = services.db.now()
+        s.add(Job(id=running_id, project_id=project_id, stage="ideation", engine="lite", model=tiny.NAME,
+                  params=params, status="running", attempt=1, lease_owner="busy-host:1:0",
+                  started_at=utcnow() - timedelta(seconds=100), lease_taken_at=now - timedelta(seconds=100),
+                  lease_taken_attempt=1, lease_expires_at=now - timedelta(seconds=5) + timedelta(seconds=60)))
+        s.add(Job(id=queued_id, project_id=project_id, stage="ideation", engine="lite", model=tiny.NAME,
+                  params=params, status="queued", attempt=1, device_seconds=30.0))
+    return running_id, queued_id
+
+
+def check_a_running_local_attempt_counts_toward_the_quota(make_settings: SettingsFactory, **database: Any) -> None:
+    with client_for(make_settings(run_jobs=False, lease_seconds=60, **database)) as client:
+        project_id = create_project(client, local_seconds_per_day=120)["id"]
+        services = services_of(client)
+        running_id, _ = running_and_requeued(services, project_id)
+        used = client.get(f"/v1/projects/{project_id}").json()["local_seconds_used"]
+        assert used == pytest.approx(95.0 + 30.0, abs=0.5)
+        listed = {p["id"]: p for p in client.get("/v1/projects").json()["items"]}
+        assert listed[project_id]["local_seconds_used"] == pytest.approx(used, abs=0.5)
+        refused = client.post(f"/v1/projects/{project_id}/drafts", json={"prompt": "more", **SMALL})
+        error = assert_error(refused, 429, "device_time_exhausted")
+        assert error["details"]["used_seconds"] == pytest.approx(used, abs=0.5)
+        # Unfinished, they age out only 24 hours after they end: not sooner than that.
+        assert int(refused.headers["Retry-After"]) == 86400, refused.headers
+        explained = client.post("/v1/route/explain", json={"stage": "ideation", "project_id": project_id,
+                                                           "prompt": "more"})
+        assert_error(explained, 429, "device_time_exhausted")
+        # Ended, the attempt counts its own seconds from its end, once: the sum stays.
+        with services.db.transaction() as s:
+            s.execute(update(Job).where(col(Job.id) == running_id).values(
+                status="failed", finished_at=utcnow(), device_seconds=95.0, lease_owner=None,
+                lease_expires_at=None, lease_taken_at=None, lease_taken_attempt=None))
+        assert client.get(f"/v1/projects/{project_id}").json()["local_seconds_used"] == 125.0
+        # Under a larger quota it is let in again.
+        assert client.patch(f"/v1/projects/{project_id}", json={"local_seconds_per_day": 126}).status_code == 200
+        submit_draft(client, project_id)
+
+
 def test_a_local_job_a_stop_queued_again_counts_its_attempt_once_it_ends(make_settings: SettingsFactory) -> None:
     """A draft a stop interrupted part-way is queued again: its attempt's seconds are kept on the
-    row (not counted while the job goes on) and counted once it ends, here canceled while queued."""
+    row, counted while the job waits (they were not, until it ended) and once from its end, here
+    canceled while queued."""
     from orchestrator.server import serve_in_thread
 
     settings = make_settings()
@@ -628,7 +682,8 @@ def test_a_local_job_a_stop_queued_again_counts_its_attempt_once_it_ends(make_se
     finally:
         db.dispose()
     with client_for(make_settings(run_jobs=False)) as client:
-        assert client.get(f"/v1/projects/{project_id}").json()["local_seconds_used"] == 0.0
+        assert client.get(f"/v1/projects/{project_id}").json()["local_seconds_used"] == math.floor(
+            held * 1000) / 1000
         assert client.post(f"/v1/jobs/{job['id']}/cancel").status_code == 202
         assert wait_for_job(client, job["id"])["status"] == "canceled"
         assert kept_seconds(services_of(client), job["id"]) == held

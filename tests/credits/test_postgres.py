@@ -53,6 +53,7 @@ from tests.api.test_device_time import (
     check_a_local_job_that_fails_after_its_work_counts_it,
     check_a_project_at_its_quota_is_refused_429_until_its_seconds_age_out,
     check_a_quota_lowered_while_a_request_is_routed_refuses_it,
+    check_a_running_local_attempt_counts_toward_the_quota,
 )
 from tests.api.test_job_reads import (
     check_a_job_is_read_as_of_one_moment,
@@ -287,6 +288,12 @@ def test_a_local_failure_s_device_seconds_on_postgres(postgres_url: str, make_se
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     # The column's sum with the attempt's seconds (coalesce + a float parameter), as PostgreSQL adds them.
     check_a_local_job_that_fails_after_its_work_counts_it(make_settings, monkeypatch, database_url=postgres_url)
+
+
+def test_a_running_local_attempt_counts_toward_the_quota_on_postgres(
+        postgres_url: str, make_settings: Callable[..., Settings]) -> None:
+    # Its lease's stamps (timestamptz, by the database's clock) and the unfinished jobs read there.
+    check_a_running_local_attempt_counts_toward_the_quota(make_settings, database_url=postgres_url)
 
 
 def test_a_dead_process_s_local_attempt_counts_on_postgres(postgres_url: str,
