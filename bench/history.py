@@ -12,8 +12,9 @@ database (a fresh SQLite file by default, or `--database-url`, migrated to head)
 project with `--entries`
 ledger entries (settled holds, each with its capture, one every `--spacing-minutes` back from
 now, so most lie before the current monthly window), `--open` open holds, `--jobs` finished
-draft jobs with one asset each (`--recent` of them ended now, the rest an hour ago, as the copies),
-and `--copies` jobs that copied an earlier result; a second, empty project shows the floor.
+draft jobs with one asset each (`--recent` of them ended now, the rest an hour ago, as the copies;
+each held the device 0.4 s, under the project's device-time quota), and `--copies` jobs that
+copied an earlier result; a second, empty project shows the floor.
 
 Run: `.venv/bin/python bench/history.py [--entries 200000] [--jobs 100000] [--copies 50000] [--open 10] [--repeats 20]`
 """
@@ -51,7 +52,9 @@ def fill(db: Any, entries: int, open_holds: int, spacing: timedelta) -> None:
 
     now = datetime.now(UTC)
     with db.transaction() as s:
-        s.add(Project(id="prj_big", name="big", policy="balanced", budget_limit=10**12, budget_period="month"))
+        # A device-time quota: /metrics gives such a project its 24-hour sum of device-seconds.
+        s.add(Project(id="prj_big", name="big", policy="balanced", budget_limit=10**12, budget_period="month",
+                      local_seconds_per_day=86_400))
         s.add(Project(id="prj_new", name="new", policy="balanced", budget_limit=10**12, budget_period="month"))
     rows: list[dict[str, Any]] = []
     settled = "settled" in LedgerEntry.model_fields  # absent before the open-holds index
@@ -125,7 +128,8 @@ def fill_drafts(db: Any, jobs: int, recent: int) -> None:
                                      "engine": "lite", "model": "stabilityai/sd-turbo", "status": "succeeded",
                                      "params": params, "routing": routing, "attempts": [], "created_at": made(i),
                                      "started_at": made(i) + timedelta(milliseconds=50),
-                                     "finished_at": made(i) + timedelta(milliseconds=450)}
+                                     "finished_at": made(i) + timedelta(milliseconds=450),
+                                     "device_seconds": 0.4}
                                     for i in batch])
             s.execute(insert(Asset), [{"id": f"ast_d{i}", "project_id": "prj_big", "job_id": f"job_d{i}",
                                        "stage": "ideation", "engine": "lite", "model": "stabilityai/sd-turbo",

@@ -14,7 +14,7 @@ from sqlalchemy import BigInteger, ColumnElement, Integer, case, cast, func
 from sqlmodel import Session, col, select
 from sqlmodel.sql.expression import Select
 
-from orchestrator import webhooks
+from orchestrator import device_time, webhooks
 from orchestrator.clock import utcnow
 from orchestrator.db import Database
 from orchestrator.events import TERMINAL
@@ -110,7 +110,8 @@ class SettledTimes:
 
 def render(db: Database, engines: Mapping[str, Iterable[str]], settled: SettledTimes | None = None, *,
            default_quota_mb: int = 0, default_local_seconds: int | None = None,
-           webhook_destinations_set_aside: int = 0) -> str:
+           webhook_destinations_set_aside: int = 0,
+           device_used: Callable[[Session, list[str]], Mapping[str, float]] | None = None) -> str:
     """Jobs by stage, engine and status; assets by stage; credits charged (by engine and stage),
     held and waiting for reconciliation (by engine); histograms of how long ended jobs ran (by
     stage, engine and status) and waited (by stage and engine). `engines` (name -> its stages) each get a 0
@@ -119,7 +120,9 @@ def render(db: Database, engines: Mapping[str, Iterable[str]], settled: SettledT
     this process's earlier scrapes read of the ended jobs (none: every ended job is read).
     `default_quota_mb`: ORCH_PROJECT_STORAGE_QUOTA_MB, the storage quota of projects without their own.
     `default_local_seconds`: ORCH_PROJECT_LOCAL_SECONDS_PER_DAY, the device-time quota of those without one.
-    `webhook_destinations_set_aside`: this process's webhook sender's (`webhooks.Breakers`)."""
+    `webhook_destinations_set_aside`: this process's webhook sender's (`webhooks.Breakers`).
+    `device_used`: what admission reads of the projects' device-seconds (`JobService.device_used`);
+    none: `device_time.used_by` knowing no local engine, so running attempts count nothing."""
     settled = SettledTimes() if settled is None else settled
     # Before the snapshot's first query: every job stamped SETTLED_MARGIN before it has committed by then.
     now = utcnow()
@@ -146,6 +149,11 @@ def render(db: Database, engines: Mapping[str, Iterable[str]], settled: SettledT
         # The projects' own counters (`orchestrator.quota`): one row each, no asset read.
         stored = s.exec(select(Project.id, Project.storage_bytes, Project.storage_quota_mb,
                                Project.local_seconds_per_day).order_by(col(Project.id))).all()
+        local_quotas = [(pid, own if own is not None else default_local_seconds) for pid, _, _, own in stored]
+        # Of the projects with a quota in force alone: each is one range of `ix_jobs_device_seconds`
+        # (its last 24 hours) and its few unfinished jobs, never every local job's entry.
+        judged = [pid for pid, quota in local_quotas if quota is not None]
+        used_now = (device_used or _ended_and_unfinished)(s, judged) if judged else {}
         with settled.lock:
             before = settled.watermark(now)
             # Folded once every read has answered: a read that fails after another folded its
@@ -219,9 +227,15 @@ def render(db: Database, engines: Mapping[str, Iterable[str]], settled: SettledT
               "device-seconds per 24 hours (its own local_seconds_per_day, else "
               "ORCH_PROJECT_LOCAL_SECONDS_PER_DAY; projects without one have no series).",
               "# TYPE orchestrator_project_local_seconds_quota gauge"]
-    local_quotas = ((pid, own if own is not None else default_local_seconds) for pid, _, _, own in stored)
     lines += [f'orchestrator_project_local_seconds_quota{{project="{_label(pid)}"}} {quota}'
               for pid, quota in local_quotas if quota is not None]
+    lines += ["# HELP orchestrator_project_local_seconds_used Device-seconds each project's jobs held local "
+              "engines over the last 24 hours, its unfinished jobs' so far included, as admission judges its "
+              "quota (its local_seconds_used, to the millisecond; projects without a quota have no series): "
+              "local engines are unavailable to it at or over orchestrator_project_local_seconds_quota.",
+              "# TYPE orchestrator_project_local_seconds_used gauge"]
+    lines += [f'orchestrator_project_local_seconds_used{{project="{_label(pid)}"}} '
+              f"{device_time.shown(used_now.get(pid, 0.0))}" for pid in judged]
     # Every pair's series, with zeros: from a job's first end, a series that was not there has no
     # earlier figure for `rate()` to start from.
     ran = {(stage, engine, status): _Histogram() for stage, engine in pairs for status in ENDED}
@@ -240,6 +254,10 @@ def render(db: Database, engines: Mapping[str, Iterable[str]], settled: SettledT
         "ended, by stage and engine; a job that ran more than once to its last attempt's start "
         "(the earlier attempts included).")
     return "\n".join(lines) + "\n"
+
+
+def _ended_and_unfinished(s: Session, project_ids: list[str]) -> dict[str, float]:
+    return device_time.used_by(s, project_ids, local=(), lease=timedelta(0))
 
 
 class _Histogram:

@@ -836,7 +836,8 @@ class Services:
             lambda: metrics_text(self.db, {engine.name: engine.stages for engine in self.registry},
                                  self._settled_times, default_quota_mb=self.settings.project_storage_quota_mb,
                                  default_local_seconds=self.settings.project_local_seconds_per_day,
-                                 webhook_destinations_set_aside=self._webhook_destinations_set_aside()))
+                                 webhook_destinations_set_aside=self._webhook_destinations_set_aside(),
+                                 device_used=self.jobs.device_used))
 
     def _webhook_destinations_set_aside(self) -> int:
         return 0 if self.webhook_deliverer is None else self.webhook_deliverer.breakers.count()

@@ -17,9 +17,10 @@ from typing import Any
 import pytest
 from sqlalchemy import delete, event, update
 from sqlalchemy.exc import OperationalError
-from sqlmodel import col
+from sqlmodel import Session, col
 
-from orchestrator import metrics
+from orchestrator import device_time, metrics
+from orchestrator.clock import utcnow
 from orchestrator.db import Database
 from orchestrator.metrics import SETTLED_MARGIN, SettledTimes, SharedRead, render
 from orchestrator.models import Job, Project
@@ -372,6 +373,49 @@ def check_device_seconds_by_project(db: Database, monkeypatch: pytest.MonkeyPatc
 def test_each_project_s_device_seconds_are_counted_as_its_jobs_end(
         sqlite_db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
     check_device_seconds_by_project(sqlite_db, monkeypatch)
+
+
+def check_local_seconds_used_by_project(db: Database) -> None:
+    """The 24-hour sum each project's quota is judged against had no series (a dashboard could not
+    alert before the quota refused): now `orchestrator_project_local_seconds_used`, read as
+    admission reads it (given its reader), of each project with a quota in force alone: the jobs
+    that ended in the window (not one of 25 hours ago), an unfinished job's kept seconds and a
+    running local attempt's so far (held 40 s by the leases' clock)."""
+    now = utcnow()
+    leased = db.now()
+    lease = timedelta(seconds=60)
+    with db.transaction() as s:
+        s.add(Project(id="prj_use_own", name="own", policy="balanced", local_seconds_per_day=100))
+        s.add(Project(id="prj_use_none", name="none", policy="balanced"))
+        s.flush()
+        for job_id, project_id, ago, seconds in (("job_use0", "prj_use_own", timedelta(hours=1), 10.5),
+                                                 ("job_use1", "prj_use_own", timedelta(hours=25), 500.0),
+                                                 ("job_use2", "prj_use_none", timedelta(hours=1), 7.0)):
+            s.add(Job(id=job_id, project_id=project_id, stage="ideation", engine="lite", status="succeeded",
+                      started_at=now - ago, finished_at=now - ago, device_seconds=seconds))
+        s.add(Job(id="job_use3", project_id="prj_use_own", stage="ideation", engine="lite", status="queued",
+                  attempt=1, device_seconds=3.0))
+        s.add(Job(id="job_use4", project_id="prj_use_own", stage="ideation", engine="lite", status="running",
+                  attempt=1, started_at=now - timedelta(seconds=45), lease_taken_at=leased - timedelta(seconds=45),
+                  lease_taken_attempt=1, lease_expires_at=leased - timedelta(seconds=5) + lease))
+    engines = {"lite": ["ideation"]}
+
+    def as_admission(s: Session, project_ids: list[str]) -> dict[str, float]:
+        return device_time.used_by(s, project_ids, local={"lite"}, lease=lease)
+
+    types, samples = parse(render(db, engines, device_used=as_admission))
+    assert types["orchestrator_project_local_seconds_used"] == "gauge"
+    [(project, used)] = samples["orchestrator_project_local_seconds_used"].items()
+    # The running attempt to its lease's last renewal, 40 s after its claim whenever it is read.
+    assert (project, used) == (labels(project="prj_use_own"), 10.5 + 3.0 + 40.0)
+    # Knowing no local engine, the running attempt counts nothing; a server default gives both a series.
+    _, samples = parse(render(db, engines, default_local_seconds=50))
+    assert samples["orchestrator_project_local_seconds_used"] == {labels(project="prj_use_own"): 13.5,
+                                                                  labels(project="prj_use_none"): 7.0}
+
+
+def test_each_project_s_local_seconds_used_is_the_sum_its_quota_is_judged_against(sqlite_db: Database) -> None:
+    check_local_seconds_used_by_project(sqlite_db)
 
 
 def test_a_later_scrape_reads_only_the_recent_ends_for_the_device_seconds(sqlite_db: Database) -> None:

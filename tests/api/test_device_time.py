@@ -650,6 +650,9 @@ def check_a_running_local_attempt_counts_toward_the_quota(make_settings: Setting
         explained = client.post("/v1/route/explain", json={"stage": "ideation", "project_id": project_id,
                                                            "prompt": "more"})
         assert_error(explained, 429, "device_time_exhausted")
+        # /metrics reads it as admission does: its lease is not renewed meanwhile, so the same sum.
+        assert (f'orchestrator_project_local_seconds_used{{project="{project_id}"}} '
+                f"{used}") in client.get("/metrics").text.splitlines()
         # Ended, the attempt counts its own seconds from its end, once: the sum stays.
         with services.db.transaction() as s:
             s.execute(update(Job).where(col(Job.id) == running_id).values(

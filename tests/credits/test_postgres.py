@@ -126,6 +126,7 @@ from tests.test_metrics import (
     check_device_seconds_by_project,
     check_job_histograms,
     check_later_scrapes_read_the_recent_jobs_and_agree_with_a_full_read,
+    check_local_seconds_used_by_project,
 )
 from tests.test_migrations import check_holds_marked_settled_by_0010
 
@@ -1141,6 +1142,12 @@ def test_each_project_s_device_seconds_are_counted_as_its_jobs_end_on_postgres(
         pg_db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
     # The float column rounded to milliseconds and summed (numeric) in PostgreSQL's SQL.
     check_device_seconds_by_project(pg_db, monkeypatch)
+
+
+def test_each_project_s_local_seconds_used_is_the_sum_its_quota_is_judged_against_on_postgres(
+        pg_db: Database) -> None:
+    # The unfinished jobs' lease stamps (timestamptz) and the window's float sum, as PostgreSQL reads them.
+    check_local_seconds_used_by_project(pg_db)
 
 
 @contextlib.contextmanager
