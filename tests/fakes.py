@@ -18,6 +18,7 @@ from typing import Any, Literal
 from PIL import Image, ImageStat
 
 from orchestrator.errors import ContentFiltered, EngineError, EngineTimeout, NoPrice
+from tiers._local import LocalEngine
 from tiers.base import (
     NOTES,
     CancelToken,
@@ -318,3 +319,29 @@ def forget_failing_factory(ctx: EngineContext) -> FakePaidEngine:
     engine = FakeForgetFailingServerEngine(ctx, name="fake-free")
     engine._prices = PriceTable("fake-free", {"fake-1": {"image": 0}}, "2026-11")
     return engine
+
+
+# What the plugin's work holds the device for before it fails.
+PLUGIN_LOCAL_WORK_SECONDS = 0.3
+
+
+class PluginLocalEngine(LocalEngine):
+    """A plugin's local engine as one is written: `LocalEngine`'s runtime, model and limits, and
+    work of its own on the inference thread that never calls `Progress.on_device`, then fails."""
+
+    name = "plugin-local"
+    stages: frozenset[Stage] = frozenset({"ideation"})
+
+    def __init__(self, ctx: EngineContext) -> None:
+        super().__init__(ctx, ctx.settings.lite_model, Capabilities())
+
+    async def run(self, req: RenderRequest, progress: Progress, cancel: CancelToken) -> RenderResult:
+        return await self._on_device(self._work, req, progress, cancel)
+
+    def _work(self, req: RenderRequest, progress: Progress, cancel: CancelToken) -> RenderResult:
+        time.sleep(PLUGIN_LOCAL_WORK_SECONDS)  # its work on the device
+        raise EngineError("the plugin's work failed on the device", retryable=False, charged="no")
+
+
+def plugin_local_factory(ctx: EngineContext) -> PluginLocalEngine:
+    return PluginLocalEngine(ctx)

@@ -1724,9 +1724,17 @@ class LocalEngine:
     kind: Literal["local"] = "local"
     # The pipeline its jobs run: a model unfit for it (`LocalRuntime.load_failure`) makes it unavailable.
     pipeline_kind: PipelineKind = "text2img"
-    # Its work calls `Progress.on_device` once its model is loaded: an attempt that ends without a
-    # result counts toward its project's device time from there, its model's load left out.
-    tells_device_start: ClassVar[bool] = True
+    # Whether its work calls `Progress.on_device` once its model is loaded: an attempt that ends
+    # without a result then counts toward its project's device time from there, its model's load
+    # left out; else from its engine's start. Said by each class for itself (`__init_subclass__`).
+    tells_device_start: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # Not inherited: a plugin's subclass whose own work never called it counted each failed
+        # attempt 0 s, whatever it held. One that keeps `lite`'s work counts its load too, uncut.
+        if "tells_device_start" not in cls.__dict__:
+            cls.tells_device_start = False
 
     def __init__(self, ctx: EngineContext, model_spec: str, capabilities: Capabilities) -> None:
         self.settings = ctx.settings

@@ -12,6 +12,7 @@ has one); a cancelled token stops the pipeline at the next step boundary.
 from __future__ import annotations
 
 import time
+from typing import ClassVar
 
 from orchestrator.errors import BadEngineInput
 from tiers._local import (
@@ -42,6 +43,8 @@ from tiers.base import (
 class LiteEngine(LocalEngine):
     name = "lite"
     stages: frozenset[Stage] = frozenset({"ideation"})
+    # Its work calls `Progress.on_device` once its model is loaded (see `LocalEngine`).
+    tells_device_start: ClassVar[bool] = True
 
     def __init__(self, ctx: EngineContext) -> None:
         super().__init__(ctx, ctx.settings.lite_model, Capabilities(seeds=True, negative_prompt=True))

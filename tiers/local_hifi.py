@@ -13,7 +13,7 @@ from __future__ import annotations
 import inspect
 import math
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from orchestrator.errors import BadEngineInput
 from tiers._local import (
@@ -70,6 +70,8 @@ class LocalHifiEngine(LocalEngine):
     name = "local-hifi"
     stages: frozenset[Stage] = frozenset({"bridge", "polish"})
     pipeline_kind = "img2img"
+    # Its work calls `Progress.on_device` once its model is loaded (see `LocalEngine`).
+    tells_device_start: ClassVar[bool] = True
 
     def __init__(self, ctx: EngineContext) -> None:
         super().__init__(ctx, ctx.settings.effective_hifi_model,

@@ -30,6 +30,7 @@ from orchestrator.services import Services
 from orchestrator.settings import Settings
 from tests.api import SLOW, SMALL, assert_error, create_project, run_draft, submit_draft, wait_for_job
 from tests.api.test_storage_quota import client_for, services_of
+from tests.fakes import PLUGIN_LOCAL_WORK_SECONDS
 from tiers import tiny
 from tiers.base import DEVICE_SECONDS, CancelToken, NullProgress, Progress, RenderRequest
 
@@ -475,6 +476,32 @@ def test_a_local_job_canceled_while_its_model_loads_counts_no_work(make_settings
         assert done["progress"]["step"] == 0
         assert kept_seconds(services, job["id"]) in (None, 0.0)
         assert client.get(f"/v1/projects/{project_id}").json()["local_seconds_used"] == 0.0
+
+
+def test_a_plugin_s_local_engine_that_never_tells_its_device_start_counts_its_attempt(
+        make_settings: SettingsFactory, tmp_path: Path) -> None:
+    """A plugin subclassing `LocalEngine` inherited `tells_device_start`: its work never called
+    `Progress.on_device`, so each failed attempt counted 0 device-seconds, whatever it held. Now
+    a subclass tells only where its own class says so, and one that does not counts its attempts
+    from its engine's start."""
+    folder = tmp_path / "policies"
+    folder.mkdir()
+    (folder / "plugin-local.toml").write_text(
+        'name = "plugin-local"\ndescription = "Drafts on a plugin\'s local engine."\n\n'
+        '[[rules]]\nname = "drafts"\nmatch = { stage = "ideation" }\nengines = ["plugin-local"]\n')
+    settings = make_settings(engines="plugin-local=tests.fakes:plugin_local_factory", policy="plugin-local",
+                             policy_dir=folder)
+    with client_for(settings) as client:
+        project_id = create_project(client, local_seconds_per_day=3600)["id"]
+        services = services_of(client)
+        assert services.registry.get("plugin-local").kind == "local"
+        job = submit_draft(client, project_id)
+        assert job["engine"] == "plugin-local", job
+        assert wait_for_job(client, job["id"], ("failed",))["error"]["code"] == "engine_error"
+        seconds = kept_seconds(services, job["id"])
+        assert seconds is not None and seconds >= PLUGIN_LOCAL_WORK_SECONDS, seconds
+        assert client.get(f"/v1/projects/{project_id}").json()["local_seconds_used"] == math.floor(
+            seconds * 1000) / 1000
 
 
 def test_a_job_that_falls_back_from_a_local_engine_to_a_remote_one_keeps_the_local_seconds(
