@@ -101,12 +101,30 @@ def without_password(url: str | httpx.URL) -> str:
 
 
 class _StoppedBeforeStart(BaseException):
-    """SIGTERM to a worker before its loop takes its signals. Not an `Exception`: nothing on the way
-    out of the start may take it for a failure and carry on."""
+    """SIGTERM to a worker or `serve` before its loop takes its signals. Not an `Exception`: nothing
+    on the way out of the start may take it for a failure and carry on."""
 
 
 def _stop_before_start(signum: int, frame: object) -> None:
     raise _StoppedBeforeStart
+
+
+# What a stop during `serve`'s start left: the migration it may have been in is one transaction
+# (migrations/env.py), rolled back as the signal unwinds it, or committed whole before it came.
+START_STOPPED = ("the start was stopped before the service ran, nothing was half-written (the database is at a "
+                 "whole revision)")
+
+
+def _end_as_signaled(signum: int) -> int:
+    """End the process by `signum` with its default action, as a running `serve` ends on SIGTERM
+    (uvicorn raises it again): a supervisor sees the same stop however early it came. The status
+    128 + the signal's number is returned where the signal did not end the process."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+    return 128 + signum
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,15 +134,23 @@ def main(argv: list[str] | None = None) -> int:
         # SIGHUP reloads the policies once the service runs; until then (settings read, a migration
         # waiting for another's lock) it must not end the start: ignored before anything else.
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    if command != "worker":
+    if command not in ("serve", "worker"):
         return _main(given)
-    # A supervisor's stop in the worker's first second (its arguments, imports, settings, waiting
-    # for another's migration or in its own, which is one transaction) ended it with 143.
-    signal.signal(signal.SIGTERM, _stop_before_start)
+    # A supervisor's stop in the first second (the arguments, imports, settings, waiting for
+    # another's migration or in its own, which is one transaction) ended it with 143, without a word.
+    previous = signal.signal(signal.SIGTERM, _stop_before_start)
     try:
         return _main(given)
     except _StoppedBeforeStart:
-        return 0  # nothing had started: a clean stop, as a supervisor asked
+        if command == "worker":
+            return 0  # nothing had started: a clean stop, as a supervisor asked
+        print(f"orchestrator: terminated; {START_STOPPED}", file=sys.stderr)
+        return _end_as_signaled(signal.SIGTERM)
+    finally:
+        # A `serve` refused at start gives the caller (a test, a program running it) its own handler
+        # back; the worker's stop leaves SIGTERM ignored (see `_run`).
+        if command == "serve" and signal.getsignal(signal.SIGTERM) is _stop_before_start:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def _main(given: list[str]) -> int:
@@ -554,7 +580,13 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     if args.no_jobs:
         settings = settings.model_copy(update={"run_jobs": False})
     _log_what_it_uses(settings)
-    stopped = serve(settings, host=args.host, port=args.port, log_level=args.log_level)
+    try:
+        # uvicorn takes SIGTERM and SIGINT from here, and raises them again once it has stopped:
+        # SIGTERM's default then ends the process, a Ctrl-C is returned.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        stopped = serve(settings, host=args.host, port=args.port, log_level=args.log_level)
+    except KeyboardInterrupt:  # the service ran: not the start's stop
+        return _interrupted()
     return _stopped(stopped)
 
 
@@ -596,7 +628,10 @@ def _run(args: argparse.Namespace) -> int:
             check_listenable(args.host, args.port)
         except CannotListen as exc:
             return _fail(str(exc), status=2)
-        return _serve(args, settings)
+        try:
+            return _serve(args, settings)
+        except KeyboardInterrupt as exc:  # told by `_main`, with what was left behind
+            raise KeyboardInterrupt(str(exc) or START_STOPPED) from None
     if args.command == "worker":
         import asyncio
 

@@ -2190,3 +2190,60 @@ def test_ctrl_c_ends_a_start_waiting_for_a_silent_postgres_server_at_once(tmp_pa
             started.wait()
     assert time.monotonic() - asked < 15  # not the 60 s the connection could still wait
     assert rest == "orchestrator: interrupted\n"
+
+
+def _schema(url: str) -> dict[str, list[tuple[str, str, bool]]]:
+    """Every table's columns (name, type, nullable) and indexes, as the database has them."""
+    from sqlalchemy import create_engine, inspect
+
+    engine = create_engine(url)
+    try:
+        seen = inspect(engine)
+        return {table: sorted((c["name"], str(c["type"]), bool(c["nullable"])) for c in seen.get_columns(table))
+                + sorted(("index", str(i["name"]), bool(i["unique"])) for i in seen.get_indexes(table))
+                for table in seen.get_table_names()}
+    finally:
+        engine.dispose()
+
+
+def check_a_start_stopped_mid_migration(url: str, data_dir: Path, cache_dir: Path, cwd: Path, stop: signal.Signals,
+                                        ) -> None:
+    """`serve` told to stop (a supervisor's SIGTERM, a Ctrl-C) while its start migrates the database,
+    three revisions into seven: one line saying the start stopped with nothing half-written, the
+    exit of that signal, and the database left whole at the revision it had, schema and all (the
+    PostgreSQL side runs in tests/credits/test_postgres.py)."""
+    from orchestrator.db import stored_revision
+
+    upgrade(url, "0030")
+    before = _schema(url)
+    env = {**os.environ, "ORCH_DATA_DIR": str(data_dir), "ORCH_CACHE_DIR": str(cache_dir), "ORCH_DATABASE_URL": url,
+           "ORCH_LITE_MODEL": "builtin:tiny-sd", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    # Sent from inside the upgrade once 0033 is applied, as a supervisor's stop would come during it.
+    code = ("import os, signal, alembic.runtime.migration as migration, orchestrator.cli as cli\n"
+            "real = migration.HeadMaintainer.update_to_step\n"
+            "done = []\n"
+            "def step(self, to):\n"
+            "    real(self, to)\n"
+            "    done.append(to)\n"
+            "    if len(done) == 3:\n"
+            f"        os.kill(os.getpid(), signal.{stop.name})\n"
+            "migration.HeadMaintainer.update_to_step = step\n"
+            f"raise SystemExit(cli.main(['serve', '--port', '{free_port()}']))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    # As the command ends on that signal once the service runs: killed by SIGTERM, 130 after a Ctrl-C.
+    assert done.returncode == (130 if stop == signal.SIGINT else -stop), done.stderr
+    said = [line for line in done.stderr.splitlines() if line.startswith("orchestrator: ")]
+    assert len(said) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "start was stopped" in said[0] and "nothing was half-written" in said[0], said
+    assert "Application startup" not in done.stderr  # the service never ran
+    assert stored_revision(url) == "0030"
+    assert _schema(url) == before
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+def test_serve_stopped_during_its_migration_says_so_and_leaves_a_whole_revision(
+        make_settings: SettingsFactory, tmp_path: Path, stop: signal.Signals) -> None:
+    settings = make_settings()
+    check_a_start_stopped_mid_migration(settings.resolved_database_url, settings.data_dir, settings.cache_dir,
+                                        tmp_path, stop)

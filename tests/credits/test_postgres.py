@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import threading
 import time
 import uuid
@@ -1486,3 +1487,11 @@ def test_random_fallback_chains_leave_every_view_agreeing_on_postgres(
                                  policy="mix-test", policy_dir=mix_policies(tmp_path / "policies"),
                                  local_gpu_second_credits=2.0)
     check_random_fallback_chains(settings, seed, monkeypatch)
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+def test_serve_stopped_during_its_migration_says_so_and_leaves_a_whole_revision_on_postgres(
+        postgres_url: str, tmp_path: Path, tiny_cache_dir: Path, stop: signal.Signals) -> None:
+    from tests.test_cli import check_a_start_stopped_mid_migration
+
+    check_a_start_stopped_mid_migration(postgres_url, tmp_path / "data", tiny_cache_dir, tmp_path, stop)
