@@ -205,6 +205,11 @@ def _main(given: list[str]) -> int:
                       "machine; name one such as balanced to let its bridge and polish use the paid engines "
                       "configured)")
 
+    # An option before any command (`orchestrator --port 8080`) was told as a missing command, or as
+    # its value being an unknown one ("invalid choice: '8080'"), never as the option it is.
+    first = next((i for i, arg in enumerate(given) if arg in sub.choices), len(given))
+    if stray := [arg for arg in given[:first] if arg.startswith("-") and arg not in ("-h", "--help", "--version")]:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
     args, unknown = parser.parse_known_args(given)
     if unknown:
         # argparse leaves what a subcommand does not know to the top parser, whose usage then named

@@ -1500,6 +1500,15 @@ def test_help_shows_the_defaults_of_options_not_of_flags(capsys: pytest.CaptureF
     assert "(ORCH_RUN_JOBS=false) --allow-open" in told and "(default: False)" not in told
 
 
+@pytest.mark.parametrize("argv", [["--bogus"], ["--port", "8080"]])
+def test_an_unknown_option_without_a_command_is_named(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    # It was "the following arguments are required: command", as if the option had not been typed.
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    assert f"orchestrator: error: unrecognized arguments: {argv[0]}" in capsys.readouterr().err
+
+
 def test_ctrl_c_is_one_line_and_status_130(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     # uvicorn raises KeyboardInterrupt again once it has shut down cleanly: it was a traceback.
     def interrupted(args: object) -> int:
