@@ -195,6 +195,23 @@ def _unparsed(url: str) -> str:
     return f"{scheme.strip().lower()}://{rest.lower()}"
 
 
+def shown(url: str) -> str:
+    """`url` (or a destination) for a log line or a stored error: a password in its user part as
+    `***`, as `db.shown_url` shows a database URL's, and the rest as written. Not by `shown_url` nor
+    `cli.without_password`: they parse it (SQLAlchemy's `make_url`, httpx), and a URL `urlsplit`
+    refuses, whose destination (`_unparsed`) keeps its user and password, raised in them
+    (`[::1`: `int(':1')`) or came back rewritten (`[x]` unbracketed, `ü[` percent-encoded), another
+    destination than the one its rows are matched by. Its user part ends at the netloc's last `@`,
+    as `urlsplit` reads it."""
+    scheme, sep, rest = url.partition("://")
+    end = min((at for at in map(rest.find, "/?#") if at >= 0), default=len(rest))
+    userinfo, at, host = rest[:end].rpartition("@")
+    user, colon, _ = userinfo.partition(":")
+    if not (sep and at and colon):
+        return url
+    return f"{scheme}://{user}:***@{host}{rest[end:]}"
+
+
 def refuse_foreign_receiver(url: str, project_url: str | None, project_id: str) -> None:
     """403 `forbidden` unless `url` (a job's own `webhook_url`, asked by a project key) is to the
     receiver of its project's `webhook_url` (`destination`: scheme, host and port): the admin alone
@@ -551,7 +568,7 @@ class Breakers:
             # An answer, whatever it says of the delivery: the receiver is up. A receiver that refuses
             # each delivery (a 401 after a key change) was otherwise sent to one probe at a time for good.
             if b is not None and b.cool_down:
-                log.warning("webhook destination %s is back (it %s): its deliveries are sent again", where,
+                log.warning("webhook destination %s is back (it %s): its deliveries are sent again", shown(where),
                             "took a delivery" if verdict == "delivered" else f"answered: {error}")
             self._breakers.pop(where, None)
             return
@@ -574,7 +591,7 @@ class Breakers:
             b.cool_down = COOL_DOWN_SECONDS
             log.warning("webhook destination %s set aside after %d failed attempts in a row (the last: %s): its "
                         "deliveries wait, unclaimed, no attempt spent, for a probe in %g s (then at doubling "
-                        "intervals, up to %g s, until it answers)", where, b.failures, error,
+                        "intervals, up to %g s, until it answers)", shown(where), b.failures, error,
                         COOL_DOWN_SECONDS, MAX_COOL_DOWN_SECONDS)
         else:
             return
@@ -828,7 +845,7 @@ class Deliverer:
         for where, count in given_up.items():
             if count:
                 log.warning("webhook destination %s is still set aside: %d of its deliveries older than their "
-                            "retry schedule (%g s) given up unsent", where, count, SCHEDULE_SECONDS)
+                            "retry schedule (%g s) given up unsent", shown(where), count, SCHEDULE_SECONDS)
 
     @staticmethod
     def _given_up(s: Session, where: str, error: str, rows: list[sa.ColumnElement[bool]]) -> int:
@@ -836,7 +853,7 @@ class Deliverer:
         return changed(s.execute(
             update(WebhookDelivery).where(*rows)
             .values(next_attempt_at=None, leased_until=None,
-                    last_error=f"not sent: {where} set aside, unreachable, past this delivery's "
+                    last_error=f"not sent: {shown(where)} set aside, unreachable, past this delivery's "
                                f"{SCHEDULE_SECONDS / 3600:.1f} h retry schedule (its last failed attempt: "
                                f"{error or 'unknown'})"[:500])
             .execution_options(synchronize_session=False)))
@@ -935,8 +952,8 @@ class Deliverer:
             log.info("webhook %s: attempt %d failed (%s) after its claim ended; left as another process or a "
                      "redelivery put it", row.id, attempts, error)
             return
-        # The URL without its query, which may carry the receiver's token.
-        where = row.url.partition("?")[0].partition("#")[0]
+        # The URL without its query, which may carry the receiver's token, nor a password.
+        where = shown(row.url.partition("?")[0].partition("#")[0])
         then = "given up" if wait is None else f"next attempt in {wait} s"
         log.warning("webhook %s (%s of job %s) to %s: attempt %d failed: %s; %s", row.id, row.event, row.job_id,
                     where, attempts, error, then)

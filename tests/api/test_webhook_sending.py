@@ -1314,3 +1314,42 @@ def check_many_distinct_urls_the_sql_filter_misses_are_read_past_in_few_reads(db
         sa_event.remove(db.engine, "before_cursor_execute", counted)
     assert [row.id for row in due] == [ids[-1]]
     assert len(reads) <= 10 and sum(reads) < count, reads
+
+
+def test_a_password_in_a_stored_url_urlsplit_refuses_is_masked_in_its_log_lines(
+        db: Database, caplog: pytest.LogCaptureFixture) -> None:
+    # A URL `urlsplit` refuses is a destination of its own, written as stored (`_unparsed`): its
+    # user and password with it, which every line naming it logged (set aside, back, given up) as
+    # did each failed attempt's (its URL without the query). Stored before the checks refused both.
+    caplog.set_level(logging.INFO, logger="orchestrator.webhooks")
+    stored = "http://hooks:s3cret-pw@[::ffff:127.1]:8080/h?token=t"
+    masked = "http://hooks:***@[::ffff:127.1]:8080"
+    ids = _deliveries(db, [(stored, webhooks.FAILURES_TO_SET_ASIDE)])
+    deliverer = webhooks.Deliverer(db, lambda job_id: {"id": job_id}, None, interval=0.02)
+    where = webhooks.destination(stored)
+
+    async def look() -> None:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(lambda request: httpx.Response(200))) as client:
+            await deliverer.deliver_due(client)
+
+    while 0 in _attempts(db, ids):  # 2 at a time to one destination
+        asyncio.run(look())
+    assert deliverer.breakers.set_aside() == [where]
+    with db.transaction() as s:  # past their schedule, due again: given up at the next look
+        for row in s.exec(select(WebhookDelivery)).all():
+            row.created_at = shared_now() - timedelta(seconds=webhooks.SCHEDULE_SECONDS + 60)
+            row.next_attempt_at = shared_now() - timedelta(seconds=1)
+    asyncio.run(look())
+    assert all(row.next_attempt_at is None for row in _rows(db).values())
+    deliverer.breakers.ended(where, "whd_x", "refused", "answered 401")
+    told = [r.getMessage() for r in caplog.records]
+    assert not [m for m in told if "s3cret-pw" in m], told
+    named = [m for m in told if masked in m]
+    said = ("attempt 1 failed", "set aside after", "given up", "is back")
+    assert [len([m for m in named if line in m]) for line in said] == [len(ids), 1, 1, 1], told
+    assert not [row.last_error for row in _rows(db).values() if "s3cret-pw" in (row.last_error or "")]
+    # Its user part ends at the last `@` before the path, as `urlsplit` reads it; a URL without a
+    # password is shown as written.
+    assert webhooks.shown("http://u:p@ss@[::1/h?a@b") == "http://u:***@[::1/h?a@b"
+    for plain in ("http://\u00fc[@alive.example", "http://alive.example:80/a:b@c", "http://[bad]:\u00b2"):
+        assert webhooks.shown(plain) == plain
