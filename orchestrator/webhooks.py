@@ -636,6 +636,8 @@ class Deliverer:
         self.outage = Outage(log, "webhook deliveries", f"trying again every {interval:g} s")
         self.breakers = Breakers()
         self._gave_up_at: float | None = None  # the last `_give_up`, by the breakers' clock
+        # Where the last `_give_up` stopped reading URLs past their schedule: (soonest due, URL).
+        self._missed_after: tuple[datetime, str] | None = None
         self._sending: dict[asyncio.Task[None], Due] = {}
         self._freed: asyncio.Event | None = None
 
@@ -831,17 +833,28 @@ class Deliverer:
                 given_up[where] += self._given_up(s, where, error, [*past, _to(where)])
             # What is left past its schedule and due is few (a row is sent within it, unless its
             # destination is set aside): its URLs read, each placed by its destination in Python, at
-            # most MISSED_URLS a pass (under the write lock), the soonest due first: those of a
-            # destination not set aside are sent meanwhile, and leave the read to the others.
+            # most MISSED_URLS a pass (under the write lock), the soonest due first, each pass after
+            # the last URL the one before read: a live destination's backlog of more, sent slower than
+            # it comes due, filled every pass from the start, and the set-aside rows behind it waited
+            # for good. Past the last, the next pass starts again from the soonest.
+            soonest = func.min(col(WebhookDelivery.next_attempt_at))
+            read = select(col(WebhookDelivery.url), soonest).where(*past).group_by(col(WebhookDelivery.url))
+            if self._missed_after is not None:
+                after, last = self._missed_after
+                # A row's `next_attempt_at` only moves on past now (a claim, a retry, a redelivery), so
+                # none comes back before the cursor: every URL left is reached within a round.
+                read = read.having(sa.or_(soonest > after, sa.and_(soonest == after, col(WebhookDelivery.url) > last)))
+            past_urls = s.execute(read.order_by(soonest, col(WebhookDelivery.url)).limit(MISSED_URLS)).all()
             missed: dict[str, list[str]] = {}
-            for url in s.scalars(select(col(WebhookDelivery.url)).where(*past).group_by(col(WebhookDelivery.url))
-                                 .order_by(func.min(col(WebhookDelivery.next_attempt_at))).limit(MISSED_URLS)):
+            for url, _ in past_urls:
                 if (where := destination(url)) in set_aside:
                     missed.setdefault(where, []).append(url)
             for where, urls in missed.items():
                 for n in range(0, len(urls), GIVE_UP_URLS):
                     given_up[where] += self._given_up(
                         s, where, set_aside[where], [*past, col(WebhookDelivery.url).in_(urls[n:n + GIVE_UP_URLS])])
+        # Once committed: a pass rolled back reads its URLs again.
+        self._missed_after = (past_urls[-1][1], past_urls[-1][0]) if len(past_urls) >= MISSED_URLS else None
         for where, count in given_up.items():
             if count:
                 log.warning("webhook destination %s is still set aside: %d of its deliveries older than their "

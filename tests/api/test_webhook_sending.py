@@ -1257,6 +1257,39 @@ def check_the_give_up_reads_a_bounded_number_of_missed_urls(db: Database, monkey
     assert given_up() == ids[1:]
 
 
+def test_the_give_up_reaches_missed_urls_behind_more_than_a_pass_of_a_live_destination_s(
+        db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    check_the_give_up_reaches_missed_urls_behind_a_live_backlog(db, monkeypatch)
+
+
+def check_the_give_up_reaches_missed_urls_behind_a_live_backlog(db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each pass read the first MISSED_URLS URLs past their schedule, soonest due first: a live
+    # destination's backlog of more (distinct URLs, a job's token each, sent slower than they come
+    # due) filled every pass, and a set-aside host's rows its SQL misses were never reached.
+    monkeypatch.setattr(webhooks, "MISSED_URLS", 2)
+    backlog = [(f"http://alive.example/h?job={n}", 1) for n in range(5)]
+    ids = _deliveries(db, [*backlog, ("http://hooks\u3002example/h", 1), ("http://alive.example/h?job=5", 1)])
+    with db.transaction() as s:
+        for row in s.exec(select(WebhookDelivery)).all():
+            row.created_at = shared_now() - timedelta(seconds=webhooks.SCHEDULE_SECONDS + 60)
+    deliverer = webhooks.Deliverer(db, lambda job_id: {}, None, interval=0.1)
+    set_aside = {webhooks.destination("http://hooks.example/"): "answered 503"}
+    for _ in range(3):  # 7 URLs, 2 a pass: the missed one read by the third
+        deliverer._give_up(set_aside)
+    rows = _rows(db)
+    assert [i for i in ids if rows[i].next_attempt_at is None] == [ids[5]]
+    # Past the last URL, the next pass reads from the soonest again: one given up since the cursor
+    # passed it (its destination set aside after) is reached in the next round.
+    set_aside[webhooks.destination("http://alive.example/")] = "ConnectError"
+    with db.transaction() as s:
+        s.add(WebhookDelivery(id="whd_late", job_id="job_1", url="http://alive.example:/h", event="job.failed",
+                              next_attempt_at=shared_now() - timedelta(hours=2),
+                              created_at=shared_now() - timedelta(seconds=webhooks.SCHEDULE_SECONDS + 60)))
+    for _ in range(2):
+        deliverer._give_up(set_aside)
+    assert all(row.next_attempt_at is None for row in _rows(db).values())
+
+
 @pytest.mark.parametrize("stored", ["http://[bad]:\u00b2/h", "http://\u00fc[@alive.example/h", "http://[@\u00fc%x@/h"])
 def test_an_unparsed_destination_s_sql_filter_holds_back_and_gives_up_only_its_own_rows(
         db: Database, stored: str) -> None:

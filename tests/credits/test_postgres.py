@@ -87,6 +87,7 @@ from tests.api.test_webhook_sending import (
     check_a_set_aside_destination_s_rows_spelt_past_the_sql_filter_are_given_up_too,
     check_many_distinct_urls_the_sql_filter_misses_are_read_past_in_few_reads,
     check_spellings_the_sql_filter_misses_do_not_fill_every_read,
+    check_the_give_up_reaches_missed_urls_behind_a_live_backlog,
     check_the_give_up_reads_a_bounded_number_of_missed_urls,
     check_the_sql_filter_folds_no_capital_into_another_host_s_letter,
     check_the_sql_filter_of_a_host_of_many_non_ascii_letters_runs,
@@ -1401,6 +1402,12 @@ def test_the_webhook_give_up_reads_a_bounded_number_of_missed_urls_soonest_due_f
         pg_db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
     # Grouped by URL, ordered by the soonest `next_attempt_at` of each.
     check_the_give_up_reads_a_bounded_number_of_missed_urls(pg_db, monkeypatch)
+
+
+def test_the_webhook_give_up_reaches_missed_urls_behind_a_live_backlog_on_postgres(
+        pg_db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The cursor compared in HAVING with each URL's soonest `next_attempt_at`, PostgreSQL's timestamps and collation.
+    check_the_give_up_reaches_missed_urls_behind_a_live_backlog(pg_db, monkeypatch)
 
 
 def test_webhook_deliveries_made_before_0028_are_given_their_project_on_postgres(postgres_url: str) -> None:
