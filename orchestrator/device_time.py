@@ -27,9 +27,10 @@ cloud engine as well routes there, and one that lists only local engines (or a p
 refused 429 `device_time_exhausted`, its `Retry-After` when enough of the seconds are 24 hours old
 to take the project under its quota again (24 hours at least where its unfinished jobs' seconds alone
 keep it there: they age out only from their end). Nothing is written on a refusal. A copy of an
-earlier result holds no device and is never refused for it. Judged at admission only: a job already
-queued or running is never stopped by it, so the quota can be passed by what the project's jobs
-admitted under it go on to use (ORCH_MAX_PENDING_JOBS of them at most).
+earlier result holds no device and is never refused for it. Judged at admission, and as a fallback
+moves a job onto a local engine (`JobRunner._requeue_on`: the candidate skipped, `device_time`): a
+job already queued or running is never stopped by it, so the quota can be passed by what the
+project's jobs admitted under it go on to use (ORCH_MAX_PENDING_JOBS of them at most).
 """
 
 from __future__ import annotations

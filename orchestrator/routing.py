@@ -20,7 +20,7 @@ from orchestrator.device_time import DeviceTime
 from orchestrator.errors import BadEngineInput, BudgetExceeded, NoPrice, NoRoute, NotFound, NoUsableEngine, shown
 from orchestrator.health import EngineHealth
 from orchestrator.store import hide_paths
-from policies import PolicyStore, RequestFacts, Rule, order_candidates
+from policies import Policy, PolicyStore, RequestFacts, Rule, order_candidates
 from tiers.base import MAX_AMOUNT, Engine, RenderRequest, Stage, is_amount, to_credits
 from tiers.registry import EngineRegistry, left_off
 
@@ -169,6 +169,28 @@ class Router:
                for share in shares):
             return now
         return routed
+
+    def keeps_local(self, policy_name: str, req: RenderRequest, budget_used: float | None,
+                    routed: str | None = None) -> bool:
+        """Whether the rule of the policy as loaded now that the request matches with `budget_used`
+        keeps it on this machine (`Rule.keeps_local`); a policy not loaded or a request no rule
+        matches: no. `routed`: the hash of the version the job was routed by, when another than
+        this process's says it is kept local, judged by the file as it reads now, as
+        `services._keeps_all_local` judges (this process may not have looked at an edit yet)."""
+        try:
+            policy = self.policies.get(policy_name)
+        except NotFound:
+            return False
+        facts = RequestFacts.from_request(req, engine=None, budget_used=budget_used)
+
+        def private(loaded: Policy) -> bool:
+            matched = loaded.match(facts)
+            return matched is not None and matched[1].keeps_local(req.tags)
+
+        if not private(policy) or routed is None or routed == policy.content_hash:
+            return private(policy)
+        now = self.policies.as_it_reads_now(policy_name)
+        return now is None or private(now)
 
     def decide(self, policy_name: str, req: RenderRequest, requested: str | None,
                budget_used: float | None, *, holder: str | None = None, circuits: bool = True,

@@ -25,7 +25,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, TypeGuard
 
 from PIL import Image, UnidentifiedImageError
@@ -44,6 +44,7 @@ from orchestrator.errors import (
     Canceled,
     Charged,
     ContentUnavailable,
+    DeviceTimeExhausted,
     EngineError,
     EngineUnavailable,
     ImagesNotStored,
@@ -444,8 +445,14 @@ def followable(engine: object, job: Job, handles: list[dict[str, Any]]) -> TypeG
 class JobRunner:
     def __init__(self, db: Database, registry: EngineRegistry, store: ArtifactStore, bus: EventBus,
                  ledger: Ledger, health: EngineHealth, local_rate: float = 0.0, *,
-                 preview_files: PreviewFiles, reserve: DiskReserve | None = None, default_quota_mb: int = 0) -> None:
+                 preview_files: PreviewFiles, reserve: DiskReserve | None = None, default_quota_mb: int = 0,
+                 default_local_seconds: int | None = None, lease_seconds: float = 60.0) -> None:
         self.db = db
+        # The device-time quota of a project that sets none of its own (ORCH_PROJECT_LOCAL_SECONDS_PER_DAY;
+        # None: none): a fallback onto a local engine is judged against it.
+        self.default_local_seconds = default_local_seconds
+        # The leases' length: a running attempt's device time is counted to its lease's last renewal.
+        self.lease = timedelta(seconds=lease_seconds)
         # The storage quota of a project that sets none of its own (ORCH_PROJECT_STORAGE_QUOTA_MB;
         # 0: none): a fallback whose images may take more than the job held is judged against it.
         self.default_quota_mb = default_quota_mb
@@ -800,60 +807,44 @@ class JobRunner:
             if target is None:
                 continue
             estimate, model, here = target
-            # An identical request's images made there earlier: copied, as a submit routed there
-            # would have (a copy sends nothing, so no cap, budget or circuit keeps it off).
-            if job.cache_key and model is not None:
-                try:
-                    copied = await asyncio.to_thread(self._copy_on, claim, error, name, model, estimate)
-                except StaleAttempt:
-                    return True
-                except Canceled as exc:
-                    await self._end(claim, "canceled", exc)
-                    return True
-                if copied is not None:
-                    log.warning("job %s: %s failed (%s: %s); an identical job's images on %s are copied", job.id,
-                                job.engine, error.code, error.message, name)
-                    self.bus.publish(job.id, "state", {"state": "fallback", "from": job.engine, "to": name,
-                                                       "estimate": to_credits(estimate), "error": error.to_dict(),
-                                                       "cache_hit": True})
-                    # As a fallback's next attempt is told, and a stream on another process tells it.
-                    self.bus.publish(job.id, "queued", {"job_id": job.id, "status": "queued",
-                                                        "attempt": claim.attempt, "requeued": True})
-                    self.bus.publish(job.id, "started", {"job_id": job.id, "status": "running", "engine": name,
-                                                         "attempt": claim.attempt + 1, "cache_hit": True})
-                    for index, asset_id in enumerate(copied):
-                        self.bus.publish(job.id, "asset", {"asset_id": asset_id, "index": index})
-                    self.bus.publish(job.id, "succeeded", {"job_id": job.id, "status": "succeeded",
-                                                           "assets": copied, "cache_hit": True})
-                    return True
-            # Priced now, not as routed (a price may have changed since, or another process reads
-            # another prices file): the caps, the request's max_credits and the rule's, still hold.
-            if recorded is not None:
-                limit = recorded.get(name)
-            else:
-                limit = to_millicredits(cap) if isinstance(cap, int | float) else None
-            if limit is not None and estimate > limit:
-                log.warning("job %s: fallback %s skipped: its estimate (%s credits) is above the %s credits "
-                            "the job may hold", job.id, name, to_credits(estimate), to_credits(limit))
-                skipped.append({"engine": name, "reason": "max_credits", "estimate": to_credits(estimate)})
-                continue
-            # Its half-open probe taken before the move, in one step (see `EngineHealth.reserve`);
-            # another worker's engine has its circuit there, asked when that worker claims the job.
-            if here and not self.health.reserve(name, token):
-                # Said, as a skip for money or privacy is: the job's failure named no reason its
-                # fallback was not tried.
-                skipped.append({"engine": name, "reason": "circuit_open"})
-                continue
-            # The job is the probe (as a submitted one would be) before the move commits: a cancel
-            # of it queued there gives the probe back by the job's id. Adopted after the commit, a
-            # cancel in between found the probe still the token's, and the engine waited a cooldown.
-            if here:
-                self.health.adopt(name, token, job.id)
-            moved = False
+            # The decision a move or a copy follows, recorded where it is not the job's own.
+            followed = {} if routing is recorded_routing else {"routing": routing}
+            moved = reserved = False
             try:
-                # The decision it follows, recorded where it is not the job's own.
-                await asyncio.to_thread(self._requeue_on, claim, error, name, model, estimate,
-                                        **({} if routing is recorded_routing else {"routing": routing}))
+                # An identical request's images made there earlier: copied, as a submit routed there
+                # would have (a copy sends nothing, so no cap, budget or circuit keeps it off; what
+                # its rows add to the project's storage and the rule it follows are judged as a
+                # move's, by the handlers below).
+                if job.cache_key and model is not None:
+                    copied = await asyncio.to_thread(self._copy_on, claim, error, name, model, estimate, **followed)
+                    if copied is not None:
+                        self._tell_copied(claim, error, name, estimate, copied)
+                        return True
+                # Priced now, not as routed (a price may have changed since, or another process reads
+                # another prices file): the caps, the request's max_credits and the rule's, still hold.
+                if recorded is not None:
+                    limit = recorded.get(name)
+                else:
+                    limit = to_millicredits(cap) if isinstance(cap, int | float) else None
+                if limit is not None and estimate > limit:
+                    log.warning("job %s: fallback %s skipped: its estimate (%s credits) is above the %s credits "
+                                "the job may hold", job.id, name, to_credits(estimate), to_credits(limit))
+                    skipped.append({"engine": name, "reason": "max_credits", "estimate": to_credits(estimate)})
+                    continue
+                # Its half-open probe taken before the move, in one step (see `EngineHealth.reserve`);
+                # another worker's engine has its circuit there, asked when that worker claims the job.
+                if here and not self.health.reserve(name, token):
+                    # Said, as a skip for money or privacy is: the job's failure named no reason its
+                    # fallback was not tried.
+                    skipped.append({"engine": name, "reason": "circuit_open"})
+                    continue
+                reserved = here
+                # The job is the probe (as a submitted one would be) before the move commits: a cancel
+                # of it queued there gives the probe back by the job's id. Adopted after the commit, a
+                # cancel in between found the probe still the token's, and the engine waited a cooldown.
+                if here:
+                    self.health.adopt(name, token, job.id)
+                await asyncio.to_thread(self._requeue_on, claim, error, name, model, estimate, **followed)
                 moved = True
             except StaleAttempt:
                 return True
@@ -869,6 +860,11 @@ class JobRunner:
                 skipped.append({"engine": name, "reason": "storage_quota",
                                 **{key: exc.details[key] for key in ("used_bytes", "reserved_bytes",
                                                                      "job_bound_bytes", "quota_bytes")}})
+                continue
+            except DeviceTimeExhausted as exc:  # nothing was written; a cloud candidate may still take it
+                log.warning("job %s: fallback %s skipped: %s", job.id, name, exc.message)
+                skipped.append({"engine": name, "reason": "device_time",
+                                **{key: exc.details[key] for key in ("used_seconds", "quota_seconds")}})
                 continue
             except RuleChanged as changed_to:  # nothing was written; the rule that applies now gives the candidates
                 changes += 1
@@ -894,7 +890,7 @@ class JobRunner:
                 skipped.append({"engine": name, "reason": "private"})
                 continue
             finally:
-                if not moved and here:
+                if not moved and reserved:
                     self.health.finished(name, job.id)
             # Said in the log too: the job's success names only the engine that made it, and an
             # engine failing every job in turn (a provider out of reach) showed nowhere else.
@@ -913,6 +909,23 @@ class JobRunner:
         if skipped:
             error.details = {**error.details, "fallbacks_skipped": skipped}
         return False
+
+    def _tell_copied(self, claim: Claim, error: EngineError, name: str, estimate: int, copied: list[str]) -> None:
+        job = claim.job
+        log.warning("job %s: %s failed (%s: %s); an identical job's images on %s are copied", job.id,
+                    job.engine, error.code, error.message, name)
+        self.bus.publish(job.id, "state", {"state": "fallback", "from": job.engine, "to": name,
+                                           "estimate": to_credits(estimate), "error": error.to_dict(),
+                                           "cache_hit": True})
+        # As a fallback's next attempt is told, and a stream on another process tells it.
+        self.bus.publish(job.id, "queued", {"job_id": job.id, "status": "queued",
+                                            "attempt": claim.attempt, "requeued": True})
+        self.bus.publish(job.id, "started", {"job_id": job.id, "status": "running", "engine": name,
+                                             "attempt": claim.attempt + 1, "cache_hit": True})
+        for index, asset_id in enumerate(copied):
+            self.bus.publish(job.id, "asset", {"asset_id": asset_id, "index": index})
+        self.bus.publish(job.id, "succeeded", {"job_id": job.id, "status": "succeeded",
+                                               "assets": copied, "cache_hit": True})
 
     def _routing_now(self, job: Job, request: RenderRequest, routing: dict[str, Any]) -> dict[str, Any] | None:
         """The routing a fallback follows when the rule of the job's policy that applies now, on
@@ -1110,10 +1123,7 @@ class JobRunner:
         # still holds nothing: its project's quota was never judged with it.
         bound = None if job.reserved_bytes is None else quota.job_bound(
             self.registry.get(engine) if engine in self.registry else None, render_request(job.params), job.params)
-        # Only what the move adds is judged, as a submit's bound is: one whose images take no more
-        # than the job held keeps its room (a quota lowered since its submit does not fail it, as
-        # it lets the job finish where it is).
-        grows = bound is not None and job.reserved_bytes is not None and bound > job.reserved_bytes
+        local = engine in self.registry and self.registry.get(engine).kind == "local"
         held = self._device_held(claim)  # what a local attempt held, counted once the job ends wherever it runs
 
         def move(s: Session) -> None:
@@ -1132,21 +1142,16 @@ class JobRunner:
                                  **NO_LEASE, progress_step=0, progress_total=0,
                                  attempts=job.with_attempt("failed", error.to_dict()))
             project = self.ledger.lock_project(s, job.project_id)
-            # The rule judged on the budget's share under the lock, as a submit judges it again: a
-            # hold taken since the fallback looked may have moved the project past a rule's share.
-            if self.router is not None and isinstance(followed.get("policy"), str):
-                used = None if project.budget_limit is None else self.ledger.balance(s, project).used_fraction
-                routed = followed.get("rule")
-                now = self.router.rule_for(followed["policy"], render_request(job.params), used,
-                                           followed.get("policy_hash"), routed if isinstance(routed, str) else None)
-                if now is not None and now != followed.get("rule"):
-                    raise RuleChanged(now)
-            if grows:
-                assert bound is not None
-                # Under the project's lock, as a submit judges: the unfinished jobs' bounds read
-                # with this one's new bound already in its row, which is left out of theirs.
-                others = quota.held(s, project, self.default_quota_mb) - bound
-                quota.refuse_if_over(project, self.default_quota_mb, others, bound)
+            self._refuse_if_rule_changed(s, project, job, followed)
+            # This one's new bound is already in its row, which the unfinished jobs' sum reads.
+            self._refuse_if_grown(s, project, job, bound, counted=True)
+            # Judged at admission, and again where a fallback puts the job on the device: a job moved
+            # to a local engine once its project's seconds are spent was run there all the same.
+            if local:
+                device = device_time.state(s, project, self.default_local_seconds,
+                                           local=device_time.local_engines(self.registry), lease=self.lease)
+                if device is not None and device.exhausted:
+                    raise device.error()
             moved = s.get(Job, job.id)
             assert moved is not None
             # An engine only another worker has may be a cloud one priced 0: its hold of 0 is what
@@ -1159,6 +1164,31 @@ class JobRunner:
         self._end_write(claim, f"job {job.id} moved to {engine}", move,
                         lambda row: row.status == "queued" and row.engine == engine
                         and _last_attempt(row, claim, "failed", error))
+
+    def _refuse_if_rule_changed(self, s: Session, project: Project, job: Job, followed: dict[str, Any]) -> None:
+        """`RuleChanged` where the rule of `followed` no longer applies. Judged on the budget's share
+        under the project's lock, as a submit judges it again: a hold taken since the fallback looked
+        may have moved the project past a rule's share."""
+        if self.router is None or not isinstance(followed.get("policy"), str):
+            return
+        used = None if project.budget_limit is None else self.ledger.balance(s, project).used_fraction
+        routed = followed.get("rule")
+        now = self.router.rule_for(followed["policy"], render_request(job.params), used,
+                                   followed.get("policy_hash"), routed if isinstance(routed, str) else None)
+        if now is not None and now != routed:
+            raise RuleChanged(now)
+
+    def _refuse_if_grown(self, s: Session, project: Project, job: Job, bound: int | None, *, counted: bool) -> None:
+        """`StorageQuotaExceeded` where the job, moved or copied, may store more (`bound`) than it held
+        and that passes its project's quota; under the project's lock, as a submit judges.
+        `counted`: the job's row, unfinished, already holds `bound` in the unfinished jobs' sum.
+        Only what it adds is judged, as a submit's bound is: one whose images take no more than the
+        job held keeps its room (a quota lowered since its submit does not fail it, as it lets the
+        job finish where it is). A job taken before migration 0030 holds nothing: never judged."""
+        if bound is None or job.reserved_bytes is None or bound <= job.reserved_bytes:
+            return
+        others = quota.held(s, project, self.default_quota_mb) - (bound if counted else 0)
+        quota.refuse_if_over(project, self.default_quota_mb, others, bound)
 
     @staticmethod
     def _kept_local(s: Session, job: Job, routing: dict[str, Any]) -> dict[str, Any]:
@@ -1175,11 +1205,16 @@ class JobRunner:
             return {}
         return {"params": {**params, "tags": {**tags, PRIVACY_TAG: PRIVACY_LOCAL}}}
 
-    def _copy_on(self, claim: Claim, error: EngineError, engine: str, model: str, estimate: int) -> list[str] | None:
+    def _copy_on(self, claim: Claim, error: EngineError, engine: str, model: str, estimate: int, *,
+                 routing: dict[str, Any] | None = None) -> list[str] | None:
         """End the job as a copy of an earlier identical job's images on `engine` (see
         `orchestrator.cache`): its hold settled as its failure says, nothing held anew. The
-        copies' asset ids, or None when there is nothing to copy (the job is left as it was)."""
+        copies' asset ids, or None when there is nothing to copy (the job is left as it was).
+        `routing`: as `_requeue_on`'s. Refused, nothing written, as a move there would be for the
+        rule (`RuleChanged`) and for the project's storage quota: the copies' rows count in its
+        usage (each asset its PNG's bytes, though identical ones share one file)."""
         job = claim.job
+        followed = routing or job.routing or {}
         key = cache_key(engine, model, job.params)
         if key is None:
             return None
@@ -1197,11 +1232,12 @@ class JobRunner:
                 return
             copying = True
             self.ledger.settle_failure(s, job, error)
+            # Under another rule that keeps the request local, marked private as a move would be.
+            params: dict[str, Any] = {} if routing is None else self._kept_local(s, job, routing)
             # A seed drawn for it made nothing: the copy's is the one that did, as at a submit. Into
             # the params as the row has them now: the claim's copy lacks a privacy mark written since.
-            params: dict[str, Any] = {}
             if job.params.get("seed_drawn"):
-                now_params = s.scalar(select(Job.params).where(col(Job.id) == job.id))
+                now_params = params.get("params") or s.scalar(select(Job.params).where(col(Job.id) == job.id))
                 params["params"] = {**(now_params if isinstance(now_params, dict) else job.params),
                                     "seed": found[0].seed}
             # An attempt of its own, as a move's next claim would be: a stream following the row from
@@ -1210,9 +1246,14 @@ class JobRunner:
             now = utcnow()
             self._guarded_update(s, claim, unless_canceled=True, status="succeeded", engine=engine, model=model,
                                  estimated=estimate, cache_key=key, cache_hit=True, **params,
+                                 **({} if routing is None else {"routing": routing}),
                                  attempt=claim.attempt + 1, started_at=now, finished_at=now, **held,
                                  provider_work=None, **NO_LEASE,
                                  progress_step=1, progress_total=1, attempts=attempts)
+            project = self.ledger.lock_project(s, job.project_id)
+            self._refuse_if_rule_changed(s, project, job, followed)
+            # Its row ended: it is out of the unfinished jobs' sum, and its copies' bytes are what it adds.
+            self._refuse_if_grown(s, project, job, sum(asset.bytes or 0 for asset in found), counted=False)
             quota.add_assets(s, cached_copies(found, job))
             webhooks.job_ended(s, claim.job.id, claim.job.project_id, "succeeded")
 
@@ -1629,17 +1670,29 @@ class JobRunner:
         on this machine. The policy is read as well as the mark: the mark is written after the
         move commits (in a transaction of its own, that a crash or a busy database may never
         make), and after a reload that made a policy local (one that may fail the same way)."""
-        row = s.execute(select(Job.params, Project.policy).join(Project, col(Project.id) == col(Job.project_id))
+        row = s.execute(select(Job.params, Project).join(Project, col(Project.id) == col(Job.project_id))
                         .where(col(Job.id) == job.id)).first()
-        params, policy = (row[0], row[1]) if row is not None else (job.params, None)
-        if is_private((params if isinstance(params, dict) else job.params).get("tags") or {}):
+        params, project = (row[0], row[1]) if row is not None else (job.params, None)
+        params = params if isinstance(params, dict) else job.params
+        if is_private(params.get("tags") or {}):
             return True
-        if not isinstance(policy, str):
+        if project is None:
             return False
+        policy = project.policy
         routing = job.routing or {}
         # The version it was routed by, when routed by the project's policy (not one it left since).
         routed = routing.get("policy_hash") if routing.get("policy") == policy else None
-        return self.keeps_all_local(policy, routed if isinstance(routed, str) else None)
+        routed = routed if isinstance(routed, str) else None
+        if self.keeps_all_local(policy, routed):
+            return True
+        # The rule of the project's policy as it is now that the request matches: a PATCH to
+        # another policy, or an edit of its file, whose rule for it is private (`private = true`)
+        # marks no job (`JobService.keep_local` marks them for a policy that keeps everything
+        # local), and a job routed before it followed its recorded candidates off the machine.
+        if self.router is None:
+            return False
+        used = None if project.budget_limit is None else self.ledger.balance(s, project).used_fraction
+        return self.router.keeps_local(policy, render_request(params), used, routed)
 
     def _record(self, job: Job, result: RenderResult, seed: int | None) -> dict[str, Any]:
         """What made the image, as the engine used it: a parameter its metadata names is recorded as

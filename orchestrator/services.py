@@ -484,7 +484,9 @@ class Services:
         reserve = DiskReserve(store.root, settings.min_free_disk_mb)
         runner = JobRunner(db, registry, store, bus, ledger, health, settings.local_gpu_second_credits,
                            preview_files=previews, reserve=reserve,
-                           default_quota_mb=settings.project_storage_quota_mb)
+                           default_quota_mb=settings.project_storage_quota_mb,
+                           default_local_seconds=settings.project_local_seconds_per_day,
+                           lease_seconds=settings.lease_seconds)
         runner.keeps_all_local = functools.partial(_keeps_all_local, policies)
         runner.router = router
         runtime = _local_runtime(registry)

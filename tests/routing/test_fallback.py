@@ -22,6 +22,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import ORMExecuteState
 from sqlmodel import Session as SqlSession
+from sqlmodel import col, select
 
 from orchestrator.clock import utcnow
 from orchestrator.errors import ContentUnavailable
@@ -2024,3 +2025,171 @@ def test_a_fallback_a_private_rule_now_takes_makes_private_images(new_settings: 
                 assert row.params["tags"].get("privacy") == "local", row.params
         finally:
             db.dispose()
+
+
+@pytest.fixture(scope="module")
+def money_server(new_settings: SettingsFactory,
+                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[httpx.Client, Settings]]:
+    """A service as `paid_server`, with the budget-rule and private policies, and its settings (for
+    its database)."""
+    folder = write_policies(tmp_path_factory.mktemp("policies"), {
+        "fallback-test": FALLBACK_POLICY, "soft-fallback-test": SOFT_FALLBACK_POLICY,
+        "narrow-fallback-test": NARROW_FALLBACK_POLICY, "client-private-test": CLIENT_PRIVATE_POLICY})
+    settings = new_settings(engines=FAKE_ENGINES, policy="fallback-test", policy_dir=folder)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("orchestrator.services.EngineHealth", functools.partial(EngineHealth, threshold=1000))
+        with running(settings) as client:
+            yield client, settings
+
+
+@contextlib.contextmanager
+def database(settings: Settings) -> Iterator[Any]:
+    from orchestrator.db import Database
+
+    db = Database(settings.resolved_database_url)
+    try:
+        yield db
+    finally:
+        db.dispose()
+
+
+def every_project(client: httpx.Client) -> list[str]:
+    response = client.get("/v1/projects", params={"limit": 200})
+    assert response.status_code == 200, response.text
+    return [p["id"] for p in response.json()["items"]]
+
+
+def bought_on_fake_b(client: httpx.Client, asset_id: str, seed: int) -> dict[str, Any]:
+    """An earlier identical request's result on fake-b, for a fallback there to copy."""
+    bought = wait_for_job(client, promote(client, asset_id, engine="fake-b", cache=True, seed=seed)["id"])
+    assert (bought["status"], bought["engine"], bought["cost"]["cache_hit"]) == ("succeeded", "fake-b", False)
+    return bought
+
+
+def test_a_fallback_s_copy_that_would_pass_the_storage_quota_is_skipped(
+        money_server: tuple[httpx.Client, Settings]) -> None:
+    """A copy's rows count their PNG's bytes in the project's usage, though they share the file: a
+    fallback's copy of images larger than the job held (fake-b answered a larger image than asked,
+    as a provider that picks the size does) took the project past its quota, unjudged. It is
+    skipped `storage_quota` as a move is, and the job moves on to local-hifi."""
+    client, settings = money_server
+    project_id, asset_id = draft_asset(client, storage_quota_mb=4, budget={"limit": 100, "period": "month"})
+    bought = bought_on_fake_b(client, asset_id, seed=21)
+    with database(settings) as db, db.transaction() as s:  # its image 3 MiB, as a 2048x2048 answer's PNG
+        [asset] = s.exec(select(Asset).where(col(Asset.job_id) == bought["id"])).all()
+        project = s.get(Project, project_id)
+        assert project is not None and asset.bytes is not None
+        project.storage_bytes += 3 * MIB_BYTES - asset.bytes
+        asset.bytes = 3 * MIB_BYTES
+        s.add_all([asset, project])
+    job = promote(client, asset_id, cache=True, seed=21, tags={"fake": "fail"})
+    assert job["engine"] == "fake-paid"
+    done = wait_for_job(client, job["id"])
+    assert (done["status"], done["engine"], done["cost"]["cache_hit"]) == ("succeeded", "local-hifi", False), done
+    moved = [e.data for e in read_events(client, job["id"]) if e.data.get("state") == "fallback"]
+    [skip] = moved[0]["skipped"]
+    assert (skip["engine"], skip["reason"], skip["job_bound_bytes"]) == ("fake-b", "storage_quota", 3 * MIB_BYTES)
+    project_now = client.get(f"/v1/projects/{project_id}").json()
+    assert project_now["storage_bytes"] <= 4 * MIB_BYTES, project_now
+    assert kinds(ledger(client, project_id, job["id"])) == [("hold", 10.0, "fake-paid"),
+                                                            ("release", 10.0, "fake-paid")]
+    all_agree(client, every_project(client))
+
+
+def test_a_fallback_s_copy_follows_the_rule_the_budget_s_share_picks_now(
+        money_server: tuple[httpx.Client, Settings], tmp_path: Path) -> None:
+    """Past 80% used, `narrow` gives fake-b alone: a job routed by `paid` whose fallback copies
+    fake-b's images under `narrow` records that rule, as its move would (it recorded `paid`)."""
+    client, settings = money_server
+    project_id, asset_id = draft_asset(client, policy="narrow-fallback-test", budget={"limit": 200, "period": "month"})
+    bought_on_fake_b(client, asset_id, seed=22)
+    go = tmp_path / "go"
+    job = promote(client, asset_id, cache=True, seed=22,
+                  tags={"fake": "wait-before-send", "until": str(go), "then": "fail"})
+    assert (job["engine"], job["routing"]["rule"]) == ("fake-paid", "paid")
+    poll(lambda: client.get(f"/v1/jobs/{job['id']}").json()["status"] == "running", what="the job sent")
+    with database(settings) as db, db.transaction() as s:  # another client's work, held meanwhile
+        s.add(LedgerEntry(project_id=project_id, kind="hold", amount=145_000, created_at=utcnow()))
+    go.touch()
+    done = wait_for_job(client, job["id"])
+    assert (done["status"], done["engine"], done["cost"]["cache_hit"]) == ("succeeded", "fake-b", True), done
+    assert (done["routing"]["rule"], done["routing"]["rule_before"]) == ("narrow", "paid"), done["routing"]
+
+
+def test_a_fallback_s_copy_is_judged_on_the_rule_under_the_project_s_lock(
+        money_server: tuple[httpx.Client, Settings], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The share crosses 80% between the fallback's look and its copy of fake-b's images: under
+    `soft` (local-hifi alone) the copy is not made, as a move there would not be; the job follows
+    `soft` to local-hifi (it was copied from fake-b, under the rule that no longer applied)."""
+    client, _ = money_server
+    project_id, asset_id = draft_asset(client, policy="soft-fallback-test", budget={"limit": 200, "period": "month"})
+    bought_on_fake_b(client, asset_id, seed=23)
+    looked = JobRunner._routing_now
+    held: list[str] = []
+
+    def look_then_another_request_holds(self: JobRunner, *args: Any) -> Any:
+        routing = looked(self, *args)
+        if not held:
+            held.append(project_id)
+            with self.db.transaction() as s:
+                s.add(LedgerEntry(project_id=project_id, kind="hold", amount=145_000, created_at=utcnow()))
+        return routing
+
+    monkeypatch.setattr(JobRunner, "_routing_now", look_then_another_request_holds)
+    done = wait_for_job(client, promote(client, asset_id, cache=True, seed=23, tags={"fake": "fail"})["id"])
+    assert [(a["engine"], a["status"]) for a in done["attempts"]] == [
+        ("fake-paid", "failed"), ("local-hifi", "succeeded")], done
+    assert (done["cost"]["cache_hit"], done["routing"]["rule"], done["routing"]["rule_before"]) == (
+        False, "soft", "paid")
+
+
+def test_a_fallback_onto_a_local_engine_is_judged_on_the_project_s_device_time(
+        money_server: tuple[httpx.Client, Settings], tmp_path: Path) -> None:
+    """Routed while its project had device time left, the job's cloud engines fail after its quota
+    was set to 0: the fallback to local-hifi is skipped `device_time` (it ran there, unjudged), and
+    with no candidate left the job fails saying why."""
+    client, _ = money_server
+    project_id, asset_id = draft_asset(client, local_seconds_per_day=100_000,
+                                       budget={"limit": 100, "period": "month"})
+    go = tmp_path / "go"
+    job = promote(client, asset_id, tags={"fake": "wait-before-send", "until": str(go), "then": "fail",
+                                          "fake-b": "fail"})
+    assert [c["engine"] for c in job["routing"]["candidates"]] == ["fake-paid", "fake-b", "local-hifi"]
+    poll(lambda: client.get(f"/v1/jobs/{job['id']}").json()["status"] == "running", what="the job sent")
+    patched = client.patch(f"/v1/projects/{project_id}", json={"local_seconds_per_day": 0})
+    assert patched.status_code == 200, patched.text
+    go.touch()
+    done = wait_for_job(client, job["id"])
+    assert (done["status"], [(a["engine"], a["status"]) for a in done["attempts"]]) == (
+        "failed", [("fake-paid", "failed"), ("fake-b", "failed")]), done
+    [skip] = done["error"]["details"]["fallbacks_skipped"]
+    assert (skip["engine"], skip["reason"], skip["quota_seconds"]) == ("local-hifi", "device_time", 0), skip
+    assert skip["used_seconds"] >= 0
+    assert kinds(ledger(client, project_id, job["id"])) == [
+        ("hold", 10.0, "fake-paid"), ("release", 10.0, "fake-paid"), ("hold", 20.0, "fake-b"),
+        ("release", 20.0, "fake-b")]
+    all_agree(client, every_project(client))
+
+
+def test_a_fallback_never_leaves_the_machine_where_the_project_s_policy_now_keeps_the_request_local(
+        money_server: tuple[httpx.Client, Settings], tmp_path: Path) -> None:
+    """Routed by `fallback-test`, the project is PATCHed to `client-private-test`, whose rule for
+    its `client = acme` requests is private (the policy as a whole is not local-only, so no job is
+    marked). fake-paid fails: the recorded candidates' fake-b is skipped `private`, not sent the
+    job's draft, and the job moves to local-hifi."""
+    client, _ = money_server
+    project_id, asset_id = draft_asset(client, budget={"limit": 100, "period": "month"})
+    go = tmp_path / "go"
+    job = promote(client, asset_id, tags={"fake": "wait-before-send", "until": str(go), "then": "fail",
+                                          "client": "acme"})
+    assert (job["engine"], job["routing"]["policy"], job["routing"]["private"]) == (
+        "fake-paid", "fallback-test", False)
+    poll(lambda: client.get(f"/v1/jobs/{job['id']}").json()["status"] == "running", what="the job sent")
+    patched = client.patch(f"/v1/projects/{project_id}", json={"policy": "client-private-test"})
+    assert patched.status_code == 200, patched.text
+    go.touch()
+    done = wait_for_job(client, job["id"])
+    assert (done["status"], [(a["engine"], a["status"]) for a in done["attempts"]]) == (
+        "succeeded", [("fake-paid", "failed"), ("local-hifi", "succeeded")]), done
+    moved = [e.data for e in read_events(client, job["id"]) if e.data.get("state") == "fallback"]
+    assert [(s["engine"], s["reason"]) for s in moved[0]["skipped"]] == [("fake-b", "private")]
