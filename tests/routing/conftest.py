@@ -7,6 +7,7 @@ the package-scoped `new_settings` and the `running()` context manager.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,21 +21,30 @@ from orchestrator.settings import Settings
 from tests.conftest import isolate, settings_for
 
 FAKE_ENGINES = "fake-paid=tests.fakes:factory,fake-b=tests.routing:fake_b_factory"
-FALLBACK_POLICY = """
-name = "fallback-test"
-description = "Bridge and polish on fake-paid, then fake-b, then local-hifi."
 
-[[rules]]
-name = "drafts"
-match = { stage = "ideation" }
-engines = ["lite"]
 
-[[rules]]
-name = "paid"
-match = { stage = ["bridge", "polish"] }
-engines = ["fake-paid", "fake-b", "local-hifi"]
-reason = "paid fakes first"
-"""
+def routing_policy(name: str, paid: list[str], *, description: str | None = None,
+                   soft: tuple[str, float, list[str]] | None = None, reason: str | None = None) -> str:
+    """The TOML of a policy as the routing tests write them: drafts on lite, bridge and polish on
+    `paid` in that order (with its `reason`); `soft` = (rule, share, engines) comes before it: those
+    engines once that share of the project's budget is used."""
+    lines = [f"name = {json.dumps(name)}"]
+    if description is not None:
+        lines.append(f"description = {json.dumps(description)}")
+    lines += ["", "[[rules]]", 'name = "drafts"', 'match = { stage = "ideation" }', 'engines = ["lite"]']
+    if soft is not None:
+        rule, share, engines = soft
+        lines += ["", "[[rules]]", f"name = {json.dumps(rule)}",
+                  f'match = {{ stage = ["bridge", "polish"], budget_used_over = {share} }}',
+                  f"engines = {json.dumps(engines)}"]
+    lines += ["", "[[rules]]", 'name = "paid"', 'match = { stage = ["bridge", "polish"] }',
+              f"engines = {json.dumps(paid)}"]
+    if reason is not None:
+        lines.append(f"reason = {json.dumps(reason)}")
+    return "\n".join(lines) + "\n"
+FALLBACK_POLICY = routing_policy(
+    "fallback-test", ["fake-paid", "fake-b", "local-hifi"],
+    description="Bridge and polish on fake-paid, then fake-b, then local-hifi.", reason="paid fakes first")
 
 SettingsFactory = Callable[..., Settings]
 

@@ -39,27 +39,18 @@ from tests.api import read_events
 from tests.credits import assert_settled_once
 from tests.credits.test_views_agree import all_agree
 from tests.routing import assert_error, ledger, poll, promote, run_draft, wait_for_job
-from tests.routing.conftest import FAKE_ENGINES, FALLBACK_POLICY, SettingsFactory, running, write_policies
+from tests.routing.conftest import (
+    FAKE_ENGINES,
+    FALLBACK_POLICY,
+    SettingsFactory,
+    routing_policy,
+    running,
+    write_policies,
+)
 
-SOFT_BUDGET_POLICY = """
-name = "soft-budget-test"
-description = "As fallback-test, but local once 80% of the budget is used."
-
-[[rules]]
-name = "drafts"
-match = { stage = "ideation" }
-engines = ["lite"]
-
-[[rules]]
-name = "soft"
-match = { stage = ["bridge", "polish"], budget_used_over = 0.8 }
-engines = ["local-hifi"]
-
-[[rules]]
-name = "paid"
-match = { stage = ["bridge", "polish"] }
-engines = ["fake-paid", "local-hifi"]
-"""
+SOFT_BUDGET_POLICY = routing_policy(
+    "soft-budget-test", ["fake-paid", "local-hifi"], soft=("soft", 0.8, ["local-hifi"]),
+    description="As fallback-test, but local once 80% of the budget is used.")
 
 CLIENT_PRIVATE_POLICY = """
 name = "client-private-test"
@@ -429,19 +420,7 @@ def test_a_budget_too_small_for_the_first_candidate_routes_to_one_it_can_hold(pa
     assert ledger(paid_server, project_id, job["id"]) == []
 
 
-BUDGET_ORDER_POLICY = """
-name = "budget-order-test"
-
-[[rules]]
-name = "drafts"
-match = { stage = "ideation" }
-engines = ["lite"]
-
-[[rules]]
-name = "paid"
-match = { stage = ["bridge", "polish"] }
-engines = ["fake-b", "fake-paid", "paid-drafts", "local-hifi"]
-"""
+BUDGET_ORDER_POLICY = routing_policy("budget-order-test", ["fake-b", "fake-paid", "paid-drafts", "local-hifi"])
 
 
 def test_a_candidate_after_the_budget_s_choice_is_left_to_the_fallback_s_own_look_at_the_budget(
@@ -492,19 +471,7 @@ def test_a_candidate_after_the_budget_s_choice_is_left_to_the_fallback_s_own_loo
             ("capture", 20.0, "fake-b")]
 
 
-BUDGET_FIRST_POLICY = """
-name = "budget-first-test"
-
-[[rules]]
-name = "drafts"
-match = { stage = "ideation" }
-engines = ["lite"]
-
-[[rules]]
-name = "paid"
-match = { stage = ["bridge", "polish"] }
-engines = ["fake-b", "fake-paid", "local-hifi"]
-"""
+BUDGET_FIRST_POLICY = routing_policy("budget-first-test", ["fake-b", "fake-paid", "local-hifi"])
 
 
 def test_a_candidate_skipped_for_the_budget_is_tried_at_fallback_once_it_fits(paid_server: httpx.Client,
@@ -1563,25 +1530,9 @@ def test_a_fallback_whose_images_take_no_more_is_not_judged_against_a_quota_lowe
         assert (done["status"], done["engine"]) == ("succeeded", "fake-b"), done
 
 
-SOFT_FALLBACK_POLICY = """
-name = "soft-fallback-test"
-description = "Bridge and polish on fake-paid, then fake-b, then local-hifi; local once 80% of the budget is used."
-
-[[rules]]
-name = "drafts"
-match = { stage = "ideation" }
-engines = ["lite"]
-
-[[rules]]
-name = "soft"
-match = { stage = ["bridge", "polish"], budget_used_over = 0.8 }
-engines = ["local-hifi"]
-
-[[rules]]
-name = "paid"
-match = { stage = ["bridge", "polish"] }
-engines = ["fake-paid", "fake-b", "local-hifi"]
-"""
+SOFT_FALLBACK_POLICY = routing_policy(
+    "soft-fallback-test", ["fake-paid", "fake-b", "local-hifi"], soft=("soft", 0.8, ["local-hifi"]),
+    description="Bridge and polish on fake-paid, then fake-b, then local-hifi; local once 80% of the budget is used.")
 
 
 def test_a_fallback_follows_the_rule_the_budget_s_share_picks_now(new_settings: SettingsFactory,
@@ -1675,25 +1626,9 @@ def check_a_fallback_follows_the_rule_the_budget_s_share_picks_now(settings: Set
         assert (raced["routing"]["rule"], raced["routing"]["rule_before"]) == ("soft", "paid")
 
 
-NARROW_FALLBACK_POLICY = """
-name = "narrow-fallback-test"
-description = "On fake-paid, then fake-b, then local-hifi; fake-b alone once 80% of the budget is used."
-
-[[rules]]
-name = "drafts"
-match = { stage = "ideation" }
-engines = ["lite"]
-
-[[rules]]
-name = "narrow"
-match = { stage = ["bridge", "polish"], budget_used_over = 0.8 }
-engines = ["fake-b"]
-
-[[rules]]
-name = "paid"
-match = { stage = ["bridge", "polish"] }
-engines = ["fake-paid", "fake-b", "local-hifi"]
-"""
+NARROW_FALLBACK_POLICY = routing_policy(
+    "narrow-fallback-test", ["fake-paid", "fake-b", "local-hifi"], soft=("narrow", 0.8, ["fake-b"]),
+    description="On fake-paid, then fake-b, then local-hifi; fake-b alone once 80% of the budget is used.")
 
 
 def test_a_fallback_s_candidate_the_rule_changed_under_is_tried_under_the_new_rule(

@@ -27,24 +27,12 @@ from tests.routing import (
     submit,
     wait_for_job,
 )
-from tests.routing.conftest import FAKE_ENGINES, SettingsFactory, running, write_policies
+from tests.routing.conftest import FAKE_ENGINES, SettingsFactory, routing_policy, running, write_policies
 
 BUILTINS = {"balanced", "budget-saver", "cloud-first", "local-only"}
-PAID_FIRST = """
-name = "paid-first"
-description = "Bridge and polish on fake-paid, local-hifi after it."
-
-[[rules]]
-name = "drafts"
-match = { stage = "ideation" }
-engines = ["lite"]
-
-[[rules]]
-name = "paid"
-match = { stage = ["bridge", "polish"] }
-engines = ["fake-paid", "local-hifi"]
-reason = "the paid fake first"
-"""
+PAID_FIRST = routing_policy(
+    "paid-first", ["fake-paid", "local-hifi"], reason="the paid fake first",
+    description="Bridge and polish on fake-paid, local-hifi after it.")
 ALT = """
 name = "alt"
 description = "Everything after drafts on local-hifi."

@@ -23,42 +23,16 @@ from tests.conftest import random_runs
 from tests.credits import jobs_of
 from tests.credits.test_views_agree import all_agree
 from tests.routing import NamedFakeEngine, ledger, run_draft, wait_for_job
-from tests.routing.conftest import FAKE_ENGINES, SettingsFactory, running, write_policies
+from tests.routing.conftest import FAKE_ENGINES, SettingsFactory, routing_policy, running, write_policies
 
-MIX_POLICY = """
-name = "mix-test"
-description = "Bridges on fake-paid, then the cloud engine priced 0, then fake-b, then local-hifi."
+MIX_POLICY = routing_policy(
+    "mix-test", ["fake-paid", "fake-zero-b", "fake-b", "local-hifi"],
+    description="Bridges on fake-paid, then the cloud engine priced 0, then fake-b, then local-hifi.")
 
-[[rules]]
-name = "drafts"
-match = { stage = "ideation" }
-engines = ["lite"]
-
-[[rules]]
-name = "paid"
-match = { stage = ["bridge", "polish"] }
-engines = ["fake-paid", "fake-zero-b", "fake-b", "local-hifi"]
-"""
-
-SOFT_MIX_POLICY = """
-name = "soft-mix-test"
-description = "As mix-test, but the cloud engine priced 0 and local-hifi once 60% of the budget is used."
-
-[[rules]]
-name = "drafts"
-match = { stage = "ideation" }
-engines = ["lite"]
-
-[[rules]]
-name = "soft"
-match = { stage = ["bridge", "polish"], budget_used_over = 0.6 }
-engines = ["fake-zero-b", "local-hifi"]
-
-[[rules]]
-name = "paid"
-match = { stage = ["bridge", "polish"] }
-engines = ["fake-paid", "fake-b", "fake-zero-b", "local-hifi"]
-"""
+SOFT_MIX_POLICY = routing_policy(
+    "soft-mix-test", ["fake-paid", "fake-b", "fake-zero-b", "local-hifi"],
+    soft=("soft", 0.6, ["fake-zero-b", "local-hifi"]),
+    description="As mix-test, but the cloud engine priced 0 and local-hifi once 60% of the budget is used.")
 
 # The projects a run's jobs are spread over: what keeps a candidate off in each.
 PROJECTS: dict[str, dict[str, Any]] = {
