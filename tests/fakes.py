@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -345,3 +346,27 @@ class PluginLocalEngine(LocalEngine):
 
 def plugin_local_factory(ctx: EngineContext) -> PluginLocalEngine:
     return PluginLocalEngine(ctx)
+
+
+def holding_step_callback(real: Callable[..., Any]) -> Callable[..., Any]:
+    """`LocalRuntime.step_callback` (`real`) whose callback holds the render at the end of the first
+    denoising step, reported, until the job is interrupted (a stop, a cancel) or its process is
+    killed: a test that acts on a job mid-render gets one at once, however loaded the machine,
+    instead of starting a long render and racing its end."""
+    def step_callback(runtime: Any, progress: Progress, cancel: CancelToken, **kwargs: Any) -> Callable[..., Any]:
+        on_step = real(runtime, progress, cancel, **kwargs)
+
+        def held(pipeline: Any, i: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+            tensors = on_step(pipeline, i, timestep, tensors)  # reported (and a cancel seen) first
+            while not cancel.cancelled:
+                time.sleep(0.01)  # poll interval, on the inference thread as a step's work is
+            return tensors
+
+        return held
+
+    return step_callback
+
+
+# `holding_step_callback` installed in a server or worker process (`serve_process`'s `before`).
+HOLD_AFTER_FIRST_STEP = ("from tests import fakes\nfrom tiers._local import LocalRuntime\n"
+                         "LocalRuntime.step_callback = fakes.holding_step_callback(LocalRuntime.step_callback)")

@@ -160,24 +160,30 @@ def asgi_messages(client: TestClient, method: str, path: str, *, timeout: float)
     return sent
 
 
-def launch_server(env: dict[str, str], cwd: Path, log: IO[bytes]) -> tuple[subprocess.Popen[bytes], str]:
-    """`orchestrator serve` as a child process configured by `env`, once it answers /healthz.
-    The port is picked free, then let go for the child to bind: another process may take it in
-    between, so a start that finds it taken is tried again on another."""
+def launch_server(env: dict[str, str], cwd: Path, log: IO[bytes],
+                  before: str = "") -> tuple[subprocess.Popen[bytes], str]:
+    """`orchestrator serve` as a child process configured by `env`, once it answers /healthz;
+    `before` is Python it runs first. The port is picked free, then let go for the child to bind:
+    another process may take it in between, so a start that finds it taken is tried again on another."""
     for _ in range(3):
-        started = _launch_once(env, cwd, log)
+        started = _launch_once(env, cwd, log, before)
         if started is not None:
             return started
     raise AssertionError("three free ports were taken before the server could bind them")
 
 
-def _launch_once(env: dict[str, str], cwd: Path, log: IO[bytes]) -> tuple[subprocess.Popen[bytes], str] | None:
+def _launch_once(env: dict[str, str], cwd: Path, log: IO[bytes],
+                 before: str) -> tuple[subprocess.Popen[bytes], str] | None:
     port = free_port()
     start = log.tell()
-    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "serve", "--port", str(port),
-                             "--log-level", "warning"], cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    args = ["serve", "--port", str(port), "--log-level", "warning"]
+    command = (["-c", f"{before}\nfrom orchestrator.cli import main\nraise SystemExit(main({args!r}))"] if before
+               else ["-m", "orchestrator.cli", *args])
+    proc = subprocess.Popen([sys.executable, *command], cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
+    # A deadline, not a timing: a start takes seconds alone, and over 60 s (torch's import, the
+    # model's load) with the load of eight test runs on 2 cores.
+    deadline = time.monotonic() + 180
     while True:
         if proc.poll() is not None:
             log.flush()
@@ -193,7 +199,7 @@ def _launch_once(env: dict[str, str], cwd: Path, log: IO[bytes]) -> tuple[subpro
             pass
         if time.monotonic() > deadline:
             proc.kill()
-            raise AssertionError("the server did not answer /healthz within 60 s")
+            raise AssertionError("the server did not answer /healthz within 180 s")
         time.sleep(0.05)  # poll interval while the process starts
 
 
@@ -209,16 +215,20 @@ def stop_process(proc: subprocess.Popen[bytes]) -> None:
 
 
 @contextmanager
-def serve_process(settings: Settings, workdir: Path, log_name: str,
-                  env: dict[str, str] | None = None) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+def serve_process(settings: Settings, workdir: Path, log_name: str, env: dict[str, str] | None = None,
+                  before: str = "") -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     """`orchestrator serve` as its own process, configured through the environment only (the
-    settings' data and cache dirs, the tiny model, and `env`)."""
+    settings' data and cache dirs, the tiny model, and `env`). `before` is Python it runs first
+    (`tests.fakes.HOLD_AFTER_FIRST_STEP`), with `tests` importable from this checkout."""
     # make_settings already removed the developer's ORCH_* and vendor variables from os.environ.
     process_env = {**os.environ, "ORCH_DATA_DIR": str(settings.data_dir), "ORCH_LITE_MODEL": tiny.NAME,
                    "ORCH_CACHE_DIR": str(settings.cache_dir), "HF_HUB_OFFLINE": "1",
                    "ORCH_STOP_GRACE": str(settings.stop_grace), **(env or {})}
+    if before:
+        root = str(Path(__file__).resolve().parents[2])
+        process_env["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
     with (workdir / log_name).open("wb") as log:
-        proc, base = launch_server(process_env, workdir, log)
+        proc, base = launch_server(process_env, workdir, log, before)
         try:
             yield proc, base
         finally:

@@ -37,10 +37,11 @@ def db_status(settings: Settings, job_id: str) -> str:
 
 def test_killed_server_requeues_local_job_and_finishes_it(make_settings: SettingsFactory, tmp_path: Path) -> None:
     settings = make_settings()
-    with serve_process(settings, tmp_path, "first.log") as (proc, base), httpx.Client(base_url=base,
-                                                                                      timeout=30) as client:
+    # The first process holds the render at its first step: killed there, however loaded the machine.
+    with serve_process(settings, tmp_path, "first.log", before=fakes.HOLD_AFTER_FIRST_STEP) as (proc, base), \
+            httpx.Client(base_url=base, timeout=30) as client:
         project = create_project(client)["id"]
-        job = submit_draft(client, project, n=2, width=128, height=128, steps=30, seed=99)
+        job = submit_draft(client, project, n=2, width=128, height=128, steps=4, seed=99)
         with client.stream("GET", f"/v1/jobs/{job['id']}/events", timeout=60) as response:
             for event in iter_sse(response):
                 assert event.event not in TERMINAL, "the job ended before the server could be killed"
@@ -191,23 +192,26 @@ def test_a_job_on_a_free_remote_engine_runs_again_after_a_crash(
     assert len(fakes.SENT) - sent_before == 1  # the free job was sent again, and nothing else
 
 
-def test_graceful_stop_leaves_the_job_for_recovery_not_canceled(make_settings: SettingsFactory) -> None:
+def test_graceful_stop_leaves_the_job_for_recovery_not_canceled(make_settings: SettingsFactory,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """Stopping the service interrupts a running draft; it is not a user's cancel, so the next
     start re-queues it and it finishes."""
     from orchestrator.server import serve_in_thread
-    from tests.api import SLOW
+    from tiers._local import LocalRuntime
 
     settings = make_settings()
+    real_step_callback = LocalRuntime.step_callback
+    # Held at its first step until the stop interrupts it: still denoising at the stop, however
+    # loaded the machine, and the rerun (not held) is a short one.
+    monkeypatch.setattr(LocalRuntime, "step_callback", fakes.holding_step_callback(real_step_callback))
     with serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30) as client:
         project = create_project(client)["id"]
-        # Long enough to be still denoising at the stop, small enough that the rerun is quick.
-        job = submit_draft(client, project, **{**SLOW, "width": 128, "height": 128})
+        job = submit_draft(client, project, width=128, height=128, steps=4)
         wait_for_job(client, job["id"], ("running",))
     assert db_status(settings, job["id"]) == "queued"  # the stop interrupted it, and gave it back
+    monkeypatch.setattr(LocalRuntime, "step_callback", real_step_callback)
     with serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30) as client:
-        # A deadline, not a timing: the whole test takes 12 s alone, and its rerun over 120 s with
-        # four copies of this test at once on 2 cores (torch's threads contending), before this
-        # stop's change as after it.
+        # A deadline, not a timing.
         done = wait_for_job(client, job["id"], TERMINAL, timeout=600)
         assert done["status"] == "succeeded", done["error"]
         assert len(done["assets"]) == 1
