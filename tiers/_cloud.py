@@ -371,7 +371,8 @@ class CloudEngine(SendsCredentials):
                 "it would render until ORCH_PRICES_FILE names its prices, or the model is one priced here")
 
     async def fetch_outputs(self, urls: list[str], cancel: CancelToken, *, wanted: int, empty: str,
-                            details: dict[str, Any], deadline: float | None = None) -> list[RenderedImage]:
+                            details: dict[str, Any], deadline: float | None = None,
+                            at_cancel: Callable[[], None] | None = None) -> list[RenderedImage]:
         """The first `wanted` output images at `urls` (the provider's CDN, or data URIs): an
         answer listing hundreds of large images is not downloaded and decoded whole to keep a few.
         The provider has billed the job by now, so every failure from here on is a charged one.
@@ -380,7 +381,9 @@ class CloudEngine(SendsCredentials):
         A user's cancel meanwhile lets them finish, for `output_kept_seconds` at most, and raises
         `CanceledFetched` holding the images (made and billed, as a cancel answered "succeeded"
         keeps its image); dropped, they were lost though paid for. One that abandons the job
-        (another process follows the work on, and fetches them) drops them."""
+        (another process follows the work on, and fetches them) drops them. `at_cancel` is called
+        as a user's cancel meets the downloads, before they are let finish: what it starts (the
+        stops of work still running) goes out at once, not after their 10 s."""
         try:
             if not urls:
                 raise NoImage(f"{self.name}: {empty}", details={"engine": self.name, **details})
@@ -390,6 +393,8 @@ class CloudEngine(SendsCredentials):
             except Canceled:
                 if cancel.abandoned:
                     raise
+                if at_cancel is not None:
+                    at_cancel()
                 await asyncio.wait({fetching}, timeout=self.output_kept_seconds)
                 if not fetching.done():
                     log.warning("%s: the job was canceled while its output (made and billed) was downloaded, "

@@ -19,7 +19,7 @@ import asyncio
 import bisect
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -298,6 +298,14 @@ class ReplicateEngine(CloudEngine):
         found_made: list[tuple[str, EngineError, dict[str, Any]]] = []
         made_at: list[int] = []  # the prediction each of `images` came from: they stay in its order
         place = {str(handle["id"]): i for i, handle in enumerate(handles)}
+        # Stops of the predictions not read yet, sent as a user's cancel met an output downloading:
+        # sent after that download was let finish (10 s), they ran on (and billed) meanwhile, and
+        # the cancel took those 10 s on top of its stops'.
+        early_stops: dict[int, asyncio.Future[dict[str, Any] | None]] = {}
+
+        def stop_the_rest(i: int) -> None:
+            for j in range(i + 1, len(handles)):
+                early_stops[j] = asyncio.ensure_future(self._stop_saved(handles[j]))
 
         async def follow(i: int, finished: dict[str, Any] | None) -> None:
             """Read prediction `i` until it settles (unless it is `finished`), and keep its image."""
@@ -315,7 +323,9 @@ class ReplicateEngine(CloudEngine):
                 prediction = finished
             started = self.http.clock()
             try:
-                outputs = await self._outputs(prediction, cancel, started + fetching)
+                # A prediction found made after its stop (`finished`) leaves no others unread.
+                outputs = await self._outputs(prediction, cancel, started + fetching,
+                                              at_cancel=None if finished is not None else lambda: stop_the_rest(i))
             except CanceledFetched as exc:  # made and paid for: its image is the job's
                 keep(i, exc.images)
                 raise
@@ -360,7 +370,8 @@ class ReplicateEngine(CloudEngine):
             stopping = out if not cancel.abandoned else []
             doubtful += len(out) - len(stopping)
             at_stop, answers = await asyncio.gather(
-                stops.settled(), asyncio.gather(*(self._stop_saved(handles[j]) for j in stopping)))
+                stops.settled(), asyncio.gather(*(early_stops.pop(j) if j in early_stops
+                                                  else self._stop_saved(handles[j]) for j in stopping)))
             made: list[tuple[int, dict[str, Any]]] = []
             for prediction_id, failure, prediction in [*found_made, *at_stop]:  # given up on, then found made
                 failures.remove(failure)
@@ -547,14 +558,15 @@ class ReplicateEngine(CloudEngine):
         raise EngineError(f"replicate: unexpected prediction status {self.said(status)!r}", details=details,
                           charged="unknown")
 
-    async def _outputs(self, prediction: dict[str, Any], cancel: CancelToken,
-                       deadline: float | None = None) -> list[RenderedImage]:
+    async def _outputs(self, prediction: dict[str, Any], cancel: CancelToken, deadline: float | None = None,
+                       at_cancel: Callable[[], None] | None = None) -> list[RenderedImage]:
         output = prediction.get("output")
         urls = [output] if isinstance(output, str) else output if isinstance(output, list) else []
         urls = [u for u in urls if isinstance(u, str) and u]
         # One prediction per image (each with its seed): a model that makes several keeps its first.
         return await self.fetch_outputs(urls, cancel, wanted=1, empty="the prediction succeeded without an image",
-                                        details={"prediction": prediction.get("id")}, deadline=deadline)
+                                        details={"prediction": prediction.get("id")}, deadline=deadline,
+                                        at_cancel=at_cancel)
 
     async def withdraw(self, handles: list[dict[str, Any]]) -> bool:
         """True when every prediction's cancel answered that it never started (`_never_ran`). The

@@ -1457,3 +1457,37 @@ async def test_a_prediction_answer_of_megabytes_is_not_parsed_on_the_event_loop(
     result = await engine.run(bridge(), NullProgress(), CancelToken())
     assert result.images[0].image.getpixel((0, 0)) == (1, 2, 3)
     assert all(size < len(body) for size in loop_parses), loop_parses  # never the whole body
+
+
+@respx.mock
+async def test_a_reattach_canceled_while_an_output_downloads_stops_the_rest_meanwhile(
+        engine: ReplicateEngine) -> None:
+    # p-1 made, its output downloading when the user's cancel came; p-2 still running. The cancel
+    # let p-1's download finish (up to 10 s) before p-2's stop went out: p-2 ran on (and billed)
+    # those seconds, and the cancel took the download's 10 s on top of its stops' (30 s in all).
+    token = CancelToken()
+    respx.get(f"{BASE}/v1/predictions/p-1").mock(return_value=httpx.Response(200, json=numbered(1)))
+    held = HeldRequest(httpx.Response(200, content=png_bytes((1, 2, 3))))
+    respx.get("https://cdn.replicate.test/p-1/out.png").mock(side_effect=held)
+    stopped = asyncio.Event()
+
+    def stop_p2(_request: httpx.Request) -> httpx.Response:
+        stopped.set()
+        return httpx.Response(200, json={**numbered(2, "canceled"), "started_at": None, "metrics": {}})
+
+    respx.post(f"{BASE}/v1/predictions/p-2/cancel").mock(side_effect=stop_p2)
+    req = bridge(n=2)
+    running = asyncio.create_task(engine.reattach(req, [{"id": "p-1"}, {"id": "p-2"}], NullProgress(), token))
+    try:
+        await asyncio.wait_for(held.sent.wait(), 5)
+        token.cancel()
+        await asyncio.wait_for(stopped.wait(), 5)  # p-2 is stopped while p-1's download is still out
+        assert not held.answered
+    finally:
+        held.answer.set()
+    with pytest.raises(Canceled) as info:
+        await asyncio.wait_for(running, 5)
+    made = info.value.made
+    assert made is not None and [image.image.getpixel((0, 0)) for image in made.images] == [(1, 2, 3)]
+    # p-1 made, p-2 never ran (not billed): p-1's share of the estimate, known.
+    assert info.value.charged == "yes" and info.value.cost_millicredits == engine.estimate(req) // 2
