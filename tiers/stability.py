@@ -514,8 +514,9 @@ class StabilityEngine(CloudEngine):
                 except _CanceledAnswered as exc:
                     canceled = await self._kept_at_cancel(exc, req)
                     out = len(handles) - i  # this one and the rest, running on
-                    if isinstance(canceled, CanceledFetched):
-                        images.extend(canceled.images)
+                    if isinstance(canceled, CanceledFetched) or canceled.work_unbilled:  # this one settled
+                        if isinstance(canceled, CanceledFetched):
+                            images.extend(canceled.images)
                         out -= 1
                         if out or any(not failure.work_unbilled for failure in failures):
                             canceled.charged = "unknown"  # the rest may have billed: not known
@@ -630,9 +631,15 @@ class StabilityEngine(CloudEngine):
         if not reading.done():
             reading.cancel()
             return Canceled(exc.message, details={"engine": self.name}, charged="unknown")
-        answered = None if reading.cancelled() or reading.exception() is not None else reading.result()
+        failed = None if reading.cancelled() else reading.exception()
+        answered = None if reading.cancelled() or failed is not None else reading.result()
         if answered is None:
-            return Canceled(exc.message, details={"engine": self.name}, charged="unknown")
+            canceled = Canceled(exc.message, details={"engine": self.name}, charged="unknown")
+            # An answer saying the generation failed (finish reason ERROR), which Stability bills
+            # not: the hold is released, as when that answer was read before the cancel.
+            if isinstance(failed, EngineError) and failed.work_unbilled:
+                canceled.unbilled()
+            return canceled
         image, seed, _ = answered
         return CanceledFetched([RenderedImage(image, seed=seed)])
 

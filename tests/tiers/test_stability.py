@@ -1258,3 +1258,42 @@ async def test_a_cancel_during_a_long_creative_result_check_answers_keeping_the_
         assert info.value.charged == "yes" and info.value.cost_millicredits is None
     else:
         assert info.value.made is None and info.value.charged == "unknown"
+
+
+@respx.mock
+@pytest.mark.parametrize(("follow", "op"), [("run", "generate"), ("run", "creative"), ("reattach", "creative")])
+async def test_a_cancel_during_the_read_of_a_failed_generation_releases_the_hold(
+        engine: StabilityEngine, monkeypatch: pytest.MonkeyPatch, follow: str, op: str) -> None:
+    # The answer says the generation failed (finish reason ERROR), which Stability bills not; the
+    # user's cancel came while it was read in its worker thread. Read before the cancel was raced
+    # against it, the hold was released; raced, the read's failure was dropped and the job's hold
+    # captured as "unknown", for a person to reconcile a generation nobody billed.
+    real = StabilityEngine._result
+    reading, release = threading.Event(), threading.Event()
+
+    def slow(self: StabilityEngine, response: httpx.Response, req: RenderRequest) -> Any:
+        reading.set()
+        release.wait(timeout=30)
+        return real(self, response, req)
+
+    monkeypatch.setattr(StabilityEngine, "_result", slow)
+    if op == "generate":
+        respx.post(SD3).mock(return_value=ok(reason="ERROR"))
+        req = bridge()
+    else:
+        respx.post(CREATIVE).mock(return_value=httpx.Response(200, json={"id": "job-42"}))
+        respx.get(RESULT).mock(return_value=done(reason="ERROR"))
+        req = polish(creativity=0.45)
+    token = CancelToken()
+    running = asyncio.create_task(
+        engine.run(req, NullProgress(), token) if follow == "run"
+        else engine.reattach(req, [{"id": "job-42", "creative": True}], NullProgress(), token))
+    try:
+        await asyncio.wait_for(asyncio.to_thread(reading.wait, 5), 10)
+        token.cancel()
+        await asyncio.sleep(0.01)
+    finally:
+        release.set()
+    with pytest.raises(Canceled) as info:
+        await asyncio.wait_for(running, 5)
+    assert info.value.made is None and info.value.charged == "no" and info.value.work_unbilled
