@@ -393,7 +393,8 @@ class StabilityEngine(CloudEngine):
                         # A creative upscale's final poll failing comes after the provider took the job.
                         raise self._creative_failed(response, error) if op == "upscale-creative" else error
                     with reading_an_answer():
-                        image, seed, reason = await self._read(response, req, cancel)
+                        image, seed, reason = await self._read(response, req, cancel,
+                                                               followable=op == "upscale-creative")
                 except _CanceledAnswered as exc:
                     if exc.job_id:
                         request_ids.append(exc.job_id)
@@ -598,16 +599,20 @@ class StabilityEngine(CloudEngine):
             exc.at_least_charged("unknown")
             raise
 
-    async def _read(self, response: httpx.Response, req: RenderRequest,
-                    cancel: CancelToken) -> tuple[Any, int | None, str]:
+    async def _read(self, response: httpx.Response, req: RenderRequest, cancel: CancelToken,
+                    *, followable: bool = True) -> tuple[Any, int | None, str]:
         """`_result` in a worker thread (a hostile answer of 256 MiB takes seconds), raced against
-        a user's cancel, which raises `_CanceledAnswered` with the reading still under way."""
+        a user's cancel, which raises `_CanceledAnswered` with the reading still under way. Not
+        `followable` (a generate or sync upscale call's answer, which Stability keeps no job of), a
+        stop's cancel lets the read end: nobody can ask for that image after the restart."""
         reading = asyncio.ensure_future(asyncio.to_thread(self._result, response, req))
         try:
             return await cancel.race(asyncio.shield(reading))
         except Canceled:
             if reading.done():  # read in the same instant
                 return reading.result()
+            if cancel.abandoned and not followable:
+                return await reading
             raise _CanceledAnswered(response, None, reading=reading, abandon=cancel.abandoned) from None
 
     async def _kept_at_cancel(self, exc: _CanceledAnswered, req: RenderRequest) -> Canceled:

@@ -1297,3 +1297,32 @@ async def test_a_cancel_during_the_read_of_a_failed_generation_releases_the_hold
     with pytest.raises(Canceled) as info:
         await asyncio.wait_for(running, 5)
     assert info.value.made is None and info.value.charged == "no" and info.value.work_unbilled
+
+
+@respx.mock
+async def test_a_stop_during_the_read_of_a_generation_s_answer_keeps_its_image(
+        engine: StabilityEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A stop (the process shutting down) that abandons the job while the image a generate call
+    # answered is read: nobody can follow that call after the restart (Stability keeps no job of
+    # it), so the answer in hand is the image. Read before the cancel was raced against it, it was
+    # kept; raced, a stop ended the job at once, the image made and paid for lost, charged unknown.
+    real = StabilityEngine._result
+    reading, release = threading.Event(), threading.Event()
+
+    def slow(self: StabilityEngine, response: httpx.Response, req: RenderRequest) -> Any:
+        reading.set()
+        release.wait(timeout=30)
+        return real(self, response, req)
+
+    monkeypatch.setattr(StabilityEngine, "_result", slow)
+    respx.post(SD3).mock(return_value=ok(seed=7))
+    token = CancelToken()
+    running = asyncio.create_task(engine.run(bridge(), NullProgress(), token))
+    try:
+        await asyncio.wait_for(asyncio.to_thread(reading.wait, 5), 10)
+        token.cancel(abandon=True)
+        await asyncio.sleep(0.01)
+    finally:
+        release.set()
+    result = await asyncio.wait_for(running, 5)
+    assert [image.seed for image in result.images] == [7]
