@@ -30,9 +30,10 @@ import socket
 import ssl
 import time
 import zlib
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
+import httpcore
 import httpx
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 from tenacity.stop import stop_base
@@ -160,6 +161,87 @@ def _public(address: Address) -> bool:
     if isinstance(address, ipaddress.IPv6Address) and address.is_site_local:  # fec0::/10: global to Python 3.11
         return False
     return address.is_global and not address.is_multicast
+
+
+# Hosts whose checked addresses a client keeps for the connections it opens next: a request's
+# check and its connect are moments apart, and output hosts are few (a provider's CDN or two).
+PINNED_HOSTS = 256
+
+
+class _PinnedBackend(httpcore.AsyncNetworkBackend):
+    """httpcore's network backend, connecting a host an answer named to the addresses
+    `RemoteClient._leaving_home` checked for it, not to what the name resolves to when connecting:
+    a name answering a public address to the check and 127.0.0.1 to the connect (DNS rebinding)
+    reached this machine. TLS still verifies the certificate against the name (httpcore gives it
+    to `start_tls` as the server name, apart from the address connected to)."""
+
+    def __init__(self, inner: httpcore.AsyncNetworkBackend, home: str | None) -> None:
+        self._inner = inner
+        self._home = home  # the base URL's host: not checked, so connected to as it resolves
+        self._pinned: dict[str, tuple[Address, ...]] = {}
+
+    def pin(self, host: str, addresses: Collection[Address]) -> None:
+        """Connect `host` to `addresses` (checked public) from now on, until checked again."""
+        self._pinned.pop(host, None)
+        self._pinned[host] = tuple(dict.fromkeys(addresses))
+        while len(self._pinned) > PINNED_HOSTS:
+            del self._pinned[next(iter(self._pinned))]
+
+    async def connect_tcp(self, host: str, port: int, timeout: float | None = None,
+                          local_address: str | None = None,
+                          socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
+                          ) -> httpcore.AsyncNetworkStream:
+        if host == self._home or _literal_address(host):
+            return await self._inner.connect_tcp(host, port, timeout, local_address, socket_options)
+        addresses = self._pinned.get(host)
+        if not addresses:
+            # Every request to another host is checked first, so this is one whose entry was pushed
+            # out meanwhile: a failed connection, retried (and checked) again.
+            raise httpcore.ConnectError(f"{host} was not checked before connecting")
+        stop = None if timeout is None else time.monotonic() + timeout
+        failure: Exception | None = None
+        for tried, address in enumerate(addresses):  # in the resolver's order, as a connect by name
+            # Each its share of the time left: one that never answers (IPv6 dropped on the way) does
+            # not take it all from the next.
+            left = None if stop is None else max(stop - time.monotonic(), 0.0) / (len(addresses) - tried)
+            try:
+                return await self._inner.connect_tcp(str(address), port, left, local_address, socket_options)
+            except (httpcore.ConnectError, httpcore.ConnectTimeout) as error:
+                failure = error
+        assert failure is not None
+        raise failure
+
+    async def connect_unix_socket(self, path: str, timeout: float | None = None,
+                                  socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
+                                  ) -> httpcore.AsyncNetworkStream:
+        return await self._inner.connect_unix_socket(path, timeout, socket_options)
+
+    async def sleep(self, seconds: float) -> None:
+        await self._inner.sleep(seconds)
+
+
+def _literal_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def pin_connections(client: httpx.AsyncClient, home: str | None) -> _PinnedBackend:
+    """Puts a `_PinnedBackend` under the connections `client` opens itself, not through a proxy
+    (a proxy's resolves the name, which this machine may not). httpx offers no way to give its
+    default transport a network backend: the one place that reaches into httpx's and httpcore's
+    private attributes, failing loudly (at the client's creation) if an upgrade moves them."""
+    transport = client._transport
+    pool = getattr(transport, "_pool", None)
+    if not isinstance(transport, httpx.AsyncHTTPTransport) or not isinstance(pool, httpcore.AsyncConnectionPool) \
+            or not isinstance(getattr(pool, "_network_backend", None), httpcore.AsyncNetworkBackend):
+        raise RuntimeError("httpx/httpcore moved the connection pool's network backend: output hosts "
+                           "cannot be connected to the addresses checked for them (tiers/_http.py)")
+    backend = _PinnedBackend(pool._network_backend, home)
+    pool._network_backend = backend
+    return backend
 
 
 class _NotSent(Exception):
@@ -448,6 +530,9 @@ class RemoteClient:
             event_hooks={"request": [self._remember_credentials, self._leaving_home]},
         )
         self._home = httpx.URL(base_url) if base_url else None
+        # A transport given (a test's mock) opens no connections of its own to pin.
+        self._pinned = None if transport is not None else pin_connections(
+            self.client, self._home.raw_host.decode("ascii") if self._home is not None else None)
         self.max_answer_bytes = MAX_ANSWER_BYTES
         self._credentials: frozenset[str] = frozenset()  # every credential its requests home carried
 
@@ -519,13 +604,16 @@ class RemoteClient:
             try:
                 addresses: list[Address] = [ipaddress.ip_address(host)]
             except ValueError:
-                # Checked once here: a name that resolves anew to another address when connecting
-                # (DNS rebinding) is not caught; the https certificate still has to match the name.
                 addresses = await resolve_host(host, url.port or 443)
-                if not addresses and not self._through_proxy(url):
-                    # Let through, httpx resolves it again, and may get the private address this
+                proxied = self._through_proxy(url)
+                if not addresses and not proxied:
+                    # Let through, httpx resolved it again, and could get the private address this
                     # lookup failed to see. As a connection that failed: retried, checked again.
                     raise httpx.ConnectError(f"{host} does not resolve", request=request) from None
+                if addresses and not proxied and self._pinned is not None and all(map(_public, addresses)):
+                    # Connected to these, not to what the name resolves to when connecting: it may
+                    # answer a public address here and this machine's there (DNS rebinding).
+                    self._pinned.pin(host, addresses)
             private = next((a for a in addresses if not _public(a)), None)
             if private is not None:
                 why = f"{url.host} is a private or local address ({private})"

@@ -13,6 +13,7 @@ from typing import Any, cast
 import httpx
 import pytest
 import respx
+from httpcore._backends.anyio import AnyIOStream
 
 from orchestrator.errors import Canceled, EngineError, EngineTimeout, EngineUnavailable, RateLimited
 from tests.tiers.conftest import BlockingSleep, NoAnswer
@@ -556,6 +557,73 @@ async def test_a_name_a_proxy_resolves_is_left_to_it(
     client = RemoteClient("prov", base_url=BASE, key_setting="ORCH_PROV_API_KEY")  # reads the environment
     assert client._through_proxy(httpx.URL("https://cdn.flaky.test/x.png")) is through
     await client.aclose()
+
+
+PROXY_VARIABLES = ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "https_proxy", "http_proxy", "all_proxy")
+
+
+async def test_a_name_is_connected_to_the_address_it_was_checked_at(monkeypatch: pytest.MonkeyPatch) -> None:
+    """DNS rebinding: the name answered a public address to the check, 127.0.0.1 when httpx resolved
+    it again to connect, and the service fetched this machine as an output. (127.0.0.2-3 stand for
+    public addresses, real ones would be dialled; https is spoken in clear, no certificate at hand.)"""
+    for name in PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    connections: dict[bytes, int] = {b"public": 0, b"private": 0}
+    requests: dict[bytes, int] = {b"public": 0, b"private": 0}
+
+    def serving(body: bytes) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            connections[body] += 1
+            with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+                while await reader.readuntil(b"\r\n\r\n"):  # keeps the connection for the next request
+                    requests[body] += 1
+                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+                    await writer.drain()
+            writer.close()
+        return handle
+
+    private = await asyncio.start_server(serving(b"private"), "127.0.0.1", 0)
+    port = private.sockets[0].getsockname()[1]
+    public = await asyncio.start_server(serving(b"public"), "127.0.0.2", port)
+    # The check's lookup: two addresses, the first refusing connections (as one of a CDN's may).
+    checked = [ipaddress.ip_address("127.0.0.3"), ipaddress.ip_address("127.0.0.2")]
+    monkeypatch.setattr(_http, "_public", lambda address, public=_http._public: address in checked or public(address))
+
+    async def resolve(host: str, port: int) -> list[Any]:
+        return list(checked) if host == "cdn.rebind.test" else []
+    monkeypatch.setattr(_http, "resolve_host", resolve)
+    loop = asyncio.get_running_loop()
+    getaddrinfo = loop.getaddrinfo
+
+    async def rebinding(host: str | bytes, *args: Any, **kwargs: Any) -> Any:  # the connect's lookup
+        return await getaddrinfo("127.0.0.1" if host in ("cdn.rebind.test", b"cdn.rebind.test") else host,
+                                 *args, **kwargs)
+    monkeypatch.setattr(loop, "getaddrinfo", rebinding)
+    names: list[str | None] = []
+
+    async def in_clear(stream: Any, ssl_context: Any, server_hostname: str | None = None,
+                       timeout: float | None = None) -> Any:
+        names.append(server_hostname)
+        return stream
+    monkeypatch.setattr(AnyIOStream, "start_tls", in_clear)
+    client = RemoteClient("prov", base_url=BASE, key_setting="ORCH_PROV_API_KEY")
+    try:
+        url = f"https://cdn.rebind.test:{port}/out.png"
+        answers = [(await client.request("GET", url, idempotent=True)).content for _ in range(2)]
+    finally:
+        await client.aclose()
+        private.close()
+        public.close()
+    assert answers == [b"public", b"public"] and requests == {b"public": 2, b"private": 0}
+    assert connections[b"public"] == 1  # kept for the next request, as before
+    assert names == ["cdn.rebind.test"]  # the certificate is still checked against the name
+
+
+def test_a_client_whose_connections_cannot_be_pinned_is_not_made() -> None:
+    # Where an upgrade of httpx or httpcore moves what `pin_connections` reaches into, no client
+    # is made: not one that fetches output hosts at whatever their names resolve to when connecting.
+    with pytest.raises(RuntimeError, match="moved the connection pool's network backend"):
+        _http.pin_connections(httpx.AsyncClient(transport=httpx.MockTransport(lambda _: httpx.Response(200))), None)
 
 
 @respx.mock
