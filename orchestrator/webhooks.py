@@ -212,6 +212,20 @@ def shown(url: str) -> str:
     return f"{scheme}://{user}:***@{host}{rest[end:]}"
 
 
+def _came_past(s: Session, made: sa.ColumnElement[Any]) -> sa.ColumnElement[float]:
+    """When a row came due past its retry schedule (`Deliverer._give_up`), in seconds: the later of
+    its `next_attempt_at` and its making plus SCHEDULE_SECONDS. Not `next_attempt_at` alone: a row
+    unattempted since made (a set-aside host's) comes past by its age with a `next_attempt_at` hours
+    old, behind a cursor a live backlog's retried rows had moved on, and waited for good while that
+    backlog kept the round going. As a number, not a time: SQLite's computed times are text of
+    another precision than the stored ones, and a tie at the cursor was never equal."""
+    due = col(WebhookDelivery.next_attempt_at)
+    if s.get_bind().dialect.name == "postgresql":
+        return func.greatest(func.date_part("epoch", due), func.date_part("epoch", made) + SCHEDULE_SECONDS,
+                             type_=sa.Float)
+    return func.max(func.julianday(due) * 86_400, func.julianday(made) * 86_400 + SCHEDULE_SECONDS, type_=sa.Float)
+
+
 def refuse_foreign_receiver(url: str, project_url: str | None, project_id: str) -> None:
     """403 `forbidden` unless `url` (a job's own `webhook_url`, asked by a project key) is to the
     receiver of its project's `webhook_url` (`destination`: scheme, host and port): the admin alone
@@ -636,8 +650,9 @@ class Deliverer:
         self.outage = Outage(log, "webhook deliveries", f"trying again every {interval:g} s")
         self.breakers = Breakers()
         self._gave_up_at: float | None = None  # the last `_give_up`, by the breakers' clock
-        # Where the last `_give_up` stopped reading URLs past their schedule: (soonest due, URL).
-        self._missed_after: tuple[datetime, str] | None = None
+        # Where the last `_give_up` stopped reading URLs past their schedule: (`_came_past`'s soonest,
+        # soonest due, URL).
+        self._missed_after: tuple[float, datetime, str] | None = None
         self._sending: dict[asyncio.Task[None], Due] = {}
         self._freed: asyncio.Event | None = None
 
@@ -833,28 +848,33 @@ class Deliverer:
                 given_up[where] += self._given_up(s, where, error, [*past, _to(where)])
             # What is left past its schedule and due is few (a row is sent within it, unless its
             # destination is set aside): its URLs read, each placed by its destination in Python, at
-            # most MISSED_URLS a pass (under the write lock), the soonest due first, each pass after
+            # most MISSED_URLS a pass (under the write lock), the first to come past first, each pass after
             # the last URL the one before read: a live destination's backlog of more, sent slower than
             # it comes due, filled every pass from the start, and the set-aside rows behind it waited
             # for good. Past the last, the next pass starts again from the soonest.
-            soonest = func.min(col(WebhookDelivery.next_attempt_at))
-            read = select(col(WebhookDelivery.url), soonest).where(*past).group_by(col(WebhookDelivery.url))
+            came = func.min(_came_past(s, made))
+            soonest = func.min(col(WebhookDelivery.next_attempt_at))  # of those that came past together
+            url = col(WebhookDelivery.url)
+            read = select(url, came, soonest).where(*past).group_by(url)
             if self._missed_after is not None:
-                after, last = self._missed_after
-                # A row's `next_attempt_at` only moves on past now (a claim, a retry, a redelivery), so
-                # none comes back before the cursor: every URL left is reached within a round.
-                read = read.having(sa.or_(soonest > after, sa.and_(soonest == after, col(WebhookDelivery.url) > last)))
-            past_urls = s.execute(read.order_by(soonest, col(WebhookDelivery.url)).limit(MISSED_URLS)).all()
+                after, due, last = self._missed_after
+                # A row comes past after the pass that read the cursor (its `next_attempt_at` moved on
+                # past now, or its making past its schedule since), so none comes back before the
+                # cursor: every URL left is reached within a round.
+                read = read.having(sa.or_(came > after, sa.and_(came == after, sa.or_(
+                    soonest > due, sa.and_(soonest == due, url > last)))))
+            past_urls = s.execute(read.order_by(came, soonest, url).limit(MISSED_URLS)).all()
             missed: dict[str, list[str]] = {}
-            for url, _ in past_urls:
-                if (where := destination(url)) in set_aside:
-                    missed.setdefault(where, []).append(url)
+            for stored, _, _ in past_urls:
+                if (where := destination(stored)) in set_aside:
+                    missed.setdefault(where, []).append(stored)
             for where, urls in missed.items():
                 for n in range(0, len(urls), GIVE_UP_URLS):
                     given_up[where] += self._given_up(
                         s, where, set_aside[where], [*past, col(WebhookDelivery.url).in_(urls[n:n + GIVE_UP_URLS])])
         # Once committed: a pass rolled back reads its URLs again.
-        self._missed_after = (past_urls[-1][1], past_urls[-1][0]) if len(past_urls) >= MISSED_URLS else None
+        self._missed_after = ((past_urls[-1][1], past_urls[-1][2], past_urls[-1][0]) if len(past_urls) >= MISSED_URLS
+                              else None)
         for where, count in given_up.items():
             if count:
                 log.warning("webhook destination %s is still set aside: %d of its deliveries older than their "

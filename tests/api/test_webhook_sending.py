@@ -1290,6 +1290,44 @@ def check_the_give_up_reaches_missed_urls_behind_a_live_backlog(db: Database, mo
     assert all(row.next_attempt_at is None for row in _rows(db).values())
 
 
+def test_a_missed_url_that_passes_its_schedule_behind_the_cursor_is_reached_within_the_round(
+        db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    check_a_missed_url_that_passes_its_schedule_behind_the_cursor_is_reached(db, monkeypatch)
+
+
+def check_a_missed_url_that_passes_its_schedule_behind_the_cursor_is_reached(
+        db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A row passes its schedule by its age, its next_attempt_at left where it was made (a set-aside
+    # host's rows wait unattempted): keyed by the soonest next_attempt_at, it fell behind a cursor
+    # that a live backlog's retried rows had moved on, and waited for good while that backlog (more
+    # than a pass, each pass's due after the last) kept the round from ending.
+    monkeypatch.setattr(webhooks, "MISSED_URLS", 2)
+    now = shared_now()
+    made_long_ago = now - timedelta(seconds=webhooks.SCHEDULE_SECONDS + 60)
+    ids = _deliveries(db, [(f"http://alive.example/h?job={n}", 1) for n in range(4)])
+    with db.transaction() as s:
+        for row in s.exec(select(WebhookDelivery)).all():
+            row.created_at = made_long_ago
+        missed_made = now - timedelta(seconds=webhooks.SCHEDULE_SECONDS - 30)  # within its schedule yet
+        s.add(WebhookDelivery(id="whd_missed", job_id="job_1", url="http://hooks\u3002example/h", event="job.failed",
+                              next_attempt_at=missed_made, created_at=missed_made))
+    deliverer = webhooks.Deliverer(db, lambda job_id: {}, None, interval=0.1)
+    set_aside = {webhooks.destination("http://hooks.example/"): "answered 503"}
+    deliverer._give_up(set_aside)
+    with db.transaction() as s:  # a minute on: past its schedule now
+        s.get_one(WebhookDelivery, "whd_missed").created_at = missed_made - timedelta(seconds=60)
+    for n in range(4):
+        with db.transaction() as s:  # the live backlog goes on: two more URLs due each pass
+            for k in range(2):
+                s.add(WebhookDelivery(id=f"whd_more_{n}_{k}", job_id="job_1", url=f"http://alive.example/h?more={n}{k}",
+                                      event="job.failed", created_at=made_long_ago,
+                                      next_attempt_at=now - timedelta(seconds=20 - 2 * n - k)))
+        deliverer._give_up(set_aside)
+    rows = _rows(db)
+    assert rows["whd_missed"].next_attempt_at is None
+    assert all(rows[i].next_attempt_at is not None for i in ids)
+
+
 @pytest.mark.parametrize("stored", ["http://[bad]:\u00b2/h", "http://\u00fc[@alive.example/h", "http://[@\u00fc%x@/h"])
 def test_an_unparsed_destination_s_sql_filter_holds_back_and_gives_up_only_its_own_rows(
         db: Database, stored: str) -> None:

@@ -83,6 +83,7 @@ from tests.api.test_webhook_deliveries import (
 from tests.api.test_webhook_sending import (
     check_a_claim_given_back_is_due_as_it_was,
     check_a_full_destination_is_read_past,
+    check_a_missed_url_that_passes_its_schedule_behind_the_cursor_is_reached,
     check_a_set_aside_destination_s_rows_past_their_schedule_are_given_up_unsent,
     check_a_set_aside_destination_s_rows_spelt_past_the_sql_filter_are_given_up_too,
     check_many_distinct_urls_the_sql_filter_misses_are_read_past_in_few_reads,
@@ -1408,6 +1409,12 @@ def test_the_webhook_give_up_reaches_missed_urls_behind_a_live_backlog_on_postgr
         pg_db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
     # The cursor compared in HAVING with each URL's soonest `next_attempt_at`, PostgreSQL's timestamps and collation.
     check_the_give_up_reaches_missed_urls_behind_a_live_backlog(pg_db, monkeypatch)
+
+
+def test_the_webhook_give_up_reaches_a_url_that_passes_its_schedule_behind_the_cursor_on_postgres(
+        pg_db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    # `_came_past` in PostgreSQL's own functions (greatest, date_part), compared in HAVING.
+    check_a_missed_url_that_passes_its_schedule_behind_the_cursor_is_reached(pg_db, monkeypatch)
 
 
 def test_webhook_deliveries_made_before_0028_are_given_their_project_on_postgres(postgres_url: str) -> None:
