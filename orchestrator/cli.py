@@ -153,6 +153,12 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
+def _top_option(arg: str) -> bool:
+    """Whether `arg` is an option the top parser takes: -h, or --help or --version, whole or cut
+    short as argparse reads them (`--vers`), which the check of options before a command refused."""
+    return arg == "-h" or (len(arg) > 2 and any(option.startswith(arg) for option in ("--help", "--version")))
+
+
 def _main(given: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="orchestrator", description="Tiered image-rendering orchestrator")
     parser.add_argument("--version", action="version", version=__version__)
@@ -208,7 +214,7 @@ def _main(given: list[str]) -> int:
     # An option before any command (`orchestrator --port 8080`) was told as a missing command, or as
     # its value being an unknown one ("invalid choice: '8080'"), never as the option it is.
     first = next((i for i, arg in enumerate(given) if arg in sub.choices), len(given))
-    if stray := [arg for arg in given[:first] if arg.startswith("-") and arg not in ("-h", "--help", "--version")]:
+    if stray := [arg for arg in given[:first] if arg.startswith("-") and not _top_option(arg)]:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     args, unknown = parser.parse_known_args(given)
     if unknown:

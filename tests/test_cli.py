@@ -30,6 +30,7 @@ import sqlalchemy.exc
 from alembic.script import ScriptDirectory
 from PIL import Image
 
+from orchestrator import __version__
 from orchestrator import check as check_module
 from orchestrator import demo as demo_module
 from orchestrator.cli import _bound, _log_to_data_dir, main
@@ -1507,6 +1508,17 @@ def test_an_unknown_option_without_a_command_is_named(argv: list[str], capsys: p
         main(argv)
     assert exited.value.code == 2
     assert f"orchestrator: error: unrecognized arguments: {argv[0]}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("argv", "told"), [(["--vers"], __version__), (["--he"], "usage: orchestrator")])
+def test_an_abbreviated_top_option_is_taken_as_argparse_takes_it(
+        argv: list[str], told: str, capsys: pytest.CaptureFixture[str]) -> None:
+    # argparse takes a long option's unambiguous prefix (`--vers` for --version); the check of
+    # options before a command refused it as unrecognized.
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 0
+    assert told in capsys.readouterr().out
 
 
 def test_ctrl_c_is_one_line_and_status_130(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
