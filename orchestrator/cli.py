@@ -147,9 +147,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"orchestrator: terminated; {START_STOPPED}", file=sys.stderr)
         return _end_as_signaled(signal.SIGTERM)
     finally:
-        # A `serve` refused at start gives the caller (a test, a program running it) its own handler
-        # back; the worker's stop leaves SIGTERM ignored (see `_run`).
-        if command == "serve" and signal.getsignal(signal.SIGTERM) is _stop_before_start:
+        # A `serve` still here (refused at start, or its service stopped by a Ctrl-C, SIGTERM's
+        # default put in place for uvicorn) gives the caller (a test, a program running it) its own
+        # handler back; the worker's stop leaves SIGTERM ignored (see `_run`).
+        if command == "serve":
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 

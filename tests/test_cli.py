@@ -1577,6 +1577,27 @@ def test_only_loopback_addresses_count_as_this_machine(host: str, loopback: bool
     assert is_loopback(host) is loopback
 
 
+def test_serve_that_ran_and_returned_gives_the_caller_its_sigterm_handler_back(
+        make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    # `serve` put SIGTERM's default in place for uvicorn, and a serve that returned (a Ctrl-C, 130)
+    # left it so: a program running it in its process lost its own handler, as one refused at start did not.
+    settings = make_settings()
+    monkeypatch.setenv("ORCH_DATA_DIR", str(settings.data_dir))
+    monkeypatch.setenv("ORCH_LITE_MODEL", "builtin:tiny-sd")
+    monkeypatch.setattr("orchestrator.server.serve", lambda s, **_: Stopped(signal.SIGINT, device_busy=False))
+
+    def own(signum: int, frame: object) -> None:
+        raise AssertionError("not sent")
+
+    kept = signal.signal(signal.SIGTERM, own)
+    try:
+        assert main(["serve", "--port", str(free_port())]) == 130
+        assert signal.getsignal(signal.SIGTERM) is own
+    finally:
+        signal.signal(signal.SIGTERM, kept)
+    assert capsys.readouterr().err.endswith("orchestrator: interrupted\n")
+
+
 @pytest.mark.parametrize(("argv", "key", "runs_jobs", "warned"), [
     (["serve"], "a-long-enough-admin-key-0123", True, False),
     (["serve", "--no-jobs"], "short", False, True),
