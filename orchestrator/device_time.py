@@ -100,12 +100,12 @@ def quota_seconds(project: Project, default: int | None) -> int | None:
 
 
 def used_by(s: Session, project_ids: list[str], *, local: Collection[str], lease: timedelta,
-            now: datetime | None = None) -> dict[str, float]:
+            now: datetime | None = None, leased_now: datetime | None = None) -> dict[str, float]:
     """The device-seconds each project's local jobs held over the 24 hours before `now` (`ended_by`)
-    and hold so far unended (`ongoing_by`, `local` and `lease` as there); none for a project
-    without any."""
+    and hold so far unended (`ongoing_by`, `local`, `lease` and `leased_now` as there); none for a
+    project without any."""
     ended = ended_by(s, project_ids, now)
-    ongoing = ongoing_by(s, project_ids, local=local, lease=lease)
+    ongoing = ongoing_by(s, project_ids, local=local, lease=lease, now=leased_now)
     return {project_id: ended.get(project_id, 0.0) + ongoing.get(project_id, 0.0)
             for project_id in sorted(ended.keys() | ongoing.keys())}
 
@@ -135,19 +135,22 @@ class _Unfinished(NamedTuple):
     lease_taken_attempt: int | None
 
 
-def ongoing_by(s: Session, project_ids: list[str], *, local: Collection[str], lease: timedelta) -> dict[str, float]:
+def ongoing_by(s: Session, project_ids: list[str], *, local: Collection[str], lease: timedelta,
+               now: datetime | None = None) -> dict[str, float]:
     """The device-seconds each project's unfinished (queued, running) jobs hold so far: their
     earlier attempts' (kept on the row until the job ends), and, of one running on an engine in
     `local` (those of kind local), its attempt's from its claim to its lease's last renewal by the
     leases' clock, as recovery would count it (`held_until_lease`, `lease`: ORCH_LEASE_SECONDS).
     Counted whole at every read, never aged: each counts from its job's end once it ends. Read
-    through `ix_jobs_project_status` (a project has ORCH_MAX_PENDING_JOBS unfinished jobs at most)."""
+    through `ix_jobs_project_status` (a project has ORCH_MAX_PENDING_JOBS unfinished jobs at most).
+    `now`: the leases' clock now (`Database.now()`); by default `shared_now()`, which is this
+    host's outside a PostgreSQL write transaction."""
     if not project_ids:
         return {}
     # `Select`: sqlmodel's `select` is typed for four columns at most.
     rows: Iterable[Any] = s.exec(Select(*(col(getattr(Job, name)) for name in _Unfinished._fields)).where(
         col(Job.project_id).in_(project_ids), col(Job.status).in_(UNFINISHED)))
-    now = shared_now()
+    now = now or shared_now()
     held: dict[str, float] = {}
     for row in map(_Unfinished._make, rows):
         # A row stamped ended and unfinished (a cancel's write racing): the ended sum counts it.
@@ -206,14 +209,14 @@ def exhausted(device: DeviceTime | None) -> bool:
 
 
 def state(s: Session, project: Project, default: int | None, *, local: Collection[str], lease: timedelta,
-          now: datetime | None = None) -> DeviceTime | None:
-    """The project's device time (`used_by`, `local` and `lease` as there), or None where no quota
-    is in force (nothing to judge, so nothing read)."""
+          now: datetime | None = None, leased_now: datetime | None = None) -> DeviceTime | None:
+    """The project's device time (`used_by`, `local`, `lease` and `leased_now` as there), or None
+    where no quota is in force (nothing to judge, so nothing read)."""
     quota = quota_seconds(project, default)
     if quota is None:
         return None
     now = now or utcnow()
-    ongoing = ongoing_by(s, [project.id], local=local, lease=lease).get(project.id, 0.0)
+    ongoing = ongoing_by(s, [project.id], local=local, lease=lease, now=leased_now).get(project.id, 0.0)
     used = ended_by(s, [project.id], now).get(project.id, 0.0) + ongoing
     if used < quota:
         return DeviceTime(project.id, quota, used, project.local_seconds_per_day is not None)

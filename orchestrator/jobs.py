@@ -871,13 +871,17 @@ class JobService:
 
     def device_state(self, s: Session, project: Project) -> DeviceTime | None:
         """The project's device time as admission judges it (`device_time.state`)."""
+        # Running leases judged by the clock they were stamped with, as recovery judges them: the
+        # routing, a project's read and /metrics read outside a write transaction, where
+        # `shared_now()` is this host's (an hour behind the database's, a running attempt read 0).
         return device_time.state(s, project, self.default_local_seconds,
-                                 local=device_time.local_engines(self.router.registry), lease=self.lease)
+                                 local=device_time.local_engines(self.router.registry), lease=self.lease,
+                                 leased_now=self.db.now())
 
     def device_used(self, s: Session, project_ids: list[str]) -> dict[str, float]:
         """Each project's device-seconds as admission counts them (`device_time.used_by`)."""
         return device_time.used_by(s, project_ids, local=device_time.local_engines(self.router.registry),
-                                   lease=self.lease)
+                                   lease=self.lease, leased_now=self.db.now())
 
     def cancel_orphan(self, job_id: str) -> bool:
         """Cancel a running job whose worker is gone; False when it is back in the queue (a

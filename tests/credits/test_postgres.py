@@ -55,6 +55,7 @@ from tests.api.test_device_time import (
     check_a_project_at_its_quota_is_refused_429_until_its_seconds_age_out,
     check_a_quota_lowered_while_a_request_is_routed_refuses_it,
     check_a_running_local_attempt_counts_toward_the_quota,
+    running_and_requeued,
 )
 from tests.api.test_job_reads import (
     check_a_job_is_read_as_of_one_moment,
@@ -70,6 +71,8 @@ from tests.api.test_storage_quota import (
     check_assets_measured,
     check_unfinished_jobs_hold_their_images_bound_back_from_the_quota,
     check_usage_counts_each_asset_written_and_lowers_on_delete,
+    client_for,
+    services_of,
 )
 from tests.api.test_webhook_deliveries import (
     check_0031_indexes_the_rows_there_and_downgrades,
@@ -298,6 +301,27 @@ def test_a_running_local_attempt_counts_toward_the_quota_on_postgres(
         postgres_url: str, make_settings: Callable[..., Settings]) -> None:
     # Its lease's stamps (timestamptz, by the database's clock) and the unfinished jobs read there.
     check_a_running_local_attempt_counts_toward_the_quota(make_settings, database_url=postgres_url)
+
+
+def test_a_running_local_attempt_is_read_by_the_leases_clock_on_a_host_behind_on_postgres(
+        postgres_url: str, make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reads outside a write transaction (`GET /v1/projects`, `/v1/route/explain`'s routing,
+    `/metrics`) capped a running attempt's lease at this host's clock: an hour behind the
+    database's, its 95 s counted 0, so the project read 30 of its 120 s and explain routed a draft
+    its submit then refused. Read by the leases' clock (`Database.now`), as recovery reads it."""
+    real = time.time_ns
+    monkeypatch.setattr("orchestrator.clock._host_us", lambda: real() // 1000 - 3600 * 1_000_000)
+    with client_for(make_settings(run_jobs=False, lease_seconds=60, database_url=postgres_url)) as client:
+        project_id = create_project(client, local_seconds_per_day=120)["id"]
+        running_and_requeued(services_of(client), project_id)
+        used = client.get(f"/v1/projects/{project_id}").json()["local_seconds_used"]
+        assert used == pytest.approx(95.0 + 30.0, abs=0.5)
+        explained = client.post("/v1/route/explain", json={"stage": "ideation", "project_id": project_id,
+                                                           "prompt": "more"})
+        assert_error(explained, 429, "device_time_exhausted")
+        line = f'orchestrator_project_local_seconds_used{{project="{project_id}"}} '
+        [shown] = [row for row in client.get("/metrics").text.splitlines() if row.startswith(line)]
+        assert float(shown.removeprefix(line)) == pytest.approx(used, abs=0.5)
 
 
 def test_a_dead_process_s_local_attempt_counts_on_postgres(postgres_url: str,
