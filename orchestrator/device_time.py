@@ -51,6 +51,9 @@ from orchestrator.models import Job, Project
 SETTING = "ORCH_PROJECT_LOCAL_SECONDS_PER_DAY"
 WINDOW = timedelta(days=1)
 UNFINISHED = ("queued", "running")
+# Projects read by one query: each is a bound parameter, and a statement takes at most 65,535 on
+# PostgreSQL (psycopg) and 32,766 on SQLite; /metrics reads every project under a server-wide quota.
+PROJECTS_A_QUERY = 10_000
 
 
 class LeaseStamps(Protocol):
@@ -116,10 +119,17 @@ def ended_by(s: Session, project_ids: list[str], now: datetime | None = None) ->
     if not project_ids:
         return {}
     since = (now or utcnow()) - WINDOW
-    rows = s.exec(select(col(Job.project_id), func.coalesce(func.sum(col(Job.device_seconds)), 0.0)).where(
-        col(Job.project_id).in_(project_ids), col(Job.device_seconds).is_not(None),
-        col(Job.finished_at) > since).group_by(col(Job.project_id)))
-    return {project_id: float(total or 0.0) for project_id, total in rows}
+    ended: dict[str, float] = {}
+    for some in _slices(project_ids):
+        rows = s.exec(select(col(Job.project_id), func.coalesce(func.sum(col(Job.device_seconds)), 0.0)).where(
+            col(Job.project_id).in_(some), col(Job.device_seconds).is_not(None),
+            col(Job.finished_at) > since).group_by(col(Job.project_id)))
+        ended.update((project_id, float(total or 0.0)) for project_id, total in rows)
+    return ended
+
+
+def _slices(project_ids: list[str]) -> Iterable[list[str]]:
+    return (project_ids[start:start + PROJECTS_A_QUERY] for start in range(0, len(project_ids), PROJECTS_A_QUERY))
 
 
 class _Unfinished(NamedTuple):
@@ -148,8 +158,10 @@ def ongoing_by(s: Session, project_ids: list[str], *, local: Collection[str], le
     if not project_ids:
         return {}
     # `Select`: sqlmodel's `select` is typed for four columns at most.
-    rows: Iterable[Any] = s.exec(Select(*(col(getattr(Job, name)) for name in _Unfinished._fields)).where(
-        col(Job.project_id).in_(project_ids), col(Job.status).in_(UNFINISHED)))
+    rows: list[Any] = []
+    for some in _slices(project_ids):
+        rows += s.exec(Select(*(col(getattr(Job, name)) for name in _Unfinished._fields)).where(
+            col(Job.project_id).in_(some), col(Job.status).in_(UNFINISHED))).all()
     now = now or shared_now()
     held: dict[str, float] = {}
     for row in map(_Unfinished._make, rows):

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import delete, event, update
+from sqlalchemy import delete, event, insert, update
 from sqlalchemy.exc import OperationalError
 from sqlmodel import Session, col
 
@@ -472,3 +472,23 @@ def test_a_scrape_whose_read_fails_part_way_counts_no_device_second_twice(
         _, full = parse(render(sqlite_db, engines))
         name = "orchestrator_project_local_device_seconds_total"
         assert samples[name][labels(project="prj_dev_fail")] == full[name][labels(project="prj_dev_fail")] == 2.5
+
+
+def check_local_seconds_used_of_more_projects_than_a_statement_binds(db: Database, projects: int) -> None:
+    """Every project under the server-wide quota was read in one `IN (...)` of bound parameters a
+    query: past the driver's limit (PostgreSQL's 65,535) every scrape failed. Now a slice of the
+    projects at a time; each still gets its series, its ended and unfinished jobs' seconds."""
+    now = utcnow()
+    ids = [f"prj_many{i:06d}" for i in range(projects)]
+    with db.transaction() as s:
+        s.execute(insert(Project), [{"id": project_id, "name": project_id, "policy": "balanced",
+                                     "budget_period": "none", "created_at": now, "storage_bytes": 0}
+                                    for project_id in ids])
+        s.add(Job(id="job_many_ended", project_id=ids[-1], stage="ideation", engine="lite", status="succeeded",
+                  started_at=now - timedelta(hours=1), finished_at=now - timedelta(hours=1), device_seconds=7.0))
+        s.add(Job(id="job_many_queued", project_id=ids[-1], stage="ideation", engine="lite", status="queued",
+                  attempt=1, device_seconds=3.0))
+    _, samples = parse(render(db, {"lite": ["ideation"]}, default_local_seconds=50))
+    used = samples["orchestrator_project_local_seconds_used"]
+    assert len(used) == projects
+    assert (used[labels(project=ids[-1])], used[labels(project=ids[0])]) == (10.0, 0.0)

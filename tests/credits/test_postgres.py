@@ -133,6 +133,7 @@ from tests.test_metrics import (
     check_job_histograms,
     check_later_scrapes_read_the_recent_jobs_and_agree_with_a_full_read,
     check_local_seconds_used_by_project,
+    check_local_seconds_used_of_more_projects_than_a_statement_binds,
 )
 from tests.test_migrations import check_holds_marked_settled_by_0010
 
@@ -1175,6 +1176,11 @@ def test_each_project_s_local_seconds_used_is_the_sum_its_quota_is_judged_agains
         pg_db: Database) -> None:
     # The unfinished jobs' lease stamps (timestamptz) and the window's float sum, as PostgreSQL reads them.
     check_local_seconds_used_by_project(pg_db)
+
+
+def test_local_seconds_used_of_more_projects_than_a_statement_binds_on_postgres(pg_db: Database) -> None:
+    # 65,534 projects' ids and the window's bound: one over psycopg's 65,535 parameters a statement.
+    check_local_seconds_used_of_more_projects_than_a_statement_binds(pg_db, 65_535)
 
 
 @contextlib.contextmanager
