@@ -938,12 +938,7 @@ class JobRunner:
             return None
         with self.db.snapshot() as s:
             project = s.get(Project, job.project_id)
-            if project is None or project.budget_limit is None:
-                used = None
-            else:
-                balance = self.ledger.balance(s, project)
-                own = self.ledger.open_hold(s, job.id)
-                used = replace(balance, held=balance.held - (own.amount if own is not None else 0)).used_fraction
+            used = None if project is None else self._share_without_own_hold(s, project, job)
         now = self.router.rule_for(policy, request, used, routing.get("policy_hash"), rule)
         if now is None or now == rule:
             return None
@@ -973,6 +968,15 @@ class JobRunner:
                 if isinstance(cap, int | float)]
         return {**decision.as_dict(), "max_credits": min(caps) if caps else None, "rule_before": rule,
                 "budget_used": None if used is None else round(used, 4)}
+
+    def _share_without_own_hold(self, s: Session, project: Project, job: Job) -> float | None:
+        """The budget's share used, the job's own open hold left out: the share its submit judged
+        its rule on (taken after the choice), and the one a move off its engine leaves."""
+        if project.budget_limit is None:
+            return None
+        balance = self.ledger.balance(s, project)
+        own = self.ledger.open_hold(s, job.id)
+        return replace(balance, held=balance.held - (own.amount if own is not None else 0)).used_fraction
 
     @staticmethod
     def _rule_skip(routing: dict[str, Any], refused: OrchestratorError) -> dict[str, Any]:
@@ -1691,7 +1695,9 @@ class JobRunner:
         # local), and a job routed before it followed its recorded candidates off the machine.
         if self.router is None:
             return False
-        used = None if project.budget_limit is None else self.ledger.balance(s, project).used_fraction
+        # On the share without the job's own hold: counted, a hold that took the project past a
+        # private rule's `budget_used_over` canceled the job its submit routed off the machine.
+        used = self._share_without_own_hold(s, project, job)
         return self.router.keeps_local(policy, render_request(params), used, routed)
 
     def _record(self, job: Job, result: RenderResult, seed: int | None) -> dict[str, Any]:

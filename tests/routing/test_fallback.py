@@ -1962,6 +1962,12 @@ def test_a_fallback_a_private_rule_now_takes_makes_private_images(new_settings: 
             db.dispose()
 
 
+PRIVATE_OVER_HALF_POLICY = routing_policy(
+    "private-over-half-test", ["fake-paid", "fake-b", "local-hifi"], soft=("tight", 0.5, ["local-hifi"]),
+    description="On fake-paid, then fake-b, then local-hifi; kept on this machine once half the budget is used."
+).replace('engines = ["local-hifi"]', 'engines = ["local-hifi"]\nprivate = true')
+
+
 @pytest.fixture(scope="module")
 def money_server(new_settings: SettingsFactory,
                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[httpx.Client, Settings]]:
@@ -1969,7 +1975,8 @@ def money_server(new_settings: SettingsFactory,
     its database)."""
     folder = write_policies(tmp_path_factory.mktemp("policies"), {
         "fallback-test": FALLBACK_POLICY, "soft-fallback-test": SOFT_FALLBACK_POLICY,
-        "narrow-fallback-test": NARROW_FALLBACK_POLICY, "client-private-test": CLIENT_PRIVATE_POLICY})
+        "narrow-fallback-test": NARROW_FALLBACK_POLICY, "client-private-test": CLIENT_PRIVATE_POLICY,
+        "private-over-half-test": PRIVATE_OVER_HALF_POLICY})
     settings = new_settings(engines=FAKE_ENGINES, policy="fallback-test", policy_dir=folder)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr("orchestrator.services.EngineHealth", functools.partial(EngineHealth, threshold=1000))
@@ -2128,3 +2135,40 @@ def test_a_fallback_never_leaves_the_machine_where_the_project_s_policy_now_keep
         "succeeded", [("fake-paid", "failed"), ("local-hifi", "succeeded")]), done
     moved = [e.data for e in read_events(client, job["id"]) if e.data.get("state") == "fallback"]
     assert [(s["engine"], s["reason"]) for s in moved[0]["skipped"]] == [("fake-b", "private")]
+
+
+def test_a_job_whose_own_hold_crosses_a_private_rule_s_share_is_sent_as_routed(
+        money_server: tuple[httpx.Client, Settings]) -> None:
+    """Routed by `paid` at 45% used, the job's own hold of 10 takes the share to 55%, past `tight`
+    (private, over 50%): the rule is judged without that hold, as its submit judged it, so the
+    policy, unchanged, does not cancel the job before its first send."""
+    client, settings = money_server
+    project_id, asset_id = draft_asset(client, policy="private-over-half-test",
+                                       budget={"limit": 100, "period": "month"})
+    with database(settings) as db, db.transaction() as s:  # another client's work, held before the submit
+        s.add(LedgerEntry(project_id=project_id, kind="hold", amount=45_000, created_at=utcnow()))
+    job = promote(client, asset_id)
+    assert (job["engine"], job["routing"]["rule"]) == ("fake-paid", "paid")
+    done = wait_for_job(client, job["id"])
+    assert (done["status"], done["engine"]) == ("succeeded", "fake-paid"), done
+    assert kinds(ledger(client, project_id, job["id"])) == [("hold", 10.0, "fake-paid"), ("capture", 10.0, "fake-paid")]
+
+
+def test_a_fallback_judges_a_private_rule_on_the_share_the_move_leaves(
+        money_server: tuple[httpx.Client, Settings]) -> None:
+    """As above, fake-paid fails: the move leaves 45% used (its hold released), under `tight`, so
+    fake-b takes the job as `_routing_now` judged; read with the failed engine's hold, the job was
+    skipped `private` to local-hifi."""
+    client, settings = money_server
+    project_id, asset_id = draft_asset(client, policy="private-over-half-test",
+                                       budget={"limit": 100, "period": "month"})
+    with database(settings) as db, db.transaction() as s:
+        s.add(LedgerEntry(project_id=project_id, kind="hold", amount=45_000, created_at=utcnow()))
+    job = promote(client, asset_id, tags={"fake": "fail"})
+    assert (job["engine"], job["routing"]["rule"]) == ("fake-paid", "paid")
+    done = wait_for_job(client, job["id"])
+    assert (done["status"], [(a["engine"], a["status"]) for a in done["attempts"]]) == (
+        "succeeded", [("fake-paid", "failed"), ("fake-b", "succeeded")]), done
+    assert kinds(ledger(client, project_id, job["id"])) == [
+        ("hold", 10.0, "fake-paid"), ("release", 10.0, "fake-paid"), ("hold", 20.0, "fake-b"),
+        ("capture", 20.0, "fake-b")]
