@@ -176,10 +176,16 @@ class Router:
         keeps it on this machine (`Rule.keeps_local`); a policy not loaded or a request no rule
         matches: no. `routed`: the hash of the version the job was routed by, when another than
         this process's says it is kept local, judged by the file as it reads now, as
-        `services._keeps_all_local` judges (this process may not have looked at an edit yet)."""
+        `services._keeps_all_local` judges (this process may not have looked at an edit yet).
+        Routed by the version loaded: no, as that version judged it (a private rule's job was
+        marked); the request's facts now are not the submit's (the client's choice of engine is
+        not recorded, so a rule on `engine` never fits), and a share of the budget that crossed a
+        private rule's since moves a fallback there (`JobRunner._routing_now`), not a first send."""
         try:
             policy = self.policies.get(policy_name)
         except NotFound:
+            return False
+        if routed is not None and routed == policy.content_hash:
             return False
         facts = RequestFacts.from_request(req, engine=None, budget_used=budget_used)
 
@@ -187,7 +193,7 @@ class Router:
             matched = loaded.match(facts)
             return matched is not None and matched[1].keeps_local(req.tags)
 
-        if not private(policy) or routed is None or routed == policy.content_hash:
+        if not private(policy) or routed is None:
             return private(policy)
         now = self.policies.as_it_reads_now(policy_name)
         return now is None or private(now)

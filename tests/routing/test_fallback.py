@@ -1967,6 +1967,12 @@ PRIVATE_OVER_HALF_POLICY = routing_policy(
     description="On fake-paid, then fake-b, then local-hifi; kept on this machine once half the budget is used."
 ).replace('engines = ["local-hifi"]', 'engines = ["local-hifi"]\nprivate = true')
 
+# The client's choice of fake-b routed by a rule of its own, before `acme`'s private one.
+CHOSEN_ENGINE_POLICY = CLIENT_PRIVATE_POLICY.replace('"client-private-test"', '"chosen-engine-test"').replace(
+    '[[rules]]\nname = "acme"',
+    '[[rules]]\nname = "chosen"\nmatch = { stage = ["bridge", "polish"], engine = ["fake-b"] }\n'
+    'engines = ["fake-b"]\n\n[[rules]]\nname = "acme"')
+
 
 @pytest.fixture(scope="module")
 def money_server(new_settings: SettingsFactory,
@@ -1976,7 +1982,7 @@ def money_server(new_settings: SettingsFactory,
     folder = write_policies(tmp_path_factory.mktemp("policies"), {
         "fallback-test": FALLBACK_POLICY, "soft-fallback-test": SOFT_FALLBACK_POLICY,
         "narrow-fallback-test": NARROW_FALLBACK_POLICY, "client-private-test": CLIENT_PRIVATE_POLICY,
-        "private-over-half-test": PRIVATE_OVER_HALF_POLICY})
+        "private-over-half-test": PRIVATE_OVER_HALF_POLICY, "chosen-engine-test": CHOSEN_ENGINE_POLICY})
     settings = new_settings(engines=FAKE_ENGINES, policy="fallback-test", policy_dir=folder)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr("orchestrator.services.EngineHealth", functools.partial(EngineHealth, threshold=1000))
@@ -2172,3 +2178,17 @@ def test_a_fallback_judges_a_private_rule_on_the_share_the_move_leaves(
     assert kinds(ledger(client, project_id, job["id"])) == [
         ("hold", 10.0, "fake-paid"), ("release", 10.0, "fake-paid"), ("hold", 20.0, "fake-b"),
         ("capture", 20.0, "fake-b")]
+
+
+def test_a_request_for_an_engine_routed_by_its_own_rule_is_sent_there(
+        money_server: tuple[httpx.Client, Settings]) -> None:
+    """`chosen` (the client's choice of fake-b) comes before `acme` (private): acme's request for
+    fake-b is routed there by it, the policy never changed. Judged again without the choice (a
+    job does not record it), the request matched `acme` and the job was canceled before its send."""
+    client, _ = money_server
+    project_id, asset_id = draft_asset(client, policy="chosen-engine-test")
+    job = promote(client, asset_id, engine="fake-b", tags={"client": "acme"})
+    assert (job["engine"], job["routing"]["rule"], job["routing"]["private"]) == ("fake-b", "chosen", False)
+    done = wait_for_job(client, job["id"])
+    assert (done["status"], done["engine"]) == ("succeeded", "fake-b"), done
+    assert kinds(ledger(client, project_id, job["id"])) == [("hold", 20.0, "fake-b"), ("capture", 20.0, "fake-b")]
