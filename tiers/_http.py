@@ -166,6 +166,8 @@ def _public(address: Address) -> bool:
 # Hosts whose checked addresses a client keeps for the connections it opens next: a request's
 # check and its connect are moments apart, and output hosts are few (a provider's CDN or two).
 PINNED_HOSTS = 256
+# Seconds between attempts at a pinned host's addresses: anyio's own for a name it resolves.
+HAPPY_EYEBALLS_DELAY = 0.25
 
 
 class _PinnedBackend(httpcore.AsyncNetworkBackend):
@@ -198,16 +200,47 @@ class _PinnedBackend(httpcore.AsyncNetworkBackend):
             # Every request to another host is checked first, so this is one whose entry was pushed
             # out meanwhile: a failed connection, retried (and checked) again.
             raise httpcore.ConnectError(f"{host} was not checked before connecting")
+        return await self._first_connected(addresses, port, timeout, local_address, socket_options)
+
+    async def _first_connected(self, addresses: tuple[Address, ...], port: int, timeout: float | None,
+                               local_address: str | None,
+                               socket_options: Iterable[httpcore.SOCKET_OPTION] | None,
+                               ) -> httpcore.AsyncNetworkStream:
+        """As anyio connects a name (happy eyeballs, RFC 8305): the addresses in the resolver's
+        order, each started `HAPPY_EYEBALLS_DELAY` after the one before (at once when it fails), all
+        within the one connect timeout, the first connected kept. Equal shares of the timeout, one
+        after the other, failed a host whose every address takes longer than its share to accept
+        (a SYN lost once is sent again after 1 s), which connected before pinning."""
+        options = None if socket_options is None else list(socket_options)  # each attempt reads them
         stop = None if timeout is None else time.monotonic() + timeout
-        failure: Exception | None = None
-        for tried, address in enumerate(addresses):  # in the resolver's order, as a connect by name
-            # Each its share of the time left: one that never answers (IPv6 dropped on the way) does
-            # not take it all from the next.
-            left = None if stop is None else max(stop - time.monotonic(), 0.0) / (len(addresses) - tried)
-            try:
-                return await self._inner.connect_tcp(str(address), port, left, local_address, socket_options)
-            except (httpcore.ConnectError, httpcore.ConnectTimeout) as error:
-                failure = error
+        waiting = list(addresses)
+        trying: set[asyncio.Task[httpcore.AsyncNetworkStream]] = set()
+        connected: list[httpcore.AsyncNetworkStream] = []
+        failure: BaseException | None = None
+        try:
+            while (waiting or trying) and not connected:
+                if waiting:
+                    left = None if stop is None else max(stop - time.monotonic(), 0.0)
+                    trying.add(asyncio.ensure_future(self._inner.connect_tcp(
+                        str(waiting.pop(0)), port, left, local_address, options)))
+                done, trying = await asyncio.wait(trying, timeout=HAPPY_EYEBALLS_DELAY if waiting else None,
+                                                  return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    if task.exception() is None:
+                        connected.append(task.result())
+                    else:
+                        failure = task.exception()
+        except BaseException:  # canceled: nothing connected is kept
+            connected += await _abandoned(trying)
+            for stream in connected:
+                with contextlib.suppress(Exception):
+                    await stream.aclose()
+            raise
+        connected += await _abandoned(trying)
+        for extra in connected[1:]:
+            await extra.aclose()
+        if connected:
+            return connected[0]
         assert failure is not None
         raise failure
 
@@ -218,6 +251,18 @@ class _PinnedBackend(httpcore.AsyncNetworkBackend):
 
     async def sleep(self, seconds: float) -> None:
         await self._inner.sleep(seconds)
+
+
+async def _abandoned(trying: Collection[asyncio.Task[httpcore.AsyncNetworkStream]],
+                     ) -> list[httpcore.AsyncNetworkStream]:
+    """`trying` canceled: the streams of those that connected all the same, to be closed."""
+    for task in trying:
+        task.cancel()
+    streams = []
+    for task in trying:
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            streams.append(await task)
+    return streams
 
 
 def _literal_address(host: str) -> bool:

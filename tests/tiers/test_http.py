@@ -10,6 +10,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any, cast
 
+import httpcore
 import httpx
 import pytest
 import respx
@@ -1104,3 +1105,37 @@ async def test_an_error_body_in_a_charset_that_is_no_text_encoding_is_still_told
         await client.request("POST", "/images", json={"prompt": "a lighthouse"})
     assert route.call_count >= 1 and info.value.charged == "no"
     assert "Service Unavailable" in info.value.message
+
+
+class _Connected(httpcore.AsyncNetworkStream):
+    def __init__(self, host: str) -> None:
+        self.host = host
+
+
+class _SlowToAccept(httpcore.AsyncNetworkBackend):
+    """Every address accepts after `latency` seconds (a lost SYN is sent again after 1 s), and
+    times out on a timeout shorter than that, as a real connect does."""
+
+    def __init__(self, latency: float) -> None:
+        self.latency = latency
+        self.tried: list[str] = []
+
+    async def connect_tcp(self, host: str, port: int, timeout: float | None = None,
+                          local_address: str | None = None, socket_options: Any = None) -> _Connected:
+        self.tried.append(host)
+        if timeout is not None and timeout < self.latency:
+            await asyncio.sleep(timeout)
+            raise httpcore.ConnectTimeout(f"{host} did not answer in {timeout}")
+        await asyncio.sleep(self.latency)
+        return _Connected(host)
+
+
+async def test_a_host_whose_addresses_are_all_slow_connects_within_the_connect_timeout() -> None:
+    # Before pinning, anyio connected the name trying its addresses a quarter-second apart, all
+    # within the one connect timeout (happy eyeballs). Split into equal shares, two addresses
+    # that each take 0.3 s of a 0.5 s timeout never connected.
+    inner = _SlowToAccept(0.3)
+    backend = _http._PinnedBackend(inner, None)
+    backend.pin("cdn.slow.test", [ipaddress.ip_address("192.0.2.1"), ipaddress.ip_address("192.0.2.2")])
+    stream = await backend.connect_tcp("cdn.slow.test", 443, timeout=0.5)
+    assert isinstance(stream, _Connected) and stream.host == "192.0.2.1"
