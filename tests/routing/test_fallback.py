@@ -96,6 +96,23 @@ def paid_server(new_settings: SettingsFactory, tmp_path_factory: pytest.TempPath
             yield client
 
 
+def hold_after_the_routing_look(project_id: str, amount: int) -> tuple[Any, list[str]]:
+    """`JobRunner._routing_now` followed, at its first call, by a hold of `amount` millicredits on
+    the project (another client's work, held after the fallback's look); and the list its call fills."""
+    looked = JobRunner._routing_now
+    held: list[str] = []
+
+    def look_then_another_request_holds(self: JobRunner, *args: Any) -> Any:
+        routing = looked(self, *args)
+        if not held:
+            held.append(project_id)
+            with self.db.transaction() as s:
+                s.add(LedgerEntry(project_id=project_id, kind="hold", amount=amount, created_at=utcnow()))
+        return routing
+
+    return look_then_another_request_holds, held
+
+
 def draft_asset(client: httpx.Client, **project: Any) -> tuple[str, str]:
     """(project id, asset id) of a fresh project's one draft."""
     response = client.post("/v1/projects", json={"name": "fallback", **project})
@@ -1607,16 +1624,7 @@ def check_a_fallback_follows_the_rule_the_budget_s_share_picks_now(settings: Set
         # project's lock, as a submit is, the move to fake-b is not made, and the rule now followed.
         project_id, asset_id = draft_asset(client, policy="soft-fallback-test",
                                            budget={"limit": 200, "period": "month"})
-        looked = JobRunner._routing_now
-        held: list[str] = []
-
-        def look_then_another_request_holds(self: JobRunner, *args: Any) -> Any:
-            routing = looked(self, *args)
-            if not held:
-                held.append(project_id)
-                with self.db.transaction() as s:
-                    s.add(LedgerEntry(project_id=project_id, kind="hold", amount=165_000, created_at=utcnow()))
-            return routing
+        look_then_another_request_holds, _ = hold_after_the_routing_look(project_id, 165_000)
 
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(JobRunner, "_routing_now", look_then_another_request_holds)
@@ -1643,16 +1651,7 @@ def test_a_fallback_s_candidate_the_rule_changed_under_is_tried_under_the_new_ru
     with running(settings) as client:
         project_id, asset_id = draft_asset(client, policy="narrow-fallback-test",
                                            budget={"limit": 200, "period": "month"})
-        looked = JobRunner._routing_now
-        held: list[str] = []
-
-        def look_then_another_request_holds(self: JobRunner, *args: Any) -> Any:
-            routing = looked(self, *args)
-            if not held:
-                held.append(project_id)
-                with self.db.transaction() as s:  # another client's work, held after the look
-                    s.add(LedgerEntry(project_id=project_id, kind="hold", amount=165_000, created_at=utcnow()))
-            return routing
+        look_then_another_request_holds, held = hold_after_the_routing_look(project_id, 165_000)
 
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(JobRunner, "_routing_now", look_then_another_request_holds)
@@ -2072,16 +2071,7 @@ def test_a_fallback_s_copy_is_judged_on_the_rule_under_the_project_s_lock(
     client, _ = money_server
     project_id, asset_id = draft_asset(client, policy="soft-fallback-test", budget={"limit": 200, "period": "month"})
     bought_on_fake_b(client, asset_id, seed=23)
-    looked = JobRunner._routing_now
-    held: list[str] = []
-
-    def look_then_another_request_holds(self: JobRunner, *args: Any) -> Any:
-        routing = looked(self, *args)
-        if not held:
-            held.append(project_id)
-            with self.db.transaction() as s:
-                s.add(LedgerEntry(project_id=project_id, kind="hold", amount=145_000, created_at=utcnow()))
-        return routing
+    look_then_another_request_holds, _ = hold_after_the_routing_look(project_id, 145_000)
 
     monkeypatch.setattr(JobRunner, "_routing_now", look_then_another_request_holds)
     done = wait_for_job(client, promote(client, asset_id, cache=True, seed=23, tags={"fake": "fail"})["id"])
