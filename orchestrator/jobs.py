@@ -656,6 +656,10 @@ class JobService:
             copy = self._copy_past_circuits(policy, prepared, engine, used, device)
             if copy is not None and copy.chosen != decision.chosen:
                 return copy
+        # The request's own cap recorded apart from the rule's: a fallback that follows another rule
+        # (`JobRunner._routing_now`) is held to that rule's cap and this one, not to the first rule's.
+        decision.extra["requested_max_credits"] = None if max_credits is None else to_credits(
+            to_millicredits(max_credits))
         if max_credits is not None:
             # Recorded for the fallbacks with the rule's own cap (see `JobRunner._fall_back`).
             rule_cap = decision.extra.get("max_credits")

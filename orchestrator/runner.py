@@ -964,9 +964,16 @@ class JobRunner:
         # a job moved off an engine nobody has waits on. Judged here, a rule whose engines' circuits
         # were all open read as one no engine may take, and that job was failed.
         decision = self.router.decide(policy, request, None, used, circuits=False, elsewhere=elsewhere)
-        caps = [cap for cap in (routing.get("max_credits"), decision.extra.get("max_credits"))
-                if isinstance(cap, int | float)]
-        return {**decision.as_dict(), "max_credits": min(caps) if caps else None, "rule_before": rule,
+        # Bounded by the rule that routes it now and by the request's own cap, not by the cap of the
+        # rule it leaves (a rule for cheap engines no longer bounding the one the budget's share
+        # picks). A job routed before the request's cap was recorded apart keeps its recorded cap,
+        # which may be the request's.
+        known = "requested_max_credits" in routing
+        requested = routing.get("requested_max_credits") if known else routing.get("max_credits")
+        caps = [cap for cap in (requested, decision.extra.get("max_credits"))
+                if isinstance(cap, int | float) and not isinstance(cap, bool)]
+        return {**decision.as_dict(), "max_credits": min(caps) if caps else None,
+                **({"requested_max_credits": requested} if known else {}), "rule_before": rule,
                 "budget_used": None if used is None else round(used, 4)}
 
     def _share_without_own_hold(self, s: Session, project: Project, job: Job) -> float | None:

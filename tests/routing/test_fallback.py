@@ -1972,6 +1972,13 @@ CHOSEN_ENGINE_POLICY = CLIENT_PRIVATE_POLICY.replace('"client-private-test"', '"
     '[[rules]]\nname = "chosen"\nmatch = { stage = ["bridge", "polish"], engine = ["fake-b"] }\n'
     'engines = ["fake-b"]\n\n[[rules]]\nname = "acme"')
 
+# `paid` caps a job at 15 credits (fake-b, at 20, is over it); past 80% of the budget, `roomy`,
+# uncapped, sends the job to fake-b.
+CAPPED_PAID_POLICY = routing_policy(
+    "capped-paid-test", ["fake-paid", "local-hifi"], soft=("roomy", 0.8, ["fake-b"]),
+    description="On fake-paid, then local-hifi, at most 15 credits; fake-b, uncapped, once 80% of the budget is used."
+).replace('engines = ["fake-paid", "local-hifi"]', 'engines = ["fake-paid", "local-hifi"]\nmax_credits = 15')
+
 
 @pytest.fixture(scope="module")
 def money_server(new_settings: SettingsFactory,
@@ -1981,7 +1988,8 @@ def money_server(new_settings: SettingsFactory,
     folder = write_policies(tmp_path_factory.mktemp("policies"), {
         "fallback-test": FALLBACK_POLICY, "soft-fallback-test": SOFT_FALLBACK_POLICY,
         "narrow-fallback-test": NARROW_FALLBACK_POLICY, "client-private-test": CLIENT_PRIVATE_POLICY,
-        "private-over-half-test": PRIVATE_OVER_HALF_POLICY, "chosen-engine-test": CHOSEN_ENGINE_POLICY})
+        "private-over-half-test": PRIVATE_OVER_HALF_POLICY, "chosen-engine-test": CHOSEN_ENGINE_POLICY,
+        "capped-paid-test": CAPPED_PAID_POLICY})
     settings = new_settings(engines=FAKE_ENGINES, policy="fallback-test", policy_dir=folder)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr("orchestrator.services.EngineHealth", functools.partial(EngineHealth, threshold=1000))
@@ -2182,3 +2190,38 @@ def test_a_request_for_an_engine_routed_by_its_own_rule_is_sent_there(
     done = wait_for_job(client, job["id"])
     assert (done["status"], done["engine"]) == ("succeeded", "fake-b"), done
     assert kinds(ledger(client, project_id, job["id"])) == [("hold", 20.0, "fake-b"), ("capture", 20.0, "fake-b")]
+
+
+@pytest.mark.parametrize("max_credits", [None, 15])
+def test_a_fallback_under_another_rule_is_capped_by_that_rule_and_the_request(
+        money_server: tuple[httpx.Client, Settings], max_credits: int | None) -> None:
+    """Routed by `paid` (max_credits 15) to fake-paid, which fails once another client's hold has
+    taken the project past 80%: the job follows `roomy`, which sets no cap, to fake-b (20). The
+    cap `paid` recorded was kept and fake-b skipped `max_credits`, failing the job. The request's
+    own max_credits (15) still bounds it under any rule."""
+    client, _ = money_server
+    project_id, asset_id = draft_asset(client, policy="capped-paid-test", budget={"limit": 200, "period": "month"})
+    look_then_another_request_holds, held = hold_after_the_routing_look(project_id, 165_000)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(JobRunner, "_routing_now", look_then_another_request_holds)
+        job = promote(client, asset_id, tags={"fake": "fail"},
+                      **({} if max_credits is None else {"max_credits": max_credits}))
+        assert (job["engine"], job["routing"]["rule"], job["routing"]["max_credits"]) == ("fake-paid", "paid", 15.0)
+        done = wait_for_job(client, job["id"])
+    assert held
+    routing = done["routing"]
+    if max_credits is None:
+        assert (routing["rule"], routing["rule_before"], routing["max_credits"]) == ("roomy", "paid", None), routing
+        assert routing["requested_max_credits"] is None, routing
+        assert (done["status"], [(a["engine"], a["status"]) for a in done["attempts"]]) == (
+            "succeeded", [("fake-paid", "failed"), ("fake-b", "succeeded")]), done
+        assert kinds(ledger(client, project_id, done["id"])) == [
+            ("hold", 10.0, "fake-paid"), ("release", 10.0, "fake-paid"), ("hold", 20.0, "fake-b"),
+            ("capture", 20.0, "fake-b")]
+    else:  # failed with no move, its routing the one recorded at submit
+        assert (routing["rule"], routing["max_credits"], routing["requested_max_credits"]) == ("paid", 15.0, 15.0)
+        assert (done["status"], done["engine"]) == ("failed", "fake-paid"), done
+        assert done["error"]["details"]["fallbacks_skipped"] == [
+            {"engine": "fake-b", "reason": "max_credits", "estimate": 20.0}]
+        assert kinds(ledger(client, project_id, done["id"])) == [("hold", 10.0, "fake-paid"),
+                                                                ("release", 10.0, "fake-paid")]
