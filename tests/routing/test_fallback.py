@@ -2225,3 +2225,26 @@ def test_a_fallback_under_another_rule_is_capped_by_that_rule_and_the_request(
             {"engine": "fake-b", "reason": "max_credits", "estimate": 20.0}]
         assert kinds(ledger(client, project_id, done["id"])) == [("hold", 10.0, "fake-paid"),
                                                                 ("release", 10.0, "fake-paid")]
+
+
+def test_a_job_sent_after_other_holds_cross_a_private_rule_s_share_goes_as_routed(
+        money_server: tuple[httpx.Client, Settings], tmp_path: Path) -> None:
+    """Routed by `paid` at 0% used to fake-paid; before it sends, another client's hold of 60 takes
+    the project past `tight` (private, over 50%). The version that routed it is unchanged: the job
+    is sent as routed, not canceled before its send (the share measures spending, not the request's
+    data, and a queued job's routing is not revisited); only a fallback would follow `tight`."""
+    client, settings = money_server
+    project_id, asset_id = draft_asset(client, policy="private-over-half-test",
+                                       budget={"limit": 100, "period": "month"})
+    go = tmp_path / "go"
+    prompt = "a lighthouse, sent as routed past a private rule's share"
+    job = promote(client, asset_id, prompt=prompt, tags={"fake": "wait-before-send", "until": str(go)})
+    assert (job["engine"], job["routing"]["rule"]) == ("fake-paid", "paid")
+    poll(lambda: client.get(f"/v1/jobs/{job['id']}").json()["status"] == "running", what="the job claimed")
+    with database(settings) as db, db.transaction() as s:  # another client's work, held after the submit
+        s.add(LedgerEntry(project_id=project_id, kind="hold", amount=60_000, created_at=utcnow()))
+    go.touch()
+    done = wait_for_job(client, job["id"])
+    assert (done["status"], done["engine"]) == ("succeeded", "fake-paid"), done
+    assert kinds(ledger(client, project_id, job["id"])) == [("hold", 10.0, "fake-paid"), ("capture", 10.0, "fake-paid")]
+    assert prompt in " ".join(fakes.SENT)
