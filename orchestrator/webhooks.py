@@ -771,8 +771,8 @@ class Deliverer:
         for task in sending:
             task.cancel()
         await asyncio.wait(sending)
-        # Due again at once for the next start (or another process), as they were, not claimed for
-        # the rest of their lease; here, not in each send: a send canceled before its first step
+        # Due again at once for the next start (or another process), not claimed for the rest of
+        # their lease (`_release`); here, not in each send: a send canceled before its first step
         # runs none of its code. (A row whose result was written is no longer as claimed: untouched.)
         stopped = [row for task, row in sending.items() if task.cancelled()]
         if not stopped:
@@ -859,8 +859,9 @@ class Deliverer:
             if self._missed_after is not None:
                 after, due, last = self._missed_after
                 # A row comes past after the pass that read the cursor (its `next_attempt_at` moved on
-                # past now, or its making past its schedule since), so none comes back before the
-                # cursor: every URL left is reached within a round.
+                # past now, by a retry or a claim given back at a stop, `_release`, or its making past
+                # its schedule since), so none comes back before the cursor: every URL left is reached
+                # within a round.
                 read = read.having(sa.or_(came > after, sa.and_(came == after, sa.or_(
                     soonest > due, sa.and_(soonest == due, url > last)))))
             past_urls = s.execute(read.order_by(came, soonest, url).limit(MISSED_URLS)).all()
@@ -907,14 +908,18 @@ class Deliverer:
         return claimed
 
     def _release(self, rows: list[Due]) -> None:
-        """Give claimed rows back as they were read (due, no attempt counted), unless their lease
-        ended and another process claimed them since."""
+        """Give claimed rows back due now (no attempt counted), unless their lease ended and
+        another process claimed them since. Due now, not at the `next_attempt_at` they were read
+        with: that time may lie behind where a `_give_up` pass (this process's or another's) went
+        on reading while they were claimed, out of its read, and a row given back there was
+        reached only once a round of passes ended, which a live backlog may never let happen.
+        (Due either way: a claimed row was due when read.)"""
         with self.db.transaction() as s:
+            now = shared_now()
             for row in rows:
                 s.execute(update(WebhookDelivery).where(
                     col(WebhookDelivery.id) == row.id, col(WebhookDelivery.next_attempt_at) == row.leased_until,
-                    col(WebhookDelivery.delivered_at).is_(None)).values(next_attempt_at=row.next_attempt_at,
-                                                                        leased_until=None))
+                    col(WebhookDelivery.delivered_at).is_(None)).values(next_attempt_at=now, leased_until=None))
 
     async def _written(self, write: Callable[..., None], *args: Any) -> None:
         """`write` in a thread, to its end even when a stop comes meanwhile (which is raised after

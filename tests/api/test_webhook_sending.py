@@ -724,11 +724,11 @@ def check_spellings_the_sql_filter_misses_do_not_fill_every_read(db: Database) -
     assert [row.id for row in deliverer._due((), full)] == [ids[-1]]
 
 
-def test_a_claim_given_back_is_due_as_it_was_unless_claimed_since(db: Database) -> None:
-    check_a_claim_given_back_is_due_as_it_was(db)
+def test_a_claim_given_back_is_due_at_once_unless_claimed_since(db: Database) -> None:
+    check_a_claim_given_back_is_due_at_once(db)
 
 
-def check_a_claim_given_back_is_due_as_it_was(db: Database) -> None:
+def check_a_claim_given_back_is_due_at_once(db: Database) -> None:
     _deliveries(db, [("http://a.example/h", 2)])
     first = webhooks.Deliverer(db, lambda job_id: {}, None, interval=0.1)
     second = webhooks.Deliverer(db, lambda job_id: {}, None, interval=0.1)
@@ -743,7 +743,9 @@ def check_a_claim_given_back_is_due_as_it_was(db: Database) -> None:
     assert second._claim_all([expired]) == [expired]
     first._release(due)
     rows = _rows(db)
-    assert rows["whd_000"].next_attempt_at == read["whd_000"] and rows["whd_000"].attempts == 0
+    # Due from the give-back on, not at the time it was read (`check_a_claim_given_back_behind_the_cursor_is_reached`).
+    given_back = rows["whd_000"].next_attempt_at
+    assert given_back is not None and given_back > read["whd_000"] and rows["whd_000"].attempts == 0
     assert rows["whd_001"].next_attempt_at == expired.leased_until
     assert [row.id for row in first._due()] == ["whd_000"]
 
@@ -1326,6 +1328,42 @@ def check_a_missed_url_that_passes_its_schedule_behind_the_cursor_is_reached(
     rows = _rows(db)
     assert rows["whd_missed"].next_attempt_at is None
     assert all(rows[i].next_attempt_at is not None for i in ids)
+
+
+def test_a_claim_given_back_behind_the_cursor_is_reached_within_the_round(
+        db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    check_a_claim_given_back_behind_the_cursor_is_reached(db, monkeypatch)
+
+
+def check_a_claim_given_back_behind_the_cursor_is_reached(db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A row claimed (its next_attempt_at moved past now) is out of the give-up's read while the
+    # cursor moves on; given back at a stop with the next_attempt_at it had, it came past before the
+    # cursor, and waited for good while a live backlog (more than a pass, each pass's due after the
+    # last) kept the round from ending.
+    monkeypatch.setattr(webhooks, "MISSED_URLS", 2)
+    now = shared_now()
+    made_long_ago = now - timedelta(seconds=webhooks.SCHEDULE_SECONDS + 60)
+    ids = _deliveries(db, [("http://hooks\u3002example/h", 1), *[(f"http://alive.example/h?job={n}", 1)
+                                                                 for n in range(4)]])
+    with db.transaction() as s:
+        for row in s.exec(select(WebhookDelivery)).all():
+            row.created_at = made_long_ago
+    stopping = webhooks.Deliverer(db, lambda job_id: {}, None, interval=0.1)
+    [claimed] = stopping._claim_all(stopping._due(limit=1))
+    assert claimed.id == ids[0]  # the soonest due, claimed by a process that then stops
+    deliverer = webhooks.Deliverer(db, lambda job_id: {}, None, interval=0.1)
+    set_aside = {webhooks.destination("http://hooks.example/"): "answered 503"}
+    deliverer._give_up(set_aside)  # the backlog's first two URLs: the cursor past the claimed row
+    stopping._release([claimed])
+    for n in range(3):
+        with db.transaction() as s:  # the live backlog goes on: two more URLs come due each pass
+            for k in range(2):
+                s.add(WebhookDelivery(id=f"whd_more_{n}_{k}", job_id="job_1", url=f"http://alive.example/h?more={n}{k}",
+                                      event="job.failed", created_at=made_long_ago, next_attempt_at=shared_now()))
+        deliverer._give_up(set_aside)
+    rows = _rows(db)
+    assert rows[ids[0]].next_attempt_at is None and rows[ids[0]].attempts == 0
+    assert all(row.next_attempt_at is not None for i, row in rows.items() if i != ids[0])
 
 
 @pytest.mark.parametrize("stored", ["http://[bad]:\u00b2/h", "http://\u00fc[@alive.example/h", "http://[@\u00fc%x@/h"])

@@ -84,7 +84,8 @@ from tests.api.test_webhook_deliveries import (
     check_old_deliveries_pruned,
 )
 from tests.api.test_webhook_sending import (
-    check_a_claim_given_back_is_due_as_it_was,
+    check_a_claim_given_back_behind_the_cursor_is_reached,
+    check_a_claim_given_back_is_due_at_once,
     check_a_full_destination_is_read_past,
     check_a_missed_url_that_passes_its_schedule_behind_the_cursor_is_reached,
     check_a_set_aside_destination_s_rows_past_their_schedule_are_given_up_unsent,
@@ -1405,7 +1406,7 @@ def test_webhook_deliveries_are_listed_within_a_time_range_on_postgres(pg_db: Da
     check_a_time_range_read(pg_db)
 
 
-@pytest.mark.parametrize("check", [check_a_full_destination_is_read_past, check_a_claim_given_back_is_due_as_it_was,
+@pytest.mark.parametrize("check", [check_a_full_destination_is_read_past, check_a_claim_given_back_is_due_at_once,
                                    check_spellings_the_sql_filter_misses_do_not_fill_every_read,
                                    check_many_distinct_urls_the_sql_filter_misses_are_read_past_in_few_reads,
                                    check_the_sql_filter_of_an_idn_destination,
@@ -1445,6 +1446,12 @@ def test_the_webhook_give_up_reaches_a_url_that_passes_its_schedule_behind_the_c
         pg_db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
     # `_came_past` in PostgreSQL's own functions (greatest, date_part), compared in HAVING.
     check_a_missed_url_that_passes_its_schedule_behind_the_cursor_is_reached(pg_db, monkeypatch)
+
+
+def test_the_webhook_give_up_reaches_a_claim_given_back_behind_the_cursor_on_postgres(
+        pg_db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The given-back row's due time, the database's clock, against the cursor's epoch seconds.
+    check_a_claim_given_back_behind_the_cursor_is_reached(pg_db, monkeypatch)
 
 
 def test_webhook_deliveries_made_before_0028_are_given_their_project_on_postgres(postgres_url: str) -> None:
