@@ -47,6 +47,21 @@ def new_id(prefix: str) -> str:
     return f"{prefix}_{_b32(ms, 10)}{_b32(tail & ((1 << 80) - 1), 16)}"
 
 
+_VALUES = {letter: n for n, letter in enumerate(_ALPHABET)}
+
+
+def made_at(made: str) -> datetime:
+    """The time `new_id` made `made` at, to the microsecond, by the clock it was made from: that
+    clock's time then, or, when it had stepped back, the later time of the id made before it (ids
+    stay ordered), ahead of it."""
+    body = made.partition("_")[2]
+    ms = 0
+    for letter in body[:10]:
+        ms = ms << 5 | _VALUES[letter]
+    within = _VALUES[body[10]] << 5 | _VALUES[body[11]]  # the tail's first 10 bits: the microsecond
+    return clock.at(ms * 1000 + within)
+
+
 def lowest_id(prefix: str, when: datetime) -> str:
     """The least id `new_id(prefix)` makes at `when`'s millisecond: every id made then or later
     sorts at or after it, every one made before it sorts before it (by the clock ids are made from)."""

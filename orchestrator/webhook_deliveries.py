@@ -37,8 +37,8 @@ from orchestrator.schemas import DeliveryStatus, WebhookDeliveryPublic
 # (`orchestrator.retention`): a long history does not hold the write lock for the whole prune.
 RETENTION_BATCH = 500
 # How far a delivery's id's time may be from its `created_at` for `listed`'s range of ids: both are
-# read from one clock, microseconds apart, but an id is never older than the last one its process made
-# (`ids.new_id`), so after this host's clock stepped back its ids run ahead of the clock for a while.
+# read from one clock, microseconds apart, and its `created_at` is never before its id's time, which
+# runs ahead of that clock for a while after it stepped back (`webhooks._made`).
 ID_SLACK = timedelta(minutes=1)
 BATCH_PAUSE = 0.1
 
@@ -106,8 +106,10 @@ def _made_within(since: datetime | None, until: datetime | None) -> list[ColumnE
     """Made at or after `since`, before `until`, by `created_at`; and, so that a page is read from
     a range of the index it is read by (by id) rather than from every row after or before the
     window, by ids made within ID_SLACK of those bounds: a delivery's id is made from the clock its
-    `created_at` is read from, a moment before it (`webhooks.job_ended`) or after it
-    (`webhooks.job_ended_at`)."""
+    `created_at` is read from, a moment before it, and its `created_at` is never before its id's
+    time (`webhooks._made`). (One stored before that rule, made after a step back, may have an id
+    ahead of its `created_at` by as far as the clock stepped back: left out of a range that ends
+    between the two.)"""
     column, made = col(WebhookDelivery.id), col(WebhookDelivery.created_at)
     terms: list[ColumnElement[bool]] = []
     if since is not None:

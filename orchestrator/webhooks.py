@@ -47,7 +47,7 @@ from sqlmodel.sql.expression import SelectOfScalar
 from orchestrator.clock import shared_now
 from orchestrator.db import Database, changed
 from orchestrator.errors import Forbidden, first_line
-from orchestrator.ids import new_id
+from orchestrator.ids import made_at, new_id
 from orchestrator.models import Job, Project, UTCDateTime, WebhookDelivery
 from orchestrator.outage import Outage
 from tiers._http import verifying_context
@@ -120,7 +120,7 @@ _ENDED = sa.insert(WebhookDelivery).from_select(
     ["id", "job_id", "project_id", "url", "event", "attempts", "next_attempt_at", "created_at"],
     sa.select(sa.bindparam("id", type_=sa.String()), col(Job.id), col(Project.id),
               _URL, sa.bindparam("event", type_=sa.String()), sa.literal(0),
-              sa.bindparam("now", type_=UTCDateTime()), sa.bindparam("now", type_=UTCDateTime()))
+              sa.bindparam("now", type_=UTCDateTime()), sa.bindparam("made", type_=UTCDateTime()))
     .select_from(Job).join(Project, col(Project.id) == col(Job.project_id))
     .where(col(Job.id) == sa.bindparam("job_id", type_=sa.String()),
            col(Project.id) == sa.bindparam("project_id", type_=sa.String()), _URL.is_not(None)))
@@ -132,8 +132,9 @@ def job_ended(s: Session, job_id: str, project_id: str, status: str) -> None:
     gets its end); nothing when neither has one. One statement, no read back."""
     if status not in EVENTS:
         return
-    s.connection().execute(_ENDED, {"id": new_id("whd"), "job_id": job_id, "project_id": project_id,
-                                    "event": EVENTS[status], "now": shared_now()})
+    delivery_id, now = new_id("whd"), shared_now()
+    s.connection().execute(_ENDED, {"id": delivery_id, "job_id": job_id, "project_id": project_id,
+                                    "event": EVENTS[status], "now": now, "made": _made(delivery_id, now)})
 
 
 def job_ended_at(s: Session, job_id: str, project_id: str, status: str, url: str | None) -> None:
@@ -141,9 +142,18 @@ def job_ended_at(s: Session, job_id: str, project_id: str, status: str, url: str
     (`None`: nothing)."""
     if url is None or status not in EVENTS:
         return
-    now = shared_now()
-    s.add(WebhookDelivery(id=new_id("whd"), job_id=job_id, project_id=project_id, url=url, event=EVENTS[status],
-                          next_attempt_at=now, created_at=now))
+    delivery_id, now = new_id("whd"), shared_now()
+    s.add(WebhookDelivery(id=delivery_id, job_id=job_id, project_id=project_id, url=url, event=EVENTS[status],
+                          next_attempt_at=now, created_at=_made(delivery_id, now)))
+
+
+def _made(delivery_id: str, now: datetime) -> datetime:
+    """A new delivery's `created_at`: `now`, but never before its id's time. After the clock they
+    are read from steps back, ids stay after the last one made (`ids.new_id`), ahead of the clock:
+    with `now`, a delivery's id was minutes after its `created_at`, and a `?until=` range between the
+    two, read as a range of ids (`webhook_deliveries.listed`), left out a delivery made within it.
+    Due `now` all the same (`next_attempt_at`)."""
+    return max(now, made_at(delivery_id))
 
 
 def counts(s: Session) -> tuple[int, int]:

@@ -33,3 +33,13 @@ def test_ids_stay_ordered_when_the_clock_stands_still_or_steps_back(monkeypatch:
     same = made_at(monkeypatch, 1_790_000_000_123_999_000, b"\x00" * 10)
     back = made_at(monkeypatch, 1_790_000_000_100_000_000, b"\x00" * 10)  # NTP stepped the clock back
     assert first < same < back
+
+
+def test_an_id_tells_the_microsecond_it_was_made_at(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ids, "_last", {})
+    first = made_at(monkeypatch, 1_790_000_000_123_456_789, b"\x00" * 10)
+    assert ids.made_at(first) == clock.at(1_790_000_000_123_456)
+    # After the clock stepped back, an id made then is of the time of the one before it: ahead of the clock.
+    back = made_at(monkeypatch, 1_790_000_000_100_000_000, b"\x00" * 10)
+    assert ids.made_at(back) == clock.at(1_790_000_000_123_456)
+    assert ids.made_at(ids.lowest_id("whd", clock.at(1_790_000_000_123_456))) == clock.at(1_790_000_000_123_000)

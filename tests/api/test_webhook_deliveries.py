@@ -19,7 +19,8 @@ from sqlalchemy import create_engine, event, inspect, text, update
 from sqlmodel import col, select
 from starlette.testclient import TestClient
 
-from orchestrator import webhook_deliveries, webhooks
+from orchestrator import clock, webhook_deliveries, webhooks
+from orchestrator import ids as made_ids
 from orchestrator.app import create_app
 from orchestrator.clock import utcnow
 from orchestrator.db import Database
@@ -871,6 +872,36 @@ def test_a_time_range_reads_a_range_of_the_index_a_page_is_read_from(db: Databas
                     assert "TEMP B-TREE" not in told, (status, order, told)
     finally:
         event.remove(db.engine, "before_cursor_execute", seen)
+
+
+@pytest.mark.parametrize("writer", ["job_ended", "job_ended_at"])
+def test_a_delivery_made_after_the_clock_stepped_back_is_in_the_until_range_its_created_at_is(
+        db: Database, monkeypatch: pytest.MonkeyPatch, writer: str) -> None:
+    # Ids stay monotonic when the clock steps back (`ids.new_id`): a delivery made then had an id
+    # minutes ahead of its `created_at`, and a `?until=` between the two (past ID_SLACK) left it out,
+    # though it was made before that `until`.
+    monkeypatch.setattr(made_ids, "_last", {})
+    real = time.time_ns() // 1000
+    monkeypatch.setattr(clock, "_host_us", lambda: real + 10 * 60_000_000)  # ten minutes ahead
+    new_id("whd")  # an id made then: those after it stay after it
+    monkeypatch.setattr(clock, "_host_us", lambda: real)  # NTP stepped the clock back
+    with db.transaction() as s:
+        s.add(Project(id="prj_1", name="a", policy="balanced", webhook_url=URL))
+    job = add_job(db, "prj_1")
+    with db.transaction() as s:
+        if writer == "job_ended":
+            webhooks.job_ended(s, job, "prj_1", "succeeded")
+        else:
+            webhooks.job_ended_at(s, job, "prj_1", "succeeded", URL)
+    with db.session() as s:
+        [made] = s.exec(select(WebhookDelivery)).all()
+    for minutes in (-1, 5, 9, 11, 20):
+        until = clock.at(real) + timedelta(minutes=minutes)
+        with db.session() as s:
+            read = webhook_deliveries.listed(s, "prj_1", status=None, job_id=None, after=None, order="desc",
+                                             limit=10, until=until)
+        assert [r.id for r in read] == ([made.id] if made.created_at < until else []), minutes
+    assert made.created_at >= made_ids.made_at(made.id)  # never made before its id says
 
 
 def test_a_time_range_is_read_by_created_at(db: Database) -> None:
