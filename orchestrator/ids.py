@@ -47,19 +47,17 @@ def new_id(prefix: str) -> str:
     return f"{prefix}_{_b32(ms, 10)}{_b32(tail & ((1 << 80) - 1), 16)}"
 
 
-_VALUES = {letter: n for n, letter in enumerate(_ALPHABET)}
+# Crockford's letters as the digits `int(..., 32)` reads: a decode a few times faster than a loop.
+_AS_DIGITS = str.maketrans(_ALPHABET, "0123456789abcdefghijklmnopqrstuv")
 
 
 def made_at(made: str) -> datetime:
     """The time `new_id` made `made` at, to the microsecond, by the clock it was made from: that
     clock's time then, or, when it had stepped back, the later time of the id made before it (ids
     stay ordered), ahead of it."""
-    body = made.partition("_")[2]
-    ms = 0
-    for letter in body[:10]:
-        ms = ms << 5 | _VALUES[letter]
-    within = _VALUES[body[10]] << 5 | _VALUES[body[11]]  # the tail's first 10 bits: the microsecond
-    return clock.at(ms * 1000 + within)
+    digits = made.partition("_")[2][:12].translate(_AS_DIGITS)
+    # 10 letters of milliseconds, then the tail, whose first 10 bits (2 letters) are the microsecond.
+    return clock.at(int(digits[:10], 32) * 1000 + int(digits[10:], 32))
 
 
 def lowest_id(prefix: str, when: datetime) -> str:
