@@ -1726,14 +1726,26 @@ class LocalEngine:
     pipeline_kind: PipelineKind = "text2img"
     # Whether its work calls `Progress.on_device` once its model is loaded: an attempt that ends
     # without a result then counts toward its project's device time from there, its model's load
-    # left out; else from its engine's start. Said by each class for itself (`__init_subclass__`).
+    # left out; else from its engine's start. Inherited only with the code that tells it
+    # (`__init_subclass__`).
     tells_device_start: ClassVar[bool] = False
+    # The methods whose code tells it, of a class that says `tells_device_start = True`: a subclass
+    # that overrides none of them (its own, or a mixin's before it) keeps the value.
+    device_start_told_by: ClassVar[tuple[str, ...]] = ("run",)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        # Not inherited: a plugin's subclass whose own work never called it counted each failed
-        # attempt 0 s, whatever it held. One that keeps `lite`'s work counts its load too, uncut.
-        if "tells_device_start" not in cls.__dict__:
+        if "tells_device_start" in cls.__dict__:
+            return
+        # The class whose value it would inherit: where the attribute was said (or set here) last.
+        sayer = next(base for base in cls.__mro__[1:] if "tells_device_start" in base.__dict__)
+        told_by: tuple[str, ...] = getattr(sayer, "device_start_told_by", cls.device_start_told_by)
+        # A subclass whose own work never called it counted each failed attempt 0 s, whatever it
+        # held: one that overrides a telling method tells only where it says so. One that keeps
+        # them (`lite` renamed, or mixed with methods of its own) read False, and counted its load.
+        if sayer.__dict__["tells_device_start"] and not all(
+                inspect.getattr_static(cls, name, None) is inspect.getattr_static(sayer, name, None)
+                for name in told_by):
             cls.tells_device_start = False
 
     def __init__(self, ctx: EngineContext, model_spec: str, capabilities: Capabilities) -> None:

@@ -43,8 +43,10 @@ from tiers.base import (
 class LiteEngine(LocalEngine):
     name = "lite"
     stages: frozenset[Stage] = frozenset({"ideation"})
-    # Its work calls `Progress.on_device` once its model is loaded (see `LocalEngine`).
+    # Its work calls `Progress.on_device` once its model is loaded (see `LocalEngine`), in `_generate`,
+    # which `run` hands the inference thread: a subclass that overrides none of them tells it too.
     tells_device_start: ClassVar[bool] = True
+    device_start_told_by: ClassVar[tuple[str, ...]] = ("run", "_on_device", "_generate")
 
     def __init__(self, ctx: EngineContext) -> None:
         super().__init__(ctx, ctx.settings.lite_model, Capabilities(seeds=True, negative_prompt=True))

@@ -70,8 +70,10 @@ class LocalHifiEngine(LocalEngine):
     name = "local-hifi"
     stages: frozenset[Stage] = frozenset({"bridge", "polish"})
     pipeline_kind = "img2img"
-    # Its work calls `Progress.on_device` once its model is loaded (see `LocalEngine`).
+    # Its work calls `Progress.on_device` once its model is loaded (see `LocalEngine`), in `_render`,
+    # which `run` hands the inference thread: a subclass that overrides none of them tells it too.
     tells_device_start: ClassVar[bool] = True
+    device_start_told_by: ClassVar[tuple[str, ...]] = ("run", "_on_device", "_render")
 
     def __init__(self, ctx: EngineContext) -> None:
         super().__init__(ctx, ctx.settings.effective_hifi_model,

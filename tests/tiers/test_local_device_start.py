@@ -1,0 +1,105 @@
+"""Which local engine classes tell their work's start on the device (`tells_device_start`)."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from tiers._local import LocalEngine
+from tiers.base import CancelToken, Progress, RenderRequest, RenderResult
+from tiers.lite import LiteEngine
+from tiers.local_hifi import LocalHifiEngine
+
+
+class Logged:
+    """A mixin that adds a method of its own and changes none of the engine's work."""
+
+    def logged(self) -> str:
+        return "logged"
+
+
+class OwnGenerate:
+    """A mixin whose `_generate` never calls `Progress.on_device`."""
+
+    def _generate(self, req: RenderRequest, progress: Progress, cancel: CancelToken) -> RenderResult:
+        raise NotImplementedError
+
+
+def test_a_subclass_that_keeps_the_telling_code_keeps_telling_and_one_that_overrides_it_does_not() -> None:
+    """A subclass of `lite` (or one mixing it in) that left its work as it was read
+    `tells_device_start` False: `LocalEngine.__init_subclass__` reset it on every class that did not
+    say it, so a failed attempt counted its model's load. Now a class inherits it where the methods
+    that tell it (`device_start_told_by`) are the ones of the class that said it; one that overrides
+    any of them tells only where it says so itself."""
+
+    class Renamed(LiteEngine):
+        name = "renamed-lite"
+
+    class Mixed(Logged, LiteEngine):
+        pass
+
+    class Deeper(Renamed):
+        pass
+
+    class Hifi(LocalHifiEngine):
+        name = "other-hifi"
+
+    for kept in (Renamed, Mixed, Deeper, Hifi):
+        assert kept.tells_device_start, kept
+
+    class Generates(LiteEngine):
+        def _generate(self, req: RenderRequest, progress: Progress, cancel: CancelToken) -> RenderResult:
+            raise NotImplementedError
+
+    class Runs(LiteEngine):
+        async def run(self, req: RenderRequest, progress: Progress, cancel: CancelToken) -> RenderResult:
+            raise NotImplementedError
+
+    class MixedIn(OwnGenerate, LiteEngine):
+        pass
+
+    class Renders(LocalHifiEngine):
+        def _render(self, req: RenderRequest, progress: Progress, cancel: CancelToken) -> RenderResult:
+            raise NotImplementedError
+
+    class UnderGenerates(Generates):
+        pass
+
+    for overridden in (Generates, Runs, MixedIn, Renders, UnderGenerates):
+        assert not overridden.tells_device_start, overridden
+
+    class Says(LiteEngine):
+        tells_device_start: ClassVar[bool] = True
+
+        def _generate(self, req: RenderRequest, progress: Progress, cancel: CancelToken) -> RenderResult:
+            progress.on_device()
+            raise NotImplementedError
+
+    class UnderSays(Says):
+        pass
+
+    assert Says.tells_device_start and UnderSays.tells_device_start
+
+
+def test_a_plugin_s_local_engine_tells_only_where_its_own_class_says_so() -> None:
+    """`LocalEngine` does not tell, and a subclass of a plugin's class that says it keeps it as long
+    as its `run` (what a class that does not name its telling methods tells from) is the same."""
+
+    class Plugin(LocalEngine):
+        async def run(self, *args: Any) -> Any:
+            raise NotImplementedError
+
+    class Telling(LocalEngine):
+        tells_device_start: ClassVar[bool] = True
+
+        async def run(self, *args: Any) -> Any:
+            raise NotImplementedError
+
+    class KeepsRun(Telling):
+        pass
+
+    class OwnRun(Telling):
+        async def run(self, *args: Any) -> Any:
+            raise NotImplementedError
+
+    assert not LocalEngine.tells_device_start and not Plugin.tells_device_start
+    assert Telling.tells_device_start and KeepsRun.tells_device_start and not OwnRun.tells_device_start
