@@ -69,6 +69,8 @@ class LeaseStamps(Protocol):
     def lease_taken_at(self) -> datetime | None: ...
     @property
     def lease_taken_attempt(self) -> int | None: ...
+    @property
+    def lease_renewed_at(self) -> datetime | None: ...
 
 
 def added(seconds: float) -> Any:
@@ -81,18 +83,24 @@ def added(seconds: float) -> Any:
 def held_until_lease(job: LeaseStamps, lease: timedelta, now: datetime | None = None) -> float | None:
     """The seconds a local attempt whose process stopped without ending it surely held the device:
     from its claim's taking of the lease (`lease_taken_at`) to the lease's last renewal
-    (`lease_expires_at` less `lease`), never past `now` (default `shared_now()`), all by the clock
-    leases are stamped with: `started_at`, the claiming host's clock, was an hour off the database's
-    on a host an hour off. A stamp is taken only where the claim that made it is the row's attempt
-    (`lease_taken_attempt`): a release without the column (a rolling upgrade) claims a job again
-    leaving an earlier claim's stamp, hours old. Otherwise, and for a row claimed before migration
-    0037, it is counted from its `started_at`. None when the row lacks a start or a lease. A lower
-    bound: the process may have held the device up to its death (or, hung, beyond)."""
+    (`lease_renewed_at`), never past `now` (default `shared_now()`), all by the clock leases are
+    stamped with: `started_at`, the claiming host's clock, was an hour off the database's on a host
+    an hour off. Stamps are taken only where the claim that made them is the row's attempt
+    (`lease_taken_attempt`): a release without the columns (a rolling upgrade) claims a job again
+    leaving an earlier claim's stamps, hours old. Otherwise, and for a row claimed before migration
+    0037, it is counted from its `started_at`. A renewal stamp before the claim's (an earlier
+    claim's, left by a release without it), or none (before 0041), is read as `lease_expires_at`
+    less `lease` (this process's ORCH_LEASE_SECONDS, which the holder's may not be). None when the
+    row lacks a start or a lease. A lower bound: the process may have held the device up to its
+    death (or, hung, beyond)."""
     stamped = job.lease_taken_attempt is not None and job.lease_taken_attempt == job.attempt
     start = job.lease_taken_at if stamped and job.lease_taken_at is not None else job.started_at
     if start is None or job.lease_expires_at is None:
         return None
-    renewed = min(job.lease_expires_at - lease, now or shared_now())
+    renewed = (job.lease_renewed_at if stamped and job.lease_taken_at is not None
+               and job.lease_renewed_at is not None and job.lease_renewed_at >= job.lease_taken_at
+               else job.lease_expires_at - lease)
+    renewed = min(renewed, now or shared_now())
     return max(0.0, (renewed - start).total_seconds())
 
 
@@ -143,6 +151,7 @@ class _Unfinished(NamedTuple):
     lease_expires_at: datetime | None
     lease_taken_at: datetime | None
     lease_taken_attempt: int | None
+    lease_renewed_at: datetime | None
 
 
 def ongoing_by(s: Session, project_ids: list[str], *, local: Collection[str], lease: timedelta,

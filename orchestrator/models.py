@@ -91,7 +91,8 @@ class Project(SQLModel, table=True):
 # What a job's row holds of a lease, dropped whenever the job goes back to the queue or ends: a
 # stamp left on a queued job was taken by recovery for a later claim's (`held_until_lease`).
 NO_LEASE: Final[Mapping[str, Any]] = MappingProxyType({
-    "lease_owner": None, "lease_expires_at": None, "lease_taken_at": None, "lease_taken_attempt": None})
+    "lease_owner": None, "lease_expires_at": None, "lease_taken_at": None, "lease_taken_attempt": None,
+    "lease_renewed_at": None})
 
 
 class Job(SQLModel, table=True):
@@ -173,6 +174,13 @@ class Job(SQLModel, table=True):
     # upgrade) claims the job again without stamping it, and a stamp another attempt left, hours
     # old, counted those hours. Null: stamped before 0037, or none.
     lease_taken_attempt: int | None = None
+    # When the running attempt's lease was last taken or renewed, by the leases' clock, where its
+    # device time is counted to (`device_time.held_until_lease`). Read before 0041 as the expiry
+    # less the reader's own ORCH_LEASE_SECONDS, which the holder's may not be (300 s against a
+    # holder's 60: 240 s short, or 0). Taken only where `lease_taken_attempt` is the row's attempt
+    # and it is not before `lease_taken_at` (one an earlier claim left). Null: none, or the claim
+    # was made by a release before 0041.
+    lease_renewed_at: datetime | None = _ts()
     finished_at: datetime | None = _ts()
     # Where its end is POSTed, as its request asked, instead of its project's `webhook_url`
     # (`orchestrator.webhooks`); null: the project's. Kept on the row: a fallback, a retry of the

@@ -615,7 +615,7 @@ class Scheduler:
                                                       col(Job.engine) == job.engine).values(
                     status="running", attempt=Job.attempt + 1, lease_owner=self.owner,
                     lease_expires_at=leased + self.lease, lease_taken_at=None if move else leased,
-                    lease_taken_attempt=None if move else Job.attempt + 1, error=None,
+                    lease_taken_attempt=None if move else Job.attempt + 1, lease_renewed_at=leased, error=None,
                     # A move starts no engine: told as a start from the row (the new one, or one an
                     # earlier attempt left), a job never sent to the engine it left read on other
                     # processes as having run there. Its end gives the row's back (`_guarded_update`).
@@ -844,10 +844,12 @@ class Scheduler:
             began, began_wall = time.monotonic(), time.time()
             # Counted from when the write lock is ours: two long waits for it (each under its 30 s
             # timeout) must not let a live job's lease run out between beats.
-            expires = shared_now() + self.lease
+            leased = shared_now()
+            expires = leased + self.lease
             for claim in claims:
                 result = s.execute(update(Job).where(col(Job.id) == claim.job.id, col(Job.attempt) == claim.attempt,
-                                                     col(Job.status) == "running").values(lease_expires_at=expires))
+                                                     col(Job.status) == "running").values(
+                    lease_expires_at=expires, lease_renewed_at=leased))
                 if changed(result) != 1:
                     lost.append((claim, s.get(Job, claim.job.id)))
                 else:

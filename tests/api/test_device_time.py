@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from sqlalchemy import update
 from sqlmodel import col, select
 
+from orchestrator import device_time
 from orchestrator.clock import utcnow
 from orchestrator.db import Database
 from orchestrator.errors import EngineError
@@ -631,6 +632,49 @@ def check_a_claim_that_stamps_no_lease_taken_at_is_not_counted_from_an_earlier_c
             assert recovered is not None and recovered.status == "queued"
             assert recovered.device_seconds == pytest.approx(70.0, abs=0.5)
             assert (recovered.lease_taken_at, recovered.lease_taken_attempt) == (None, None)
+    finally:
+        asyncio.run(services.aclose())
+
+
+def test_a_process_of_another_lease_length_counts_a_running_attempt_as_its_holder_renewed_it(
+        make_settings: SettingsFactory) -> None:
+    """A local attempt claimed 100 s before its lease's last renewal by a process whose lease is
+    60 s was read by processes of other ORCH_LEASE_SECONDS by their own: its renewal as the
+    expiry less their lease. One of 300 s counted 0 (240 s short), and its recovery, once the lease
+    ran out, kept 0; one of 30 s counted 130 at recovery. Now the claim and each renewal stamp the
+    renewal's time, and every process counts the same 100 s."""
+    check_a_process_of_another_lease_length_counts_a_running_attempt_alike(make_settings)
+
+
+def check_a_process_of_another_lease_length_counts_a_running_attempt_alike(make_settings: SettingsFactory,
+                                                                           **database: Any) -> None:
+    services = Services.build(make_settings(lease_seconds=60, **database))
+    try:
+        project_id = new_id("prj")
+        with services.db.transaction() as s:
+            s.add(Project(id=project_id, name="lease lengths", policy="balanced", local_seconds_per_day=3600))
+        body = DraftCreate(prompt="a lighthouse", n=1, width=64, height=64, steps=1)
+        job_id = services.jobs.submit(lambda: services.jobs.prepare_draft(project_id, body), body, engine=None,
+                                      max_credits=None, idempotency_key=None, scope="test")[0].id
+        [(claim, _lane)] = services.scheduler._claim_ready({})
+        assert claim.job.id == job_id and claim.job.engine == "lite"
+        with services.db.transaction() as s:  # claimed 100 s before the renewal below
+            taken = s.scalar(select(Job.lease_taken_at).where(col(Job.id) == job_id))
+            assert taken is not None
+            s.execute(update(Job).where(col(Job.id) == job_id).values(lease_taken_at=taken - timedelta(seconds=100)))
+        services.scheduler._renew([claim])
+        for seconds in (300, 60, 30):
+            lease = timedelta(seconds=seconds)
+            with services.db.session() as s:
+                # Read live, as admission, a project's read and /metrics read it.
+                used = device_time.used_by(s, [project_id], local={"lite"}, lease=lease,
+                                           leased_now=services.db.now())
+                row = s.get(Job, job_id)
+            assert used.get(project_id, 0.0) == pytest.approx(100.0, abs=1.0), seconds
+            # Read by recovery once the holder's lease ran out (it died after that renewal).
+            assert row is not None and row.lease_expires_at is not None
+            held = device_time.held_until_lease(row, lease, row.lease_expires_at + timedelta(seconds=1))
+            assert held == pytest.approx(100.0, abs=1.0), seconds
     finally:
         asyncio.run(services.aclose())
 

@@ -52,6 +52,7 @@ from tests.api.test_device_time import (
     check_a_local_job_a_dead_process_left_counts_what_it_held,
     check_a_local_job_s_success_keeps_its_device_seconds,
     check_a_local_job_that_fails_after_its_work_counts_it,
+    check_a_process_of_another_lease_length_counts_a_running_attempt_alike,
     check_a_project_at_its_quota_is_refused_429_until_its_seconds_age_out,
     check_a_quota_lowered_while_a_request_is_routed_refuses_it,
     check_a_running_local_attempt_counts_toward_the_quota,
@@ -356,9 +357,13 @@ def test_a_dead_process_s_local_attempt_counts_by_one_clock_on_postgres(
         assert claim.job.id == job_id and claim.job.engine == "lite"
         services.scheduler._claimed.clear()  # its process is gone: nobody here holds it
         with services.db.transaction() as s:
-            # Every time the claim stamped, 100 s back (`lease_taken_at` too, where the schema has it).
-            taken = ", lease_taken_at = lease_taken_at - interval '100 seconds'" if _has_lease_taken(s) else ""
-            s.execute(text(f"UPDATE jobs SET started_at = started_at - interval '100 seconds'{taken}, "
+            # Every time the claim stamped, 100 s back (`lease_taken_at` too, where the schema has
+            # it), and its lease as renewed 30 s back (`lease_renewed_at` too, where it has it).
+            taken = (", lease_taken_at = lease_taken_at - interval '100 seconds'"
+                     if _has_column(s, "lease_taken_at") else "")
+            renewed = (", lease_renewed_at = lease_renewed_at - interval '30 seconds'"
+                       if _has_column(s, "lease_renewed_at") else "")
+            s.execute(text(f"UPDATE jobs SET started_at = started_at - interval '100 seconds'{taken}{renewed}, "
                            "lease_expires_at = lease_expires_at - interval '30 seconds' WHERE id = :id"),
                       {"id": job_id})
         with services.db.session() as s:
@@ -381,9 +386,15 @@ def test_a_claim_that_stamps_no_lease_taken_at_is_not_counted_from_an_earlier_cl
         make_settings, requeue, database_url=postgres_url)
 
 
-def _has_lease_taken(s: Session) -> bool:
+def test_a_process_of_another_lease_length_counts_a_running_attempt_alike_on_postgres(
+        postgres_url: str, make_settings: Callable[..., Settings]) -> None:
+    # The claim's and the renewal's stamps by the database's clock, as PostgreSQL stores them.
+    check_a_process_of_another_lease_length_counts_a_running_attempt_alike(make_settings, database_url=postgres_url)
+
+
+def _has_column(s: Session, name: str) -> bool:
     return bool(s.execute(text("SELECT count(*) FROM information_schema.columns WHERE table_name = 'jobs' "
-                               "AND column_name = 'lease_taken_at'")).scalar_one())
+                               "AND column_name = :name"), {"name": name}).scalar_one())
 
 
 def test_a_quota_lowered_while_a_request_is_routed_refuses_it_on_postgres(
