@@ -52,7 +52,7 @@ SETTING = "ORCH_PROJECT_LOCAL_SECONDS_PER_DAY"
 WINDOW = timedelta(days=1)
 UNFINISHED = ("queued", "running")
 # Projects read by one query: each is a bound parameter, and a statement takes at most 65,535 on
-# PostgreSQL (psycopg) and 32,766 on SQLite; /metrics reads every project under a server-wide quota.
+# PostgreSQL (psycopg) and 32,766 on SQLite; /metrics reads every project's.
 PROJECTS_A_QUERY = 10_000
 
 

@@ -150,10 +150,12 @@ def render(db: Database, engines: Mapping[str, Iterable[str]], settled: SettledT
         stored = s.exec(select(Project.id, Project.storage_bytes, Project.storage_quota_mb,
                                Project.local_seconds_per_day).order_by(col(Project.id))).all()
         local_quotas = [(pid, own if own is not None else default_local_seconds) for pid, _, _, own in stored]
-        # Of the projects with a quota in force alone: each is one range of `ix_jobs_device_seconds`
-        # (its last 24 hours) and its few unfinished jobs, never every local job's entry.
-        judged = [pid for pid, quota in local_quotas if quota is not None]
-        used_now = (device_used or _ended_and_unfinished)(s, judged) if judged else {}
+        # Of every project, as the API shows each one's `local_seconds_used` (a cost dashboard's
+        # figure with no quota): each is one range of `ix_jobs_device_seconds` (its last 24 hours)
+        # and its few unfinished jobs, never every local job's entry; what a server-wide quota
+        # read already.
+        every = [pid for pid, _, _, _ in stored]
+        used_now = (device_used or _ended_and_unfinished)(s, every) if every else {}
         with settled.lock:
             before = settled.watermark(now)
             # Folded once every read has answered: a read that fails after another folded its
@@ -231,11 +233,11 @@ def render(db: Database, engines: Mapping[str, Iterable[str]], settled: SettledT
               for pid, quota in local_quotas if quota is not None]
     lines += ["# HELP orchestrator_project_local_seconds_used Device-seconds each project's jobs held local "
               "engines over the last 24 hours, its unfinished jobs' so far included, as admission judges its "
-              "quota (its local_seconds_used, to the millisecond; projects without a quota have no series): "
+              "quota (its local_seconds_used, to the millisecond; every project's, with a quota or not): "
               "local engines are unavailable to it at or over orchestrator_project_local_seconds_quota.",
               "# TYPE orchestrator_project_local_seconds_used gauge"]
     lines += [f'orchestrator_project_local_seconds_used{{project="{_label(pid)}"}} '
-              f"{device_time.shown(used_now.get(pid, 0.0))}" for pid in judged]
+              f"{device_time.shown(used_now.get(pid, 0.0))}" for pid in every]
     # Every pair's series, with zeros: from a job's first end, a series that was not there has no
     # earlier figure for `rate()` to start from.
     ran = {(stage, engine, status): _Histogram() for stage, engine in pairs for status in ENDED}

@@ -378,9 +378,10 @@ def test_each_project_s_device_seconds_are_counted_as_its_jobs_end(
 def check_local_seconds_used_by_project(db: Database) -> None:
     """The 24-hour sum each project's quota is judged against had no series (a dashboard could not
     alert before the quota refused): now `orchestrator_project_local_seconds_used`, read as
-    admission reads it (given its reader), of each project with a quota in force alone: the jobs
-    that ended in the window (not one of 25 hours ago), an unfinished job's kept seconds and a
-    running local attempt's so far (held 40 s by the leases' clock)."""
+    admission reads it (given its reader): the jobs that ended in the window (not one of 25 hours
+    ago), an unfinished job's kept seconds and a running local attempt's so far (held 40 s by the
+    leases' clock). A project without a quota had none (a cost dashboard read only the counter's
+    increase, by scrape times): now every project has one, as the API shows it."""
     now = utcnow()
     leased = db.now()
     lease = timedelta(seconds=60)
@@ -405,10 +406,10 @@ def check_local_seconds_used_by_project(db: Database) -> None:
 
     types, samples = parse(render(db, engines, device_used=as_admission))
     assert types["orchestrator_project_local_seconds_used"] == "gauge"
-    [(project, used)] = samples["orchestrator_project_local_seconds_used"].items()
     # The running attempt to its lease's last renewal, 40 s after its claim whenever it is read.
-    assert (project, used) == (labels(project="prj_use_own"), 10.5 + 3.0 + 40.0)
-    # Knowing no local engine, the running attempt counts nothing; a server default gives both a series.
+    assert samples["orchestrator_project_local_seconds_used"] == {labels(project="prj_use_own"): 10.5 + 3.0 + 40.0,
+                                                                  labels(project="prj_use_none"): 7.0}
+    # Knowing no local engine, the running attempt counts nothing; a server default changes no figure.
     _, samples = parse(render(db, engines, default_local_seconds=50))
     assert samples["orchestrator_project_local_seconds_used"] == {labels(project="prj_use_own"): 13.5,
                                                                   labels(project="prj_use_none"): 7.0}
