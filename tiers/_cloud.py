@@ -372,7 +372,8 @@ class CloudEngine(SendsCredentials):
 
     async def fetch_outputs(self, urls: list[str], cancel: CancelToken, *, wanted: int, empty: str,
                             details: dict[str, Any], deadline: float | None = None,
-                            at_cancel: Callable[[], None] | None = None) -> list[RenderedImage]:
+                            at_cancel: Callable[[], None] | None = None,
+                            kept_until: float | None = None) -> list[RenderedImage]:
         """The first `wanted` output images at `urls` (the provider's CDN, or data URIs): an
         answer listing hundreds of large images is not downloaded and decoded whole to keep a few.
         The provider has billed the job by now, so every failure from here on is a charged one.
@@ -383,7 +384,9 @@ class CloudEngine(SendsCredentials):
         keeps its image); dropped, they were lost though paid for. One that abandons the job
         (another process follows the work on, and fetches them) drops them. `at_cancel` is called
         as a user's cancel meets the downloads, before they are let finish: what it starts (the
-        stops of work still running) goes out at once, not after their 10 s."""
+        stops of work still running) goes out at once, not after their 10 s. `kept_until`: the
+        event loop's time by which downloads a user's cancel met must end, where that cancel came
+        earlier, while what lists them was fetched (fal's result): one bound for both."""
         try:
             if not urls:
                 raise NoImage(f"{self.name}: {empty}", details={"engine": self.name, **details})
@@ -395,7 +398,9 @@ class CloudEngine(SendsCredentials):
                     raise
                 if at_cancel is not None:
                     at_cancel()
-                await asyncio.wait({fetching}, timeout=self.output_kept_seconds)
+                kept_for = (self.output_kept_seconds if kept_until is None
+                            else max(kept_until - asyncio.get_running_loop().time(), 0.0))
+                await asyncio.wait({fetching}, timeout=kept_for)
                 if not fetching.done():
                     log.warning("%s: the job was canceled while its output (made and billed) was downloaded, "
                                 "which did not end within %.0f s; it is not kept", self.name, self.output_kept_seconds)

@@ -275,9 +275,7 @@ class FalEngine(CloudEngine):
             raise
         self._check_completed(request_id, completed)
         try:
-            # A deadline of its own: what the queue and the render left of the submit's could be
-            # too little for one retry, and the image paid for would be lost.
-            output = await self._result(str(urls["response_url"]), self.http.new_deadline(), cancel)
+            output, kept_until = await self._completed_result(str(urls["response_url"]), cancel)
         except EngineError as exc:
             # COMPLETED: fal has run (and billed) the request, unless its result is a stored 5xx,
             # which fal bills not.
@@ -293,10 +291,16 @@ class FalEngine(CloudEngine):
 
         # The request made (and fal billed) every image it lists: one flagged, or one whose download
         # fails, leaves the others to the job, as a later call's failure does on the other engines.
-        listed, flagged = self._listed(output)
+        try:
+            listed, flagged = self._listed(output)
+        except NoImage:
+            if kept_until is None:
+                raise
+            # Read after a user's cancel: the job ends canceled, charged as a cancel there was.
+            raise Canceled("the job was canceled while fal's result was fetched", charged="unknown") from None
         with paid_calls(images, kept=result):
             try:
-                await self._images(listed, flagged, req.n, images, cancel)
+                await self._images(listed, flagged, req.n, images, cancel, kept_until)
             except EngineError as exc:
                 # Billed for each listed image, as a success is: a failed download (or a cancel
                 # while one is out) is charged the surplus too.
@@ -351,6 +355,42 @@ class FalEngine(CloudEngine):
         if _filtered(error_type, error):
             raise ContentFiltered(message, details=details, charged="unknown")
         raise EngineError(message, details=details, charged="unknown")
+
+    async def _completed_result(self, response_url: str, cancel: CancelToken) -> tuple[dict[str, Any], float | None]:
+        """The completed request's answer (`_result`), and None; its images are made and billed. A
+        user's cancel meanwhile lets the fetch end, within `output_kept_seconds`, and returns the
+        answer with the event loop's time by which its images' downloads must end too (one bound
+        for both): dropped, the images paid for were lost and the job charged `unknown`, where a
+        cancel a moment later, meeting their download, kept them (`fetch_outputs`). A fetch not
+        done by then is dropped, charged `unknown` as before; one that abandons the job (another
+        process follows the request on, and fetches its result) drops it at once."""
+        # A deadline of its own: what the queue and the render left of the submit's could be too
+        # little for one retry, and the image paid for would be lost. The job's token is raced
+        # here, not in the fetch, which a cancel must not cut.
+        fetching = asyncio.ensure_future(self._result(response_url, self.http.new_deadline(), CancelToken()))
+        try:
+            return await cancel.race(asyncio.shield(fetching)), None
+        except Canceled:
+            if cancel.abandoned:
+                raise
+            kept_until = asyncio.get_running_loop().time() + self.output_kept_seconds
+            await asyncio.wait({fetching}, timeout=self.output_kept_seconds)
+            if not fetching.done():
+                log.warning("fal: the job was canceled while its result (made and billed) was fetched, which did "
+                            "not end within %.0f s; its images are not kept", self.output_kept_seconds)
+                raise
+            failed = None if fetching.cancelled() else fetching.exception()
+            if isinstance(failed, EngineError) and failed.work_unbilled:  # a failure fal stored, unbilled
+                raise Canceled("the job was canceled while fal's result, a failure it bills not, was fetched",
+                               details={"engine": self.name}).unbilled() from None
+            if fetching.cancelled() or failed is not None:
+                log.warning("fal: the job was canceled while its result (made and billed) was fetched, which then "
+                            "failed (%s); its images are not kept", failed or "cancelled")
+                raise
+            return fetching.result(), kept_until
+        finally:
+            if not fetching.done():
+                fetching.cancel()
 
     async def _result(self, response_url: str, deadline: float, cancel: CancelToken) -> dict[str, Any]:
         """The completed request's answer; one that cannot be read is fetched again, as a status is
@@ -411,14 +451,15 @@ class FalEngine(CloudEngine):
         return urls, [isinstance(flags, list) and i < len(flags) and flags[i] is True for i in range(len(urls))]
 
     async def _images(self, urls: list[str], flagged: list[bool], wanted: int, images: list[RenderedImage],
-                      cancel: CancelToken) -> None:
+                      cancel: CancelToken, kept_until: float | None = None) -> None:
         """Fetch the first `wanted` listed images that are not flagged into `images`, in their order:
         all at once, under one deadline (a CDN down held each download for a deadline of its own,
-        one after another: n times ORCH_REMOTE_DEADLINE)."""
+        one after another: n times ORCH_REMOTE_DEADLINE). `kept_until`: see `fetch_outputs`."""
         deadline = self.http.new_deadline()
         listed = [url for url, bad in zip(urls[:wanted], flagged, strict=False) if not bad]
         outcomes = await asyncio.gather(
-            *(self.fetch_outputs([url], cancel, wanted=1, empty="", details={}, deadline=deadline) for url in listed),
+            *(self.fetch_outputs([url], cancel, wanted=1, empty="", details={}, deadline=deadline,
+                                 kept_until=kept_until) for url in listed),
             return_exceptions=True)
         failures: list[BaseException] = []
         for outcome in outcomes:

@@ -1087,3 +1087,38 @@ async def test_a_cancel_while_outputs_download_keeps_their_images(engine: FalEng
     assert made is not None and [image.image.getpixel((0, 0)) for image in made.images] == [(1, 1, 1), (2, 2, 2),
                                                                                           (3, 3, 3)]
     assert info.value.charged == "yes"
+
+
+@respx.mock
+@pytest.mark.parametrize("answered", ["images", "stored-failure", "never", "abandoned"])
+async def test_a_cancel_while_a_completed_request_s_result_is_fetched_keeps_its_images(
+        engine: FalEngine, answered: str) -> None:
+    # The status said COMPLETED: fal made and billed the images the result lists. A user's cancel
+    # while that result was fetched dropped the fetch, the images lost and the job charged unknown,
+    # where a cancel a moment later, meeting their downloads, kept them.
+    engine.output_kept_seconds = 0.05 if answered == "never" else 5.0
+    _, _, result = happy_queue()
+    answer = (httpx.Response(500, json={"detail": "boom"}, headers={"x-fal-error-type": "runner_server_error"})
+              if answered == "stored-failure" else done(OUTPUTS[:2]))
+    held = HeldRequest(answer)
+    result.mock(side_effect=held)
+    for i, url in enumerate(OUTPUTS[:2], start=1):
+        respx.get(url).mock(return_value=httpx.Response(200, content=png_bytes((i, i, i))))
+    token = CancelToken()
+    running = asyncio.create_task(engine.run(bridge(n=2), NullProgress(), token))
+    await asyncio.wait_for(held.sent.wait(), 5)
+    token.cancel(abandon=answered == "abandoned")
+    await asyncio.sleep(0.01)
+    if answered in ("images", "stored-failure"):
+        held.answer.set()
+    with pytest.raises(Canceled) as info:
+        await asyncio.wait_for(running, 5)
+    made = info.value.made
+    if answered == "images":
+        assert held.answered and not held.dropped
+        assert made is not None and [image.image.getpixel((0, 0)) for image in made.images] == [(1, 1, 1), (2, 2, 2)]
+        assert info.value.charged == "yes" and info.value.cost_millicredits is None
+    elif answered == "stored-failure":  # fal bills no request that failed so
+        assert made is None and info.value.charged == "no" and info.value.work_unbilled
+    else:
+        assert held.dropped and made is None and info.value.charged == "unknown"
