@@ -398,7 +398,7 @@ class StabilityEngine(CloudEngine):
                 except _CanceledAnswered as exc:
                     if exc.job_id:
                         request_ids.append(exc.job_id)
-                    canceled = await self._kept_at_cancel(exc, req)
+                    canceled = await self._kept_at_cancel(exc, req, finish_reasons)
                     if isinstance(canceled, CanceledFetched):
                         images.extend(canceled.images)
                     raise canceled from None
@@ -513,7 +513,7 @@ class StabilityEngine(CloudEngine):
                     with reading_an_answer():
                         image, seed, reason = await self._read(response, req, cancel)
                 except _CanceledAnswered as exc:
-                    canceled = await self._kept_at_cancel(exc, req)
+                    canceled = await self._kept_at_cancel(exc, req, finish_reasons)
                     out = len(handles) - i  # this one and the rest, running on
                     if isinstance(canceled, CanceledFetched) or canceled.work_unbilled:  # this one settled
                         if isinstance(canceled, CanceledFetched):
@@ -615,10 +615,12 @@ class StabilityEngine(CloudEngine):
                 return await reading
             raise _CanceledAnswered(response, None, reading=reading, abandon=cancel.abandoned) from None
 
-    async def _kept_at_cancel(self, exc: _CanceledAnswered, req: RenderRequest) -> Canceled:
+    async def _kept_at_cancel(self, exc: _CanceledAnswered, req: RenderRequest,
+                              finish_reasons: list[str]) -> Canceled:
         """The error a job ends with on a user's cancel met while an answer of work made (and billed)
         was checked or read: its image kept when that ends within `output_kept_seconds`
-        (`CanceledFetched`, charged "yes", as an output a cancel finds downloading is); else the
+        (`CanceledFetched`, charged "yes", as an output a cancel finds downloading is), its finish
+        reason added to `finish_reasons` as a read before the cancel adds it; else the
         cancel as it was, charged "unknown", the work left to the thread (it cannot be stopped).
         A cancel abandoning the job (another process follows it on) keeps nothing."""
         checked, response = exc.checked, exc.response
@@ -645,7 +647,8 @@ class StabilityEngine(CloudEngine):
             if isinstance(failed, EngineError) and failed.work_unbilled:
                 canceled.unbilled()
             return canceled
-        image, seed, _ = answered
+        image, seed, reason = answered
+        finish_reasons.append(reason)
         return CanceledFetched([RenderedImage(image, seed=seed)])
 
     async def _send(self, method: str, url: str, **kwargs: Any) -> httpx.Response:

@@ -1326,3 +1326,44 @@ async def test_a_stop_during_the_read_of_a_generation_s_answer_keeps_its_image(
         release.set()
     result = await asyncio.wait_for(running, 5)
     assert [image.seed for image in result.images] == [7]
+
+
+@respx.mock
+@pytest.mark.parametrize(("follow", "op"), [("run", "generate"), ("run", "creative"), ("reattach", "creative")])
+async def test_an_image_kept_at_a_cancel_carries_its_finish_reason(
+        engine: StabilityEngine, monkeypatch: pytest.MonkeyPatch, follow: str, op: str) -> None:
+    # A user's cancel met the read of an answer, which ended within the bound: its image was kept
+    # (charged as made), but its finish reason was dropped, so the result's `finish_reasons` held
+    # one fewer than its images, unlike a read that ended before the cancel.
+    real = StabilityEngine._result
+    reading, release = threading.Event(), threading.Event()
+
+    def slow(self: StabilityEngine, response: httpx.Response, req: RenderRequest) -> Any:
+        reading.set()
+        release.wait(timeout=30)
+        return real(self, response, req)
+
+    monkeypatch.setattr(StabilityEngine, "_result", slow)
+    engine.output_kept_seconds = 5.0
+    if op == "generate":
+        respx.post(SD3).mock(return_value=ok(seed=7, reason="SUCCESS"))
+        req = bridge()
+    else:
+        respx.post(CREATIVE).mock(return_value=httpx.Response(200, json={"id": "job-42"}))
+        respx.get(RESULT).mock(return_value=done(seed=7, reason="SUCCESS"))
+        req = polish(creativity=0.45)
+    token = CancelToken()
+    running = asyncio.create_task(
+        engine.run(req, NullProgress(), token) if follow == "run"
+        else engine.reattach(req, [{"id": "job-42", "creative": True}], NullProgress(), token))
+    try:
+        await asyncio.wait_for(asyncio.to_thread(reading.wait, 5), 10)
+        token.cancel()
+        await asyncio.sleep(0.01)
+    finally:
+        release.set()
+    with pytest.raises(Canceled) as info:
+        await asyncio.wait_for(running, 5)
+    made = info.value.made
+    assert made is not None and [image.seed for image in made.images] == [7] and info.value.charged == "yes"
+    assert made.metadata["finish_reasons"] == ["SUCCESS"]
