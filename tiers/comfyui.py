@@ -34,9 +34,9 @@ import re
 import secrets
 import uuid
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, TypeGuard
+from typing import Any, TypeGuard, TypeVar
 
 import httpx
 from PIL import Image
@@ -70,6 +70,7 @@ from tiers.base import (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}")
 PLACEHOLDERS = frozenset(
@@ -682,9 +683,7 @@ class ComfyUIEngine(SelfHostedEngine):
         )
         if response.status_code != 200:
             raise self.http.fail(response)
-        # In a worker thread, as each answer read whole below: a history of many outputs, or a
-        # queue of many workflows (each whole), is megabytes, which held the event loop.
-        entry = (await asyncio.to_thread(json_object, response, self.name, "/history")).get(prompt_id)
+        entry = (await _parsed(cancel, json_object, response, self.name, "/history")).get(prompt_id)
         return entry if isinstance(entry, dict) and entry else None
 
     async def _lost(self, prompt_id: str, cancel: CancelToken) -> bool:
@@ -693,7 +692,7 @@ class ComfyUIEngine(SelfHostedEngine):
         does not wait for the answer (`CLEANUP_TIMEOUT` of a server slow to give it)."""
         try:
             response = await cancel.race(self._cleanup("GET", "/queue"), charged="no")
-            body = await asyncio.to_thread(answer_json, response) if response.status_code == 200 else None
+            body = await _parsed(cancel, answer_json, response) if response.status_code == 200 else None
         except Canceled:
             raise
         except (EngineError, httpx.HTTPError, ValueError):
@@ -769,7 +768,7 @@ class ComfyUIEngine(SelfHostedEngine):
             if response.status_code != 200:
                 raise EngineError(f"comfyui: could not fetch {ref['filename']} (HTTP {response.status_code})",
                                   details={"engine": self.name, "status": response.status_code})
-            return await asyncio.to_thread(decode_image, response.content, self.name)
+            return await _parsed(cancel, decode_image, response.content, self.name)
         except Canceled:
             raise
         except EngineError as exc:
@@ -868,6 +867,16 @@ class ComfyUIEngine(SelfHostedEngine):
             return EngineUnavailable(f"comfyui: the server has no {path} (HTTP 404): check {URL_SETTING}",
                                      details={"engine": self.name, "status": 404})
         return self.http.fail(response, error_text(response))
+
+
+async def _parsed(cancel: CancelToken, parse: Callable[..., T], *args: Any) -> T:
+    """`parse(*args)` in a worker thread, as each answer read whole is: a history of many outputs,
+    or a queue of many workflows (each whole), is megabytes, which held the event loop, and a large
+    image takes a while to decode. Raced
+    against the job's cancel, as the request before it is: such a parse takes seconds, which a
+    cancel waited out (and one met as the parse ended was missed, the job going on). The server
+    bills nobody (charged "no"); the thread runs to its end, its answer dropped."""
+    return await cancel.race(asyncio.to_thread(parse, *args), charged="no")
 
 
 async def _abandoned(cancel: CancelToken) -> bool:

@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import re
+import threading
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -1419,3 +1420,43 @@ async def test_a_history_or_queue_answer_of_megabytes_is_not_parsed_on_the_event
         await cancel_while_polling(engine, routes)
         assert routes["queue_state"].call_count >= 1 and routes["interrupt"].call_count == 1  # the queue was read
     assert all(size < 2**20 for size in loop_parses), loop_parses  # never the whole body
+
+
+@respx.mock
+@pytest.mark.parametrize("where", ["history", "queue", "view"])
+async def test_a_cancel_does_not_wait_for_the_parse_of_a_history_or_queue_answer(
+        engine: ComfyUIEngine, monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    # The history's and `_lost`'s queue answers are parsed in a worker thread (seconds for one of
+    # megabytes), as an image is decoded, which was not raced against a cancel: the cancel waited
+    # for the parse, however long.
+    import tiers.comfyui
+
+    routes = mock_server()
+    if where != "view":
+        routes["history"].mock(side_effect=None, return_value=httpx.Response(200, json={}))  # still rendering
+    name, path = {"history": ("json_object", "/history/"), "queue": ("answer_json", "/queue"),
+                  "view": ("decode_image", "")}[where]
+    real = getattr(tiers.comfyui, name)
+    parsing, release = threading.Event(), threading.Event()
+
+    def slow(answer: Any, *args: Any) -> Any:
+        if (not isinstance(answer, httpx.Response) or answer.request.url.path.startswith(path)) \
+                and not parsing.is_set():
+            parsing.set()
+            release.wait(timeout=30)
+        return real(answer, *args)
+
+    monkeypatch.setattr(tiers.comfyui, name, slow)
+    token = CancelToken()
+    run = asyncio.ensure_future(engine.run(bridge(), NullProgress(), token))
+    try:
+        await asyncio.wait_for(asyncio.to_thread(parsing.wait, 5), 10)
+        token.cancel()
+        with pytest.raises(Canceled) as info:
+            await asyncio.wait_for(run, 5)
+    finally:
+        release.set()
+    prompt_id = json.loads(routes["prompt"].calls.last.request.content)["prompt_id"]
+    # A prompt still out is taken off the server; one whose image was being decoded had finished.
+    left = ([], []) if where == "view" else ([prompt_id], [prompt_id])
+    assert info.value.charged == "no" and dropped(routes) == left
