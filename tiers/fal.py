@@ -62,6 +62,8 @@ DEFAULT_PRICES: dict[str, dict[str, float]] = {
 # polish sent there was paid for a picture that never saw the draft, and "succeeded".
 TEXT_ONLY_MODELS = frozenset({"fal-ai/nano-banana-2"})
 PENDING = frozenset({"IN_QUEUE", "IN_PROGRESS"})
+# fal's answer (a 400) to a cancel of a request that finished: its outputs are made, and billed.
+ALREADY_COMPLETED = "ALREADY_COMPLETED"
 # fal's error types are not all documented (*unverified*): match the policy-ish words.
 FILTER_WORDS = ("content_policy", "nsfw", "safety", "moderation")
 MAX_INLINE_BYTES = 7 * 1024 * 1024
@@ -251,17 +253,23 @@ class FalEngine(CloudEngine):
                       progress: Progress, cancel: CancelToken, seen: dict[str, Any]) -> RenderResult:
         """From an accepted request to its images: poll, check, fetch the result and its images.
         `seen["status"]`: the request's state as last known, before any poll."""
+        completed: dict[str, Any] | None
         try:
             completed = await self._wait(request_id, str(urls["status_url"]), deadline, progress, cancel, seen)
         except Canceled:
             # abandoned: another process follows the request on
-            if not cancel.abandoned and _taken_off_the_queue(seen, await self._cancel_remote(str(urls["cancel_url"]))):
+            answer = None if cancel.abandoned else await self._cancel_remote(str(urls["cancel_url"]))
+            if _taken_off_the_queue(seen, answer):
                 # The job may have ended already, charged as if it ran (recovery's, when this
                 # worker was stopped past its lease): fal's word settles that charge.
                 await progress.withdrawn([{"id": request_id}])
                 raise Canceled("the job was canceled while its request waited in fal's queue",
                                details={"engine": self.name, "request": request_id}).unbilled() from None
-            raise Canceled("the job was canceled while fal was working", charged="unknown") from None
+            if answer != ALREADY_COMPLETED:
+                raise Canceled("the job was canceled while fal was working", charged="unknown") from None
+            # It finished meanwhile, its images made and billed: its result is fetched and kept
+            # (`_completed_result`, the cancel met), as Replicate's prediction a cancel finds succeeded is.
+            completed = None
         except EngineError as exc:
             # We stop following a request that may still run and bill: stop it too, unless another
             # process follows it now (this one was stopped past its lease). One taken off the
@@ -273,7 +281,8 @@ class FalEngine(CloudEngine):
             else:
                 exc.charged = "unknown"
             raise
-        self._check_completed(request_id, completed)
+        if completed is not None:  # else its result says how it ended
+            self._check_completed(request_id, completed)
         try:
             output, kept_until = await self._completed_result(str(urls["response_url"]), cancel)
         except EngineError as exc:
@@ -518,7 +527,7 @@ class FalEngine(CloudEngine):
     async def _cancel_remote(self, cancel_url: str) -> str | None:
         """Best effort: the job is over for us either way, so a failure is only logged (the request
         may run on, and bill). Returns the `status` fal answered (`OK`: taken off the queue;
-        `CANCELLATION_REQUESTED`: the running app is asked to stop), or None."""
+        `CANCELLATION_REQUESTED`: the running app is asked to stop; `ALREADY_COMPLETED`: it finished), or None."""
         try:
             response = await self.http.request("PUT", cancel_url, idempotent=True, deadline=self.http.clock() + 10,
                                                headers=self._auth)
@@ -532,10 +541,11 @@ class FalEngine(CloudEngine):
         status = answer.get("status") if isinstance(answer, dict) else None
         if response.status_code not in (200, 202):
             # ALREADY_COMPLETED (400) and NOT_FOUND (404) leave nothing running to stop.
-            level = logging.INFO if status in ("ALREADY_COMPLETED", "NOT_FOUND") else logging.WARNING
+            level = logging.INFO if status in (ALREADY_COMPLETED, "NOT_FOUND") else logging.WARNING
             log.log(level, "fal: canceling %s was answered HTTP %d (%s)", cancel_url[:200], response.status_code,
                     error_text(response)[:200])
-            return None
+            # The one said: the request finished, its result there to fetch.
+            return ALREADY_COMPLETED if response.status_code == 400 and status == ALREADY_COMPLETED else None
         return status if isinstance(status, str) else None
 
     async def _refused(self, response: httpx.Response) -> EngineError:

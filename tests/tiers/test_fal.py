@@ -532,8 +532,8 @@ async def test_cancel_during_polling_cancels_the_request(engine: FalEngine, aban
     ("IN_QUEUE", httpx.Response(200, json={"status": "OK"}), "no"),
     ("IN_QUEUE", httpx.Response(202, json={"status": "CANCELLATION_REQUESTED"}), "unknown"),  # started since
     ("IN_PROGRESS", httpx.Response(200, json={"status": "OK"}), "unknown"),
-    ("IN_QUEUE", httpx.Response(400, json={"status": "ALREADY_COMPLETED"}), "unknown"),
-], ids=["taken-off-the-queue", "started-since", "running", "completed"])
+    ("IN_QUEUE", httpx.Response(400, json={"status": "NOT_FOUND"}), "unknown"),
+], ids=["taken-off-the-queue", "started-since", "running", "not-found"])
 async def test_a_cancel_while_the_request_waits_in_the_queue_costs_nothing(
         engine: FalEngine, last_seen: str, answer: httpx.Response, charged: str) -> None:
     # fal bills no time in its queue, and only outputs made: a request it took off the queue
@@ -1122,3 +1122,40 @@ async def test_a_cancel_while_a_completed_request_s_result_is_fetched_keeps_its_
         assert made is None and info.value.charged == "no" and info.value.work_unbilled
     else:
         assert held.dropped and made is None and info.value.charged == "unknown"
+
+
+@respx.mock
+@pytest.mark.parametrize("last_seen", ["IN_QUEUE", "IN_PROGRESS"])
+async def test_a_cancel_fal_answers_already_completed_keeps_the_request_s_images(
+        engine: FalEngine, last_seen: str) -> None:
+    # The request finished between the last poll and the user's cancel: fal answers the cancel
+    # ALREADY_COMPLETED, its images made and billed. They were neither fetched nor kept, and the
+    # job charged unknown, where Replicate's prediction a cancel finds succeeded is fetched and kept.
+    token = CancelToken()
+    _, poll, result = happy_queue()
+    poll.mock(side_effect=cancel_at_poll(token, lambda: status(last_seen)))
+    cancel = respx.put(CANCEL).mock(return_value=httpx.Response(400, json={"status": "ALREADY_COMPLETED"}))
+    result.mock(return_value=done(OUTPUTS[:2]))
+    for i, url in enumerate(OUTPUTS[:2], start=1):
+        respx.get(url).mock(return_value=httpx.Response(200, content=png_bytes((i, i, i))))
+    with pytest.raises(Canceled) as info:
+        await asyncio.wait_for(engine.run(bridge(n=2), NullProgress(), token), 10)
+    assert cancel.call_count == 1 and result.call_count == 1
+    made = info.value.made
+    assert made is not None and [image.image.getpixel((0, 0)) for image in made.images] == [(1, 1, 1), (2, 2, 2)]
+    assert info.value.charged == "yes" and info.value.cost_millicredits is None
+
+
+@respx.mock
+async def test_a_cancel_fal_answers_already_completed_of_a_failed_request_releases_the_hold(
+        engine: FalEngine) -> None:
+    # What the request's result says settles it: a failure fal stored (a 5xx naming its type) is unbilled.
+    token = CancelToken()
+    _, poll, result = happy_queue()
+    poll.mock(side_effect=cancel_at_poll(token, lambda: status("IN_PROGRESS")))
+    respx.put(CANCEL).mock(return_value=httpx.Response(400, json={"status": "ALREADY_COMPLETED"}))
+    result.mock(return_value=httpx.Response(500, json={"detail": "boom"},
+                                            headers={"x-fal-error-type": "runner_server_error"}))
+    with pytest.raises(Canceled) as info:
+        await asyncio.wait_for(engine.run(bridge(), NullProgress(), token), 10)
+    assert info.value.made is None and info.value.charged == "no" and info.value.work_unbilled
