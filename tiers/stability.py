@@ -566,9 +566,7 @@ class StabilityEngine(CloudEngine):
                     # The last wait ends at the deadline, its poll the last one: a whole interval ran
                     # the job up to 5 s past it.
                     await cancel.sleep(min(self.poll_interval, remaining))
-                response = await cancel.race(self._send(
-                    "GET", f"/v2beta/results/{job_id}", idempotent=True, deadline=asked_by
-                ))
+                response = await self._fetch_creative(job_id, asked_by, cancel)
                 if response.status_code == 202:
                     continue
                 if response.status_code == 404:
@@ -598,6 +596,33 @@ class StabilityEngine(CloudEngine):
             # Whatever stopped the polling (a 5xx, a 429, the network), the job runs on and bills.
             exc.at_least_charged("unknown")
             raise
+
+    async def _fetch_creative(self, job_id: str, asked_by: float, cancel: CancelToken) -> httpx.Response:
+        """One poll of a creative upscale's result. A user's cancel while it is out lets it end,
+        within `output_kept_seconds`: it may be the answer bringing the upscale, made and billed (an
+        image of megabytes takes a while), which raises `_CanceledAnswered` for `_kept_at_cancel`
+        to keep within what is left of that bound; dropped, it was lost and the job charged
+        `unknown`. Any other answer, or none by then, ends the job so; a cancel abandoning the
+        job (another process polls on) drops the poll at once."""
+        polling = asyncio.ensure_future(self._send("GET", f"/v2beta/results/{job_id}", idempotent=True,
+                                                   deadline=asked_by))
+        try:
+            return await cancel.race(asyncio.shield(polling))
+        except Canceled:
+            if cancel.abandoned:
+                raise
+            by = asyncio.get_running_loop().time() + self.output_kept_seconds
+            await asyncio.wait({polling}, timeout=self.output_kept_seconds)
+            if not polling.done() or polling.cancelled() or polling.exception() is not None:
+                raise
+            response = polling.result()
+            if response.status_code != 200:  # still working, or no result: as a cancel between polls
+                raise
+            checking = asyncio.ensure_future(asyncio.to_thread(_readable, response))
+            raise _CanceledAnswered(response, checking, job_id, abandon=False, by=by) from None
+        finally:
+            if not polling.done():
+                polling.cancel()
 
     async def _read(self, response: httpx.Response, req: RenderRequest, cancel: CancelToken,
                     *, followable: bool = True) -> tuple[Any, int | None, str]:
@@ -634,7 +659,9 @@ class StabilityEngine(CloudEngine):
 
         reading = asyncio.ensure_future(read())
         if not exc.abandon:
-            await asyncio.wait({reading}, timeout=self.output_kept_seconds)
+            # One bound from the cancel: what the poll it met left of it (`_fetch_creative`), or all.
+            left = self.output_kept_seconds if exc.by is None else exc.by - asyncio.get_running_loop().time()
+            await asyncio.wait({reading}, timeout=max(left, 0.0))
         if not reading.done():
             reading.cancel()
             return Canceled(exc.message, details={"engine": self.name}, charged="unknown")
@@ -748,10 +775,12 @@ class _CanceledAnswered(Canceled):
     read (`reading`: `_result`), in a worker thread; `StabilityEngine._kept_at_cancel` judges it."""
 
     def __init__(self, response: httpx.Response, checked: asyncio.Future[bool] | None, job_id: str | None = None,
-                 *, reading: asyncio.Future[tuple[Any, int | None, str]] | None = None, abandon: bool) -> None:
+                 *, reading: asyncio.Future[tuple[Any, int | None, str]] | None = None, abandon: bool,
+                 by: float | None = None) -> None:
         super().__init__("the job was canceled while the provider's answer was read", charged="unknown")
         self.response, self.checked, self.reading, self.job_id = response, checked, reading, job_id
         self.abandon = abandon  # another process follows the work on
+        self.by = by  # the event loop's time the check and read must end by (None: the whole bound from now)
 
 
 def factory(ctx: EngineContext) -> StabilityEngine:

@@ -25,7 +25,7 @@ from orchestrator.errors import (
     NoPrice,
     RateLimited,
 )
-from tests.tiers.conftest import LoopSpy, NoAnswer, RecordingProgress, draft_image, multipart, png_bytes
+from tests.tiers.conftest import HeldRequest, LoopSpy, NoAnswer, RecordingProgress, draft_image, multipart, png_bytes
 from tests.tiers.conftest import bridge as base_bridge
 from tiers.base import CancelToken, NullProgress, RenderRequest
 from tiers.stability import StabilityEngine, _jpeg_ended, _whole_image, operation
@@ -1367,3 +1367,37 @@ async def test_an_image_kept_at_a_cancel_carries_its_finish_reason(
     made = info.value.made
     assert made is not None and [image.seed for image in made.images] == [7] and info.value.charged == "yes"
     assert made.metadata["finish_reasons"] == ["SUCCESS"]
+
+
+@respx.mock
+@pytest.mark.parametrize("follow", ["run", "reattach"])
+@pytest.mark.parametrize("answer", ["image", "working", "never", "abandoned"])
+async def test_a_cancel_while_a_creative_result_is_fetched_keeps_the_image_it_brings(
+        engine: StabilityEngine, follow: str, answer: str) -> None:
+    # The poll out when the user's cancel came may be the one bringing the upscale, made and billed
+    # (an image of megabytes takes a while to come): dropped, the image was lost and the job charged
+    # unknown, where an answer in hand, being checked or read, is kept (`_kept_at_cancel`).
+    engine.output_kept_seconds = 0.05 if answer == "never" else 5.0
+    respx.post(CREATIVE).mock(return_value=httpx.Response(200, json={"id": "job-42"}))
+    held = HeldRequest(done(seed=7) if answer != "working" else httpx.Response(202, json={"id": "job-42"}))
+    respx.get(RESULT).mock(side_effect=held)
+    token = CancelToken()
+    req = polish(creativity=0.45)
+    running = asyncio.create_task(
+        engine.run(req, NullProgress(), token) if follow == "run"
+        else engine.reattach(req, [{"id": "job-42", "creative": True}], NullProgress(), token))
+    await asyncio.wait_for(held.sent.wait(), 5)
+    token.cancel(abandon=answer == "abandoned")
+    await asyncio.sleep(0.01)
+    if answer in ("image", "working"):
+        held.answer.set()
+    with pytest.raises(Canceled) as info:
+        await asyncio.wait_for(running, 5)
+    made = info.value.made
+    if answer == "image":
+        assert held.answered and not held.dropped
+        assert made is not None and [image.seed for image in made.images] == [7]
+        assert made.metadata["finish_reasons"] == ["SUCCESS"] and info.value.charged == "yes"
+    else:  # still working (Stability has no cancel: it may bill), never answered, or another process follows it
+        assert made is None and info.value.charged == "unknown"
+        assert held.dropped == (answer != "working")
