@@ -298,7 +298,9 @@ class A1111Engine(SelfHostedEngine):
             ) from None
         if response.status_code in GATEWAY_STATUSES:
             await self._interrupt(task_id, verdict)
-        return await asyncio.to_thread(self._result, req, response)  # decoding, off the event loop
+        # Decoding, off the event loop, raced against a cancel as the render was: n large images
+        # take seconds, which a cancel waited out. The render is over: nothing to interrupt.
+        return await cancel.race(asyncio.to_thread(self._result, req, response), charged="no")
 
     async def _watch(self, post: asyncio.Future[httpx.Response], task_id: str, progress: Progress,
                      cancel: CancelToken, verdict: _Verdict) -> None:

@@ -5,6 +5,7 @@ import base64
 import io
 import json
 import logging
+import threading
 import uuid
 from types import SimpleNamespace
 from typing import Any
@@ -891,3 +892,31 @@ async def test_an_image_far_larger_than_asked_is_not_decoded(engine: A1111Engine
     respx.post(URL).mock(return_value=httpx.Response(200, json=body))
     with pytest.raises(EngineError, match="returned a 4096x4096 image for the 768x512 asked"):
         await engine.run(bridge(width=768, height=512), NullProgress(), CancelToken())
+
+
+@respx.mock
+async def test_a_cancel_does_not_wait_for_the_answer_s_decode(engine: A1111Engine,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    # The answer's images are decoded in a worker thread (seconds for n large ones), which was not
+    # raced against a cancel, as the render before it is: the cancel waited for the decode.
+    task_is("unknown")
+    respx.post(URL).mock(return_value=httpx.Response(200, json=ok_body()))
+    real = A1111Engine._result
+    decoding, release = threading.Event(), threading.Event()
+
+    def slow(self: A1111Engine, req: RenderRequest, response: httpx.Response) -> Any:
+        decoding.set()
+        release.wait(timeout=30)
+        return real(self, req, response)
+
+    monkeypatch.setattr(A1111Engine, "_result", slow)
+    token = CancelToken()
+    running = asyncio.create_task(engine.run(bridge(), NullProgress(), token))
+    try:
+        await asyncio.wait_for(asyncio.to_thread(decoding.wait, 5), 10)
+        token.cancel()
+        with pytest.raises(Canceled) as info:
+            await asyncio.wait_for(running, 5)
+    finally:
+        release.set()
+    assert info.value.charged == "no"
