@@ -278,9 +278,15 @@ class FalEngine(CloudEngine):
             if _taken_off_the_queue(seen, answer):
                 await progress.withdrawn([{"id": request_id}])
                 exc.unbilled()
-            else:
+                raise
+            if answer != ALREADY_COMPLETED:
                 exc.charged = "unknown"
-            raise
+                raise
+            # It finished after its last poll, its images made and billed: its result is fetched
+            # and the job goes on, as Replicate's prediction given up on whose cancel finds it succeeded.
+            log.info("fal: request %s, given up on (%s), had completed; its result is fetched",
+                     request_id[:100], exc.message[:200])
+            completed = None
         if completed is not None:  # else its result says how it ended
             self._check_completed(request_id, completed)
         try:

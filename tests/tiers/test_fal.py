@@ -95,7 +95,8 @@ async def test_a_status_answered_with_what_cannot_be_read_is_asked_again_twice(
     # One gateway page with a 200 ended a request about to complete, and withdrew it.
     _, poll, result = happy_queue()
     poll.mock(side_effect=[httpx.Response(200, text="<html>gateway</html>")] * unreadable + [status("COMPLETED")])
-    cancel = respx.put(CANCEL).mock(return_value=httpx.Response(400, json={"status": "ALREADY_COMPLETED"}))
+    # Still running when given up on (one that had completed is fetched: see the ALREADY_COMPLETED tests).
+    cancel = respx.put(CANCEL).mock(return_value=httpx.Response(202, json={"status": "CANCELLATION_REQUESTED"}))
     if unreadable < 3:
         made = await engine.run(bridge(), NullProgress(), CancelToken())
         assert len(made.images) == 1 and cancel.call_count == 0
@@ -1159,3 +1160,18 @@ async def test_a_cancel_fal_answers_already_completed_of_a_failed_request_releas
     with pytest.raises(Canceled) as info:
         await asyncio.wait_for(engine.run(bridge(), NullProgress(), token), 10)
     assert info.value.made is None and info.value.charged == "no" and info.value.work_unbilled
+
+
+@respx.mock
+async def test_a_request_given_up_on_whose_cancel_fal_answers_already_completed_has_its_images_kept(
+        engine: FalEngine, output: respx.Route) -> None:
+    # Polled to the deadline, the request is canceled at fal, which answers ALREADY_COMPLETED: it
+    # finished after its last poll, its images made and billed. The job failed `timeout`, charged
+    # unknown, its images neither fetched nor kept (Replicate fetches and keeps a prediction given
+    # up on whose cancel answers that it succeeded).
+    _, poll, result = happy_queue()
+    poll.mock(side_effect=deadline_at_poll(engine, lambda: status("IN_PROGRESS")))
+    cancel = respx.put(CANCEL).mock(return_value=httpx.Response(400, json={"status": "ALREADY_COMPLETED"}))
+    got = await engine.run(bridge(), NullProgress(), CancelToken())
+    assert cancel.call_count == 1 and result.call_count == 1 and output.call_count == 1
+    assert len(got.images) == 1 and got.provider_request_id == "r-1"
