@@ -724,8 +724,8 @@ class StabilityEngine(CloudEngine):
             seed = int(seed) if isinstance(seed, str) else seed  # a header's text
         except ValueError:
             seed = None
-        # Kept in each image's record (its PNG, the API's `record`): the provider's words, so short
-        # and without our key, as an error quotes them.
+        # Kept in the result (`finish_reasons`; no image's stored record shows it): the provider's
+        # words, so short and without our key, as an error quotes them.
         return _sized_as_asked(image, req), provider_seed(seed), self.said(reason)
 
     def _creative_failed(self, response: httpx.Response, error: EngineError) -> EngineError:

@@ -511,7 +511,7 @@ async def test_a_creative_upscale_id_that_is_no_id_is_not_followed(engine: Stabi
 
 @respx.mock
 async def test_a_finish_reason_is_recorded_short_and_without_the_key(engine: StabilityEngine) -> None:
-    # Each image's record (its PNG and the API's `record`) keeps the finish reasons.
+    # The result keeps the finish reasons (`finish_reasons`), short and without the key.
     respx.post(SD3).mock(return_value=ok(reason="SUCCESS echo Bearer sk-stab-secret " + "x" * 100_000))
     result = await engine.run(bridge(), NullProgress(), CancelToken())
     (reason,) = result.metadata["finish_reasons"]
