@@ -403,7 +403,7 @@ class CloudEngine(SendsCredentials):
                 await asyncio.wait({fetching}, timeout=kept_for)
                 if not fetching.done():
                     log.warning("%s: the job was canceled while its output (made and billed) was downloaded, "
-                                "which did not end within %.0f s; it is not kept", self.name, self.output_kept_seconds)
+                                "which did not end within %.0f s; it is not kept", self.name, kept_for)
                     raise
                 if fetching.cancelled() or fetching.exception() is not None:
                     log.warning("%s: the job was canceled while its output (made and billed) was downloaded, which "

@@ -872,10 +872,9 @@ class ComfyUIEngine(SelfHostedEngine):
 async def _parsed(cancel: CancelToken, parse: Callable[..., T], *args: Any) -> T:
     """`parse(*args)` in a worker thread, as each answer read whole is: a history of many outputs,
     or a queue of many workflows (each whole), is megabytes, which held the event loop, and a large
-    image takes a while to decode. Raced
-    against the job's cancel, as the request before it is: such a parse takes seconds, which a
-    cancel waited out (and one met as the parse ended was missed, the job going on). The server
-    bills nobody (charged "no"); the thread runs to its end, its answer dropped."""
+    image takes a while to decode. Raced against the job's cancel, as the request before it is:
+    such a parse takes seconds, which a cancel waited out. The server bills nobody (charged "no");
+    the thread runs to its end, its answer dropped."""
     return await cancel.race(asyncio.to_thread(parse, *args), charged="no")
 
 
