@@ -47,7 +47,7 @@ from orchestrator.errors import ContentUnavailable, NotFound, first_line
 from orchestrator.ids import ID_RE
 from orchestrator.workers import open_regular_file
 from tiers._images import eight_bit
-from tiers.base import home_expanded
+from tiers.base import PREVIEW_MAX_SIDE, home_expanded
 from tiers.registry import HOSTED
 
 log = logging.getLogger(__name__)
@@ -823,10 +823,24 @@ class ArtifactStore:
         return removed
 
 
+def preview_sized(image: Image.Image) -> Image.Image:
+    """`image` at most `PREVIEW_MAX_SIDE` a side, its aspect kept (each side at least a pixel): an
+    engine's preview as large as its image (a plugin's, a ComfyUI server's) was encoded, served and
+    written at its full size, where a TAESD's are decoded at most this size."""
+    longest = max(image.size)
+    if longest <= PREVIEW_MAX_SIDE:
+        return image
+    fits = PREVIEW_MAX_SIDE / longest
+    size = (max(1, round(image.width * fits)), max(1, round(image.height * fits)))
+    # reducing_gap: a whole-pixel reduce first, then the filter: a fraction of a plain resize's time.
+    return image.resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0)
+
+
 def encode_preview(image: Image.Image) -> bytes:
-    """A step preview as PNG: no metadata, the store's fast compression (it is shown, then gone)."""
+    """A step preview as PNG, at most `PREVIEW_MAX_SIDE` a side: no metadata, the store's fast
+    compression (it is shown, then gone)."""
     buf = io.BytesIO()
-    image.save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    preview_sized(image).save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     return buf.getvalue()
 
 

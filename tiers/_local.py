@@ -48,6 +48,7 @@ from tiers._family import (
     snapshot_folder,
 )
 from tiers.base import (
+    PREVIEW_MAX_SIDE,
     CancelToken,
     Capabilities,
     EngineContext,
@@ -70,9 +71,6 @@ T = TypeVar("T")
 PipelineKind = Literal["text2img", "img2img"]
 AUTO_MODEL = "stabilityai/sd-turbo"
 
-# A TAESD preview is decoded at most this size: it is shown small, and a 2048 px PNG would cost the
-# inference thread half a second at each throttled write.
-PREVIEW_MAX_SIDE = 512
 # The least side a local engine makes: the latent is an eighth of it, and UNets' down-sampling
 # needs 8 latent pixels.
 MIN_SIDE = 64

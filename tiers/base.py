@@ -42,6 +42,11 @@ UNKNOWN_MODEL = "unknown"
 # The longest upscaler name an AUTOMATIC1111 image's record keeps (`ORCH_A1111_UPSCALER`; the webui's
 # are under 40 characters).
 MAX_UPSCALER_CHARS = 100
+# The largest side of a step preview (`Progress.step`): it is shown small, and a full-size one cost
+# a 2048 px PNG encode (half a second) at each throttled write. A local engine's TAESD decodes at
+# most this; any engine's larger preview (a plugin's, a ComfyUI server's) is shrunk to it, its
+# aspect kept, before it is encoded, served or written (`orchestrator.store.encode_preview`).
+PREVIEW_MAX_SIDE = 512
 
 
 def in_kept_quotes(text: str) -> bool:

@@ -44,6 +44,7 @@ SettingsFactory = Callable[..., Settings]
 ENGINE = "fake-preview"
 ENGINES = f"{ENGINE}=tests.api.test_previews_shared:factory"
 STEPPED_ENGINES = "fake-stepped=tests.api.test_previews_shared:stepped_factory"
+LARGE_ENGINES = "fake-large=tests.api.test_previews_shared:large_factory"
 STEPS = 4
 
 
@@ -106,9 +107,12 @@ class SteppedEngine(PreviewEngine):
         self.at: queue.Queue[int] = queue.Queue()
         self.go = threading.Semaphore(0)
 
+    def preview(self, step: int) -> Image.Image:
+        return preview_of(step)
+
     def _denoise(self, req: RenderRequest, progress: Progress, cancel: CancelToken) -> RenderResult:
         for step in (1, 2):
-            progress.step(step, STEPS, preview_of(step))
+            progress.step(step, STEPS, self.preview(step))
             self.at.put(step)
             while not self.go.acquire(timeout=0.01):
                 if cancel.cancelled:
@@ -119,6 +123,22 @@ class SteppedEngine(PreviewEngine):
 
 def stepped_factory(ctx: EngineContext) -> SteppedEngine:
     return SteppedEngine()
+
+
+class LargeEngine(SteppedEngine):
+    """A plugin whose step previews are its image's full size, 2048x1000 (a wide one, where the
+    Lite model's are at most PREVIEW_MAX_SIDE a side), each half red and half green."""
+
+    name = "fake-large"
+
+    def preview(self, step: int) -> Image.Image:
+        image = Image.new("RGB", (2048, 1000), (255, 0, 0))
+        image.paste((0, 255, 0), (1024, 0, 2048, 1000))
+        return image
+
+
+def large_factory(ctx: EngineContext) -> LargeEngine:
+    return LargeEngine()
 
 
 def preview_of(step: int) -> Image.Image:
@@ -302,6 +322,37 @@ def test_a_step_s_preview_is_encoded_once_however_often_it_is_asked_for(
                 stepped.go.release()
         finally:
             stepped.go.release(2)  # whatever is left, should an assertion have stopped the loop
+            running.join(30)
+        assert row(services, job_id).status == "succeeded"
+
+
+def test_a_plugin_s_full_size_preview_is_shrunk_as_a_local_engine_s_is(make_settings: SettingsFactory) -> None:
+    # A plugin's 2048x1000 preview was served and written at that size, where the Lite model's
+    # are PREVIEW_MAX_SIDE (512) a side at most: shrunk to 512x250 now, the same picture.
+    app = create_app(make_settings(run_jobs=False, engines=LARGE_ENGINES))
+    with TestClient(app) as client:
+        services: Services = app.state.services
+        job_id = add_job(services, engine="fake-large")
+        [(claim, _lane)] = services.scheduler._claim_ready({})
+        engine = services.registry.get("fake-large")
+        assert isinstance(engine, ThirdParty) and isinstance(engine.wrapped, LargeEngine)
+        large = engine.wrapped
+        running = threading.Thread(target=asyncio.run, args=(services.runner.run(claim),))
+        running.start()
+        try:
+            assert large.at.get(timeout=30) == 1
+            served = client.get(f"/v1/jobs/{job_id}/preview")
+            assert served.status_code == 200, served.text
+            preview = services.runner.previews[job_id]
+            services.runner.write_preview(job_id, preview)  # as the write behind the engine makes it
+            written = services.runner.preview_files.read(job_id)
+            assert written == served.content
+            with Image.open(io.BytesIO(served.content)) as image:
+                assert image.size == (512, 250)
+                rgb = image.convert("RGB")
+                assert rgb.getpixel((10, 125)) == (255, 0, 0) and rgb.getpixel((500, 125)) == (0, 255, 0)
+        finally:
+            large.go.release(2)
             running.join(30)
         assert row(services, job_id).status == "succeeded"
 
@@ -505,3 +556,15 @@ def test_recovery_removes_a_dead_attempt_s_preview(worker: Services) -> None:
     files.write(job_id, kept(3))
     assert asyncio.run(worker.scheduler.recover(all_foreign=False)) == [job_id]
     assert row(worker, job_id).status == "queued" and not files.exists(job_id)
+
+
+@pytest.mark.parametrize(("size", "shrunk"),
+                         [((600, 8000), (38, 512)), ((8192, 4), (512, 1)), ((513, 513), (512, 512))])
+def test_a_preview_is_shrunk_to_the_bound_its_aspect_kept(size: tuple[int, int], shrunk: tuple[int, int]) -> None:
+    with Image.open(io.BytesIO(Preview(Image.new("RGB", size)).png())) as image:
+        assert image.size == shrunk
+
+
+def test_a_preview_within_the_bound_is_encoded_at_its_size() -> None:
+    with Image.open(io.BytesIO(Preview(Image.new("RGBA", (512, 300))).png())) as image:
+        assert (image.size, image.mode) == ((512, 300), "RGBA")
