@@ -47,14 +47,19 @@ MEASURE_BATCH = 500
 MISSING_NAMED = 5  # asset ids a warning of missing files names; `orchestrator check` lists them all
 
 # What one stored PNG can take (`image_bound`), from what `store.encode_png` writes through Pillow:
-# the signature, IHDR and IEND; the pixels 4 bytes each (an engine's alpha is kept: RGBA) behind
+# the signature, IHDR and IEND; the pixels 4 bytes each (an engine's alpha is kept: RGBA; 3, RGB,
+# for an engine whose images are opaque) behind
 # one filter byte a row; zlib's stream over them; one IDAT chunk per `PIL_BUFSIZE` of it; the
 # two text chunks, `parameters` (tEXt, or iTXt where it is not latin-1) and the JSON record (iTXt);
 # and the colour profile an engine's image may carry (iCCP: its name, 2 bytes, the profile deflated).
 PNG_FIXED = 8 + 25 + 12
 CHUNK_OVERHEAD = 12  # length, type, CRC
 PIL_BUFSIZE = 2**16  # `PIL.ImageFile.MAXBLOCK`: each encoder call's output is written as one IDAT
+# Pillow's encoder buffer is at least 4 bytes a pixel of a row, whatever the mode (`ImageFile._save`).
+PIL_ROW_BYTES = 4
 BYTES_PER_PIXEL = 4
+# An opaque engine's images (`opaque_images`): RGB (a grey one is stored RGB), and no colour profile.
+OPAQUE_BYTES_PER_PIXEL = 3
 # Each text chunk's header, its keyword and the iTXt fields after it (flags, language, translated keyword).
 TEXT_CHUNK_HEADER = CHUNK_OVERHEAD + len("orchestrator") + 5
 # The record's fields other than the prompts, in both chunks: the engine, model, sampler and
@@ -88,12 +93,16 @@ def deflate_bound(size: int) -> int:
 ICC_CHUNK = CHUNK_OVERHEAD + len("ICC Profile") + 2 + deflate_bound(MAX_ICC_BYTES)
 
 
-def image_bound(width: int, height: int, text_bytes: int) -> int:
-    """The most a stored PNG of `width` x `height` pixels takes, with `text_bytes` of metadata text."""
-    stream = deflate_bound(height * (1 + BYTES_PER_PIXEL * width))
+def image_bound(width: int, height: int, text_bytes: int, *, opaque: bool = False) -> int:
+    """The most a stored PNG of `width` x `height` pixels takes, with `text_bytes` of metadata text.
+    `opaque`: an image with no alpha channel and no colour profile (an `opaque_images` engine's),
+    3 bytes a pixel and no iCCP chunk, where any other engine's may carry both."""
+    per_pixel = OPAQUE_BYTES_PER_PIXEL if opaque else BYTES_PER_PIXEL
+    stream = deflate_bound(height * (1 + per_pixel * width))
     # An encoder call may return less than its buffer: one more chunk than the whole ones.
-    idats = math.ceil(stream / max(PIL_BUFSIZE, BYTES_PER_PIXEL * width)) + 1
-    return PNG_FIXED + stream + idats * CHUNK_OVERHEAD + 2 * TEXT_CHUNK_HEADER + text_bytes + ICC_CHUNK
+    idats = math.ceil(stream / max(PIL_BUFSIZE, PIL_ROW_BYTES * width)) + 1
+    profile = 0 if opaque else ICC_CHUNK
+    return PNG_FIXED + stream + idats * CHUNK_OVERHEAD + 2 * TEXT_CHUNK_HEADER + text_bytes + profile
 
 
 def text_bound(params: dict[str, Any]) -> int:
@@ -114,11 +123,18 @@ def output_size(engine: Engine | None, request: RenderRequest) -> tuple[int, int
     return request.width, request.height
 
 
+def opaque(engine: Engine | None) -> bool:
+    """Whether the engine's images never carry an alpha channel or a colour profile: a built-in's
+    `opaque_images` (the local engines', whose images are diffusers' RGB output). A plugin's is
+    not taken at its word (`tiers.guard.ThirdParty` answers False), nor an unknown engine's."""
+    return getattr(engine, "opaque_images", False) is True
+
+
 def job_bound(engine: Engine | None, request: RenderRequest, params: dict[str, Any]) -> int:
     """The most a job's images can take in the store: its `n` images (1 for a bridge or a polish,
     whose size is the one it asked, its scale applied) at the largest size its engine returns."""
     width, height = output_size(engine, request)
-    return request.n * image_bound(width, height, text_bound(params))
+    return request.n * image_bound(width, height, text_bound(params), opaque=opaque(engine))
 
 
 def held(s: Session, project: Project, default_mb: int) -> int:

@@ -744,7 +744,10 @@ def finite_images(images: Any, device: str) -> list[Image]:
                           retryable=False, charged="no", details={"device": device})
     from diffusers.image_processor import VaeImageProcessor
 
-    return list(VaeImageProcessor.numpy_to_pil(images))  # as the pipeline's "pil" output does
+    # As the pipeline's "pil" output does; RGB whatever the VAE's channels (one grey, four RGBA):
+    # the storage quota holds a local engine's images at 3 bytes a pixel (`opaque_images`).
+    return [image if image.mode == "RGB" else image.convert("RGB")
+            for image in VaeImageProcessor.numpy_to_pil(images)]
 
 
 def _out_of_memory(exc: BaseException) -> BaseException | None:
@@ -1730,6 +1733,10 @@ class LocalEngine:
     # The methods whose code tells it, of a class that says `tells_device_start = True`: a subclass
     # that overrides none of them (its own, or a mixin's before it) keeps the value.
     device_start_told_by: ClassVar[tuple[str, ...]] = ("run",)
+    # Whether its images are only ever RGB (`finite_images`), with no colour profile: a storage
+    # quota holds its jobs at 3 bytes a pixel, no profile (`orchestrator.quota.image_bound`).
+    # Said by each class for itself too: a subclass's own work may make other images.
+    opaque_images: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -1745,6 +1752,8 @@ class LocalEngine:
                 inspect.getattr_static(cls, name, None) is inspect.getattr_static(sayer, name, None)
                 for name in told_by):
             cls.tells_device_start = False
+        if "opaque_images" not in cls.__dict__:
+            cls.opaque_images = False
 
     def __init__(self, ctx: EngineContext, model_spec: str, capabilities: Capabilities) -> None:
         self.settings = ctx.settings

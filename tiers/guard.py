@@ -149,6 +149,10 @@ class ThirdParty:
         self._overdue_lock = threading.Lock()
         self._overdue_warned: dict[str, float] = {}  # by method: when its last late call was warned of
 
+    # A plugin's images are not taken to be opaque on its word: a storage quota holds its jobs at
+    # 4 bytes a pixel and a colour profile (`orchestrator.quota.opaque`).
+    opaque_images = False
+
     def __getattr__(self, attr: str) -> Any:
         return getattr(self._engine, attr)
 

@@ -47,6 +47,8 @@ class LiteEngine(LocalEngine):
     # which `run` hands the inference thread: a subclass that overrides none of them tells it too.
     tells_device_start: ClassVar[bool] = True
     device_start_told_by: ClassVar[tuple[str, ...]] = ("run", "_on_device", "_generate")
+    # Its images are RGB, with no colour profile (see `LocalEngine`).
+    opaque_images: ClassVar[bool] = True
 
     def __init__(self, ctx: EngineContext) -> None:
         super().__init__(ctx, ctx.settings.lite_model, Capabilities(seeds=True, negative_prompt=True))

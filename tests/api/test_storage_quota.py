@@ -28,6 +28,8 @@ from orchestrator.settings import Settings
 from orchestrator.store import ArtifactStore
 from tests.api import SMALL, assert_error, create_project, run_draft, submit_draft, wait_for_job
 from tests.api.test_retention import built
+from tiers.base import Capabilities, RenderRequest
+from tiers.guard import ThirdParty
 
 SettingsFactory = Callable[..., Settings]
 MIB = 2**20
@@ -542,6 +544,52 @@ def test_an_image_s_bound_is_above_its_png_as_the_store_writes_it(mode: str, wid
     made = len(encode_png(Image.frombytes(mode, (width, height), noise), record))
     bound = quota.image_bound(width, height, quota.text_bound(params))
     assert made <= bound
+
+
+def test_a_local_engine_s_draft_is_held_at_three_bytes_a_pixel_and_no_profile(make_settings: SettingsFactory) -> None:
+    """The local engines' images are RGB with no colour profile: a 512x512 draft was held at 1.18 MiB
+    (4 bytes a pixel, room for a 16 KiB profile), so a 1 MiB quota refused the first one whatever
+    its PNG would take (about 0.3 MiB for a natural image); now at 0.88 MiB, taken."""
+    from orchestrator import quota
+
+    body = {"prompt": "a lighthouse at dusk", "n": 1, "width": 512, "height": 512, "steps": 2}
+    with client_for(make_settings(run_jobs=False)) as client:
+        project_id = create_project(client, storage_quota_mb=1)["id"]
+        job = submit_draft(client, project_id, **body)
+        assert job["engine"] == "lite"
+        held = reserved_of(client, project_id)
+        assert held == quota.image_bound(512, 512, quota.text_bound(body), opaque=True) < MIB
+        assert held < quota.image_bound(512, 512, quota.text_bound(body))  # a plugin's, or a provider's
+        # local-hifi's the same; a plugin saying its images are opaque is not taken at its word.
+        request = RenderRequest(stage="ideation", prompt="a lighthouse at dusk", n=1, width=512, height=512)
+        assert quota.job_bound(services_of(client).registry.get("local-hifi"), request, body) == held
+
+        class Says:
+            name, kind, stages, capabilities = "says-opaque", "remote", frozenset({"ideation"}), Capabilities()
+            opaque_images = True
+
+        assert quota.job_bound(ThirdParty(Says()), request, body) == quota.image_bound(  # type: ignore[arg-type]
+            512, 512, quota.text_bound(body))
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "I;16"])
+@pytest.mark.parametrize(("width", "height"), [(1, 1), (8, 8), (64, 48), (300, 7), (512, 512)])
+def test_an_opaque_image_s_bound_is_above_its_png_as_the_store_writes_it(mode: str, width: int, height: int) -> None:
+    """An image with no alpha (grey ones are stored RGB) and no profile, of noise: within the bound an
+    engine whose images are opaque is held at."""
+    import random
+
+    from PIL import Image
+
+    from orchestrator import quota
+    from orchestrator.store import encode_png
+
+    noise = random.Random(width * height).randbytes(width * height * {"RGB": 3, "L": 1, "I;16": 2}[mode])
+    params = {"prompt": "\u00e9\u4e00" * 5000, "negative_prompt": "\n\"" * 5000}
+    record = {"stage": "ideation", "engine": "lite", "model": "m" * 300, "seed": 2**32 - 1, "width": width,
+              "height": height, "sampler": "EulerDiscreteScheduler", "steps": 150, "guidance_scale": 30.0, **params}
+    made = len(encode_png(Image.frombytes(mode, (width, height), noise), record))
+    assert made <= quota.image_bound(width, height, quota.text_bound(params), opaque=True)
 
 
 @pytest.mark.parametrize("profile", ["display", "padded", "garbage"])

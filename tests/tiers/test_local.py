@@ -29,6 +29,7 @@ from tiers import tiny
 from tiers._local import (
     LocalRuntime,
     _usable_cpus,
+    finite_images,
     hf_hub_reachable,
     latents_to_preview,
     prompt_overflow,
@@ -36,7 +37,7 @@ from tiers._local import (
 )
 from tiers.base import NOTES, CancelToken, EngineContext, RenderRequest, Stage
 from tiers.lite import LiteEngine
-from tiers.local_hifi import tile_boxes
+from tiers.local_hifi import LocalHifiEngine, tile_boxes
 
 
 def draft(**kw: Any) -> RenderRequest:
@@ -273,6 +274,17 @@ def test_a_preview_vae_s_previews_are_small_whatever_the_image_size(
 def test_latents_that_are_not_channel_images_have_no_preview() -> None:
     assert latents_to_preview(torch.zeros(1, 4096, 64)) is None  # FLUX packs its latents as tokens
     assert latents_to_preview(torch.zeros(1, 4, 8, 8)) is not None
+
+
+@pytest.mark.parametrize("channels", [1, 3, 4])
+def test_a_local_engine_s_images_are_rgb_with_no_profile_whatever_its_vae_makes(channels: int) -> None:
+    """A storage quota holds a local engine's image at 3 bytes a pixel and no colour profile
+    (`opaque_images`): a VAE of four channels made an RGBA image, which the store keeps as such."""
+    import numpy as np
+
+    [image] = finite_images(np.full((1, 8, 6, channels), 0.5, dtype=np.float32), "cpu")
+    assert (image.mode, image.size, image.info.get("icc_profile")) == ("RGB", (6, 8), None)
+    assert LiteEngine.opaque_images and LocalHifiEngine.opaque_images
 
 
 @pytest.mark.parametrize("error", [
