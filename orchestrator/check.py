@@ -4,7 +4,8 @@ ledger's entries add up.
 For an operator after a restore from backup, a disk error, a move of the data dir or a hand-made
 fix in the database: an asset whose file is missing, unreadable, or whose bytes no longer hash to
 the sha256 its row records cannot be served; the files no asset names are counted (the service's
-own sweep removes them). In the ledger, every hold is open or settled by its capture and/or
+own sweep removes them), those set aside for removal too, and what a crash left beside them: temp
+files of writes cut short before their rename, and folders moved aside from an image file's place. In the ledger, every hold is open or settled by its capture and/or
 release (their amounts making up the hold, unless the provider charged more), its `settled` flag
 says which, a job has at most one open hold, and an adjustment follows a reconciled capture of
 the same hold: an entry breaking one of these is money counted twice or not at all. (A hold
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import sqlite3
+import stat
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -84,6 +86,14 @@ class StoreReport:
     # refuses, and to move out of the store once sure they are a crash's leftovers.
     unnamed_paths: list[str] = field(default_factory=list)
     files: int = 0  # files in the store
+    # What a crash left beside the files, which the service's sweeps remove: temp files of writes cut
+    # short before their rename (`.tmp-*`, once an hour old), counted with their bytes, as they take
+    # disk no project's usage counts.
+    temp_files: int = 0
+    temp_bytes: int = 0
+    # Folders found in an image file's place, moved aside (`.broken-*`) by the write that replaced
+    # them: the operator's to look at, as no sweep removes them.
+    broken: list[str] = field(default_factory=list)
     deleted: int = 0  # deleted assets (their files the sweep's)
     hashed: bool = True
 
@@ -315,6 +325,7 @@ def check_store(engine: Engine, store: ArtifactStore, *, hashes: bool = True) ->
                 report.resized.append(asset_id)
     _leave_out_deleted_since(engine, report)
     report.unnamed, report.files, report.unnamed_paths, report.in_flight = _unnamed(engine, store)
+    report.temp_files, report.temp_bytes, report.broken = _leftovers(store)
     with Session(engine) as s:
         report.deleted = s.exec(select(func.count()).select_from(Asset)
                                 .where(col(Asset.deleted_at).is_not(None))).one()
@@ -541,35 +552,60 @@ def _unnamed(engine: Engine, store: ArtifactStore) -> tuple[int, int, list[str],
     running, none can be, and a young one counts as any other (a copy of a running service's
     SQLite file without its -wal names none of the recent files).
 
+    A file set aside (`.gc-<sha>-*.png`) counts as the sweep counts it: one no asset names is an
+    orphan whose removal a crash cut short (a canceled job's `discard`, a sweep), left out where the
+    sweep, which weighs it for its alarm and removes it, counted it.
+
     Whether a job runs is read with each batch's names, in their snapshot, taken after the batch
     was listed: read once before the listing, a job claimed meanwhile had its images (stored before
     the rows naming them) counted as orphans, and listed to move out of the store."""
     cutoff = time.time() - ORPHAN_GRACE_SECONDS
     unnamed = files = in_flight = 0
     paths: list[str] = []
-    for batch in _batches(sha for path in store.root.glob("*/*.png")
-                          if not path.name.startswith(".") and (sha := stored_sha(path)) is not None):
+    for batch in _batches((sha, path) for path in store.root.glob("*/*.png")
+                          if (not path.name.startswith(".") or path.name.startswith(".gc-"))
+                          and (sha := stored_sha(path)) is not None):
         with Session(engine) as s:
-            named = set(s.exec(select(Asset.sha256).where(col(Asset.sha256).in_(batch))))
+            named = set(s.exec(select(Asset.sha256).where(col(Asset.sha256).in_({sha for sha, _ in batch}))))
             running = s.exec(select(Job.id).where(col(Job.status) == "running").limit(1)).first() is not None
-        unnamed_here = [sha for sha in batch if sha not in named]
+        unnamed_here = [path for sha, path in batch if sha not in named]
         if running:
-            old = [sha for sha in unnamed_here if not _written_since(store, sha, cutoff)]
+            old = [path for path in unnamed_here if not _written_since(path, cutoff)]
             in_flight += len(unnamed_here) - len(old)
             unnamed_here = old
         unnamed += len(unnamed_here)
-        paths += [str(store.path_for(sha)) for sha in unnamed_here[:UNNAMED_LISTED - len(paths)]]
+        paths += [str(path) for path in unnamed_here[:UNNAMED_LISTED - len(paths)]]
         files += len(batch)
     return unnamed, files, paths, in_flight
 
 
-def _written_since(store: ArtifactStore, sha: str, cutoff: float) -> bool:
+def _written_since(path: Path, cutoff: float) -> bool:
     """Whether the file was written (or `put` again) after `cutoff`; one gone meanwhile (named and
     swept, or set aside) is no running job's."""
     try:
-        return store.path_for(sha).stat().st_mtime >= cutoff
+        return path.stat().st_mtime >= cutoff
     except OSError:
         return False
+
+
+def _leftovers(store: ArtifactStore) -> tuple[int, int, list[str]]:
+    """(temp files, their bytes, the folders moved aside) in the store's shard folders: what a crash
+    between a write and its rename left (`ArtifactStore.sweep_temp` removes them once an hour old),
+    and what a write found in an image file's place (`ArtifactStore._replace_or_keep`)."""
+    temp = size = 0
+    broken: list[str] = []
+    for path in store.root.glob("*/.tmp-*"):
+        try:
+            found = path.lstat()
+        except OSError:  # renamed into place, or swept, since the listing
+            continue
+        if stat.S_ISREG(found.st_mode):
+            temp += 1
+            size += found.st_size
+    for path in sorted(store.root.glob("*/.broken-*")):
+        if path.is_dir() and not path.is_symlink():
+            broken.append(str(path))
+    return temp, size, broken
 
 
 def _batches(items: Iterable[Any]) -> Iterator[list[Any]]:

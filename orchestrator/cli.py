@@ -763,6 +763,7 @@ def _check(*, no_hash: bool) -> int:
 
     from orchestrator.check import (
         ONE,
+        UNNAMED_LISTED,
         CannotCheck,
         StoreReport,
         at_rest,
@@ -863,6 +864,16 @@ def _check(*, no_hash: bool) -> int:
     if report.in_flight:
         print(f"{_counted(report.in_flight, 'file')} no asset names, written in the last hour while jobs run "
               "(a running job's images before its end commits; the service removes any a crash left, after an hour)")
+    if report.temp_files:
+        print(f"{_counted(report.temp_files, 'temp file')} ({report.temp_bytes} bytes) left by image writes a crash "
+              "cut short before their rename, or still being written (the service removes them once an hour old)")
+    if report.broken:
+        print(f"{_counted(len(report.broken), 'folder')} found in an image file's place and moved aside (the image "
+              "was written again): look at and remove them, as no sweep does:")
+        for path in report.broken[:UNNAMED_LISTED]:
+            print(f"  {path}")
+        if len(report.broken) > UNNAMED_LISTED:
+            print(f"  ... and {len(report.broken) - UNNAMED_LISTED} more")
     print(f"ledger: {_counted(ledger.entries, 'entry', 'entries')}, {_counted(ledger.holds, 'hold')}")
     for what, ids in ledger.problems.items():
         print(f"{_counted(len(ids), ONE.get(what, what), what)}: {_entries(ids)}")
