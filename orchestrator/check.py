@@ -5,9 +5,9 @@ For an operator after a restore from backup, a disk error, a move of the data di
 fix in the database: an asset whose file is missing, unreadable, or whose bytes no longer hash to
 the sha256 its row records cannot be served; the files no asset names are counted (the service's
 own sweep removes them), those set aside for removal too, and what a crash left beside them: temp
-files of writes cut short before their rename, and folders moved aside from an image file's place. In the ledger, every hold is open or settled by its capture and/or
-release (their amounts making up the hold, unless the provider charged more), its `settled` flag
-says which, a job has at most one open hold, and an adjustment follows a reconciled capture of
+files of writes cut short before their rename, and folders moved aside from an image file's place.
+In the ledger, every hold is open or settled by its capture and/or release (their amounts making
+up the hold, unless the provider charged more), its `settled` flag says which, a job has at most one open hold, and an adjustment follows a reconciled capture of
 the same hold: an entry breaking one of these is money counted twice or not at all. (A hold
 settled by a process of a version before its `settled` flag is only counted: the service's sweep
 marks it.) Each project's storage usage (`Project.storage_bytes`, which its quota is judged on)
