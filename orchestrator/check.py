@@ -7,12 +7,13 @@ the sha256 its row records cannot be served; the files no asset names are counte
 own sweep removes them), those set aside for removal too, and what a crash left beside them: temp
 files of writes cut short before their rename, and folders moved aside from an image file's place.
 In the ledger, every hold is open or settled by its capture and/or release (their amounts making
-up the hold, unless the provider charged more), its `settled` flag says which, a job has at most one open hold, and an adjustment follows a reconciled capture of
-the same hold: an entry breaking one of these is money counted twice or not at all. (A hold
-settled by a process of a version before its `settled` flag is only counted: the service's sweep
-marks it.) Each project's storage usage (`Project.storage_bytes`, which its quota is judged on)
-is the sum of its live assets' sizes, and an asset's size (`Asset.bytes`) is its file's: usage
-off is a quota refusing too early or too late.
+up the hold, unless the provider charged more), its `settled` flag says which, a job has at most
+one open hold, and an adjustment follows a reconciled capture of the same hold: an entry breaking
+one of these is money counted twice or not at all. (A hold settled by a process of a version
+before its `settled` flag is only counted: the service's sweep marks it.) Each project's storage
+usage (`Project.storage_bytes`, which its quota is judged on) is the sum of its live assets'
+sizes, and an asset's size (`Asset.bytes`) is its file's: usage off is a quota refusing too early
+or too late.
 
 Read-only, on a read-only mount too: the database is opened read-only (SQLite with `mode=ro`, as
 immutable while no process has it open; PostgreSQL in read-only transactions) and nothing is
