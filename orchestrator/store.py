@@ -812,14 +812,21 @@ class ArtifactStore:
 
     def sweep_temp(self, older_than: float = 3600.0) -> int:
         """Remove temp files left by a crash between write and rename. Only old ones: a fresh
-        one may be another process's write in progress."""
+        one may be another process's write in progress. Only files, and each one's failure its
+        own: a folder so named (or a file the service may not remove) raised out of the sweep,
+        which stopped the service's start, and each hourly asset sweep before its orphans."""
         removed = 0
         cutoff = time.time() - older_than
         for tmp in self.root.glob("*/.tmp-*"):
-            with contextlib.suppress(FileNotFoundError):
-                if tmp.stat().st_mtime < cutoff:
+            try:
+                found = tmp.lstat()
+                if stat.S_ISREG(found.st_mode) and found.st_mtime < cutoff:
                     tmp.unlink()
                     removed += 1
+            except FileNotFoundError:
+                continue
+            except OSError as exc:  # read-only, another user's: the rest are still swept
+                log.warning("asset sweep: cannot remove the temp file %s: %s", tmp, exc.strerror or exc)
         return removed
 
 

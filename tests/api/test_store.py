@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import json
@@ -22,6 +23,7 @@ from orchestrator.errors import ContentUnavailable, NotFound
 from orchestrator.ids import new_id
 from orchestrator.models import Asset
 from orchestrator.server import serve_in_thread
+from orchestrator.services import Services
 from orchestrator.store import (
     FILE_MODE,
     RECENT_REMOVED,
@@ -230,6 +232,30 @@ def test_a_fifo_where_the_file_should_be_is_content_unavailable_at_once(tmp_path
     assert info.value.details["reason"] == "unreadable" and "not a regular file" in info.value.message
     # The same image made again (how the error says to mend it) replaces it, without waiting on it.
     assert store.put(b"bytes") == sha and store.get(sha) == b"bytes"
+
+
+def test_a_temp_name_that_cannot_be_removed_stops_neither_the_temp_sweep_nor_the_service_s_start(
+        make_settings: SettingsFactory) -> None:
+    # A folder named as a temp file in a shard (or one the service may not remove) raised out of
+    # `sweep_temp`: `Services.build` failed, and each hourly sweep stopped before the orphans.
+    settings = make_settings()
+    asyncio.run(Services.build(settings).aclose())  # the data dir's database and store, paired
+    store = ArtifactStore(settings.assets_dir)
+    sha = store.put(b"kept")
+    old = time.time() - 7200
+    names = [".tmp-a.png", ".tmp-b", ".tmp-c.png"]
+    for name in names:
+        path = store.root / sha[:2] / name
+        path.mkdir() if name == ".tmp-b" else path.write_bytes(b"half")
+        os.utime(path, (old, old))
+    assert store.sweep_temp() == 2
+    assert sorted(p.name for p in (store.root / sha[:2]).iterdir()) == [".tmp-b", f"{sha}.png"]
+    crashed = store.root / sha[:2] / ".tmp-d.png"
+    crashed.write_bytes(b"half")
+    os.utime(crashed, (old, old))
+    services = Services.build(settings)
+    asyncio.run(services.aclose())
+    assert not crashed.exists()
 
 
 def test_sweep_temp_removes_leftovers_of_a_crash(tmp_path: Path) -> None:
