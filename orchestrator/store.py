@@ -962,9 +962,8 @@ class PreviewFiles:
             path = Path(entry.path)
             if entry.name.startswith(".tmp-"):
                 with contextlib.suppress(FileNotFoundError):
-                    if entry.stat().st_mtime < cutoff:
-                        path.unlink()
-                        removed += 1
+                    if entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                        removed += self._removed(path)
             elif path.suffix == ".png" and self.path_for(path.stem) == path:
                 files[path.stem] = path
         if not files:
@@ -972,7 +971,18 @@ class PreviewFiles:
         keep = running(list(files))
         for job_id, path in files.items():
             if job_id not in keep:
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
-                    removed += 1
+                removed += self._removed(path)
         return removed
+
+    @staticmethod
+    def _removed(path: Path) -> int:
+        """1 once `path` is removed; 0 where it is gone already or cannot be (a folder so named, a
+        read-only disk), said in the log: raised, it stopped the sweep, and the scheduler's start."""
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return 0
+        except OSError as exc:
+            log.warning("the step preview file %s cannot be removed: %s", path, exc.strerror or exc)
+            return 0
+        return 1

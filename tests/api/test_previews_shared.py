@@ -568,3 +568,23 @@ def test_a_preview_is_shrunk_to_the_bound_its_aspect_kept(size: tuple[int, int],
 def test_a_preview_within_the_bound_is_encoded_at_its_size() -> None:
     with Image.open(io.BytesIO(Preview(Image.new("RGBA", (512, 300))).png())) as image:
         assert (image.size, image.mode) == ((512, 300), "RGBA")
+
+
+def test_a_preview_name_that_cannot_be_removed_does_not_stop_the_preview_sweep(tmp_path: Path) -> None:
+    # A folder named as a temp file, or as a stopped job's preview, raised out of the sweep, which
+    # the scheduler runs at its start (the service did not start) and at each of its sweeps.
+    files = PreviewFiles(tmp_path / "previews")
+    files.root.mkdir()
+    old = time.time() - 2 * PREVIEW_TEMP_SECONDS
+    stuck_temp, stuck_job = files.root / ".tmp-stuck", files.path_for(new_id("job"))
+    assert stuck_job is not None
+    for folder in (stuck_temp, stuck_job):
+        folder.mkdir()
+        os.utime(folder, (old, old))
+    temp = files.root / ".tmp-left.png"
+    temp.write_bytes(b"half")
+    os.utime(temp, (old, old))
+    gone = new_id("job")
+    files.write(gone, kept(1))
+    assert files.sweep(lambda job_ids: set()) == 2
+    assert sorted(path.name for path in files.root.iterdir()) == sorted([stuck_temp.name, stuck_job.name])
