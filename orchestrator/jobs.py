@@ -649,22 +649,14 @@ class JobService:
             copy = self._copy_past_circuits(policy, prepared, engine, used, device) if cache else None
             if copy is None:
                 raise
-            return copy
+            return _record_caps(copy, max_credits)
         if cache and any(c.for_now for c in decision.candidates):
             # The policy's choice passed over for its circuit: a paid render elsewhere of what a
             # copy from it gives for nothing (during a provider's outage, the studio paid twice).
             copy = self._copy_past_circuits(policy, prepared, engine, used, device)
             if copy is not None and copy.chosen != decision.chosen:
-                return copy
-        # The request's own cap recorded apart from the rule's: a fallback that follows another rule
-        # (`JobRunner._routing_now`) is held to that rule's cap and this one, not to the first rule's.
-        decision.extra["requested_max_credits"] = None if max_credits is None else to_credits(
-            to_millicredits(max_credits))
-        if max_credits is not None:
-            # Recorded for the fallbacks with the rule's own cap (see `JobRunner._fall_back`).
-            rule_cap = decision.extra.get("max_credits")
-            caps = [to_millicredits(max_credits), *([] if rule_cap is None else [to_millicredits(rule_cap)])]
-            decision.extra["max_credits"] = to_credits(min(caps))
+                return _record_caps(copy, max_credits)
+        _record_caps(decision, max_credits)
         if (balance is None and max_credits is None) or (cache and self.has_cached(prepared, decision)):
             return decision
         if max_credits is not None:
@@ -962,6 +954,20 @@ def _seed(requested: int | None, source: Asset) -> dict[str, Any]:
     if source.seed is not None:
         return {"seed": source.seed}
     return {"seed": secrets.randbelow(MAX_SEED + 1), "seed_drawn": True}
+
+
+def _record_caps(decision: Decision, max_credits: float | None) -> Decision:
+    """`decision` with the request's cap recorded, on every decision routing makes (a copy's too:
+    route/explain and the job show what the client asked): apart from the rule's, as
+    `requested_max_credits` (a fallback that follows another rule, `JobRunner._routing_now`, is held
+    to that rule's cap and this one, not to the first rule's), and with the rule's own as
+    `max_credits`, the lower one (for the fallbacks, see `JobRunner._fall_back`)."""
+    decision.extra["requested_max_credits"] = None if max_credits is None else to_credits(to_millicredits(max_credits))
+    if max_credits is not None:
+        rule_cap = decision.extra.get("max_credits")
+        caps = [to_millicredits(max_credits), *([] if rule_cap is None else [to_millicredits(rule_cap)])]
+        decision.extra["max_credits"] = to_credits(min(caps))
+    return decision
 
 
 def _within_budget(decision: Decision, balance: Balance) -> bool:

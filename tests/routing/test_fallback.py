@@ -1435,6 +1435,34 @@ def test_a_result_is_copied_while_its_engine_s_circuit_is_open(
         client.post(f"/v1/jobs/{probe['id']}/cancel")
 
 
+def test_a_copy_past_an_open_circuit_records_the_request_s_cap(
+        new_settings: SettingsFactory, fallback_policies: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every decision records the request's `max_credits` (`routing.requested_max_credits`, and in
+    `routing.max_credits` the lower of it and the rule's): one that copies an earlier result past
+    its engine's open circuit, explained or made into a job, recorded neither (the key left out,
+    `max_credits` null although the client asked for at most 15)."""
+    clock = Clock()
+    made = breakers(monkeypatch, clock)
+    with running(new_settings(engines=FAKE_ENGINES, policy="fallback-test", policy_dir=fallback_policies)) as client:
+        project_id, asset_id = draft_asset(client)
+        first = wait_for_job(client, promote(client, asset_id, cache=True)["id"])
+        assert (first["status"], first["engine"]) == ("succeeded", "fake-paid")
+        assert (first["routing"]["requested_max_credits"], first["routing"]["max_credits"]) == (None, None)
+        for _ in range(2):
+            made[0].failed("fake-paid")  # its circuit opens (other jobs failed)
+        body = {"project_id": project_id, "stage": "bridge", "source_asset_id": asset_id, "steps": 2,
+                "cache": True, "max_credits": 15}
+        explained = client.post("/v1/route/explain", json=body)
+        assert explained.status_code == 200, explained.text
+        assert (explained.json()["engine"], explained.json()["cache_hit"]) == ("fake-paid", True)
+        routing = explained.json()["routing"]
+        assert (routing.get("requested_max_credits"), routing["max_credits"]) == (15.0, 15.0), routing
+        copy = promote(client, asset_id, cache=True, max_credits=15)
+        assert (copy["status"], copy["engine"], copy["cost"]["cache_hit"]) == ("succeeded", "fake-paid", True)
+        routing = client.get(f"/v1/jobs/{copy['id']}").json()["routing"]
+        assert (routing.get("requested_max_credits"), routing["max_credits"]) == (15.0, 15.0), routing
+
+
 def test_a_request_only_engines_not_set_up_could_take_is_not_told_to_wait(
         new_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     # "no engine can take this request now" on a 503 read as an outage to wait out; no key comes by waiting.
