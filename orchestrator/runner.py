@@ -930,8 +930,9 @@ class JobRunner:
     def _routing_now(self, job: Job, request: RenderRequest, routing: dict[str, Any]) -> dict[str, Any] | None:
         """The routing a fallback follows when the rule of the job's policy that applies now, on
         the budget's share as the move will leave it (the failed engine's hold released), is not
-        the one `routing` records: the policy's decision now, with `routing`'s cap still bounding
-        it, and the rule it replaces; None when the recorded rule still applies (or the policy,
+        the one `routing` records: the policy's decision now, capped by the new rule and the
+        request's own `max_credits` (a job routed before that was recorded: by its recorded cap
+        too), and the rule it replaces; None when the recorded rule still applies (or the policy,
         unloaded, cannot say). Raises the router's refusal: a deny rule now, no engine usable."""
         policy, rule = routing.get("policy"), routing.get("rule")
         if self.router is None or not isinstance(policy, str) or not isinstance(rule, str):
