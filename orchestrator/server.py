@@ -10,7 +10,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from types import FrameType
 from typing import Any
 
@@ -112,6 +112,26 @@ class Server(uvicorn.Server):
         access = logging.getLogger("uvicorn.access")  # configured by the `Config` made above
         if not any(isinstance(f, _MaskSecrets) for f in access.filters):
             access.addFilter(_MaskSecrets())
+
+    @contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """uvicorn's, with SIGTERM's default as the handler it puts back once stopped, so that the
+        SIGTERM it raises again then ends the process (143). Until uvicorn takes it here, the
+        command's own handler tells a stop during the start (the app being built) in a line; it
+        was SIGTERM's default from before the app was built, a silent 143. The signal is blocked
+        while the handlers change hands: one sent then reaches uvicorn's, not the default."""
+        if threading.current_thread() is not threading.main_thread():
+            with super().capture_signals():
+                yield
+            return
+        with ExitStack() as taken:
+            blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+            try:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                taken.enter_context(super().capture_signals())
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+            yield
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         again = self.should_exit

@@ -2237,6 +2237,36 @@ def test_serve_told_to_stop_during_its_start_s_sweeps_stops_cleanly(make_setting
     assert checked.returncode == 0 and checked.stdout.endswith("ok\n"), checked.stdout + checked.stderr
 
 
+@pytest.mark.parametrize("patched", ["create_app", "_log_uvicorn_to_files"])
+def test_serve_told_to_stop_as_it_builds_the_app_says_so(make_settings: SettingsFactory, tmp_path: Path,
+                                                         patched: str) -> None:
+    """A supervisor's SIGTERM after the migration, while `serve` builds the app and its uvicorn
+    server (before uvicorn takes the signal), ended it with 143 without a word; a stop during the
+    migration just before says in a line that the start was stopped."""
+    settings = make_settings()
+    env = {**os.environ, "ORCH_DATA_DIR": str(settings.data_dir), "ORCH_CACHE_DIR": str(settings.cache_dir),
+           "ORCH_LITE_MODEL": "builtin:tiny-sd", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    reached = tmp_path / "reached"
+    # Sent from inside the step, as a supervisor's stop would arrive during it.
+    code = ("import os, signal, orchestrator.cli as cli, orchestrator.server as server\n"
+            f"real = server.{patched}\n"
+            "def step(*a, **k):\n"
+            "    open(" + repr(str(reached)) + ", 'w').close()\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    return real(*a, **k)\n"
+            f"server.{patched} = step\n"
+            f"raise SystemExit(cli.main(['serve', '--port', '{free_port()}']))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert reached.exists(), done.stderr  # the signal came in that step
+    assert done.returncode == -signal.SIGTERM, done.stderr  # as a running service's SIGTERM ends it
+    said = [line for line in done.stderr.splitlines() if line.startswith("orchestrator: ")]
+    assert len(said) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert said[0].startswith("orchestrator: terminated; ") and "start was stopped" in said[0], said
+    assert "Application startup" not in done.stderr  # the service never ran
+
+
 def test_ctrl_c_ends_a_start_waiting_for_a_silent_postgres_server_at_once(tmp_path: Path) -> None:
     """libpq's wait for a server that takes the connection and says nothing is interrupted by
     Ctrl-C: one line and 130, not the rest of the connect timeout."""
