@@ -126,14 +126,17 @@ class _Sides(NamedTuple):
     least: int
     max_width: int
     max_height: int
+    setting: str | None = None  # the setting that sets the largest sides (`Capabilities.max_size_setting`)
 
     def takes(self, width: int, height: int) -> bool:
         return self.least <= min(width, height) and width <= self.max_width and height <= self.max_height
 
     def told(self) -> str:
+        set_by = f", the most set by {self.setting}" if self.setting else ""
         if self.max_width == self.max_height:
-            return f"{self.least} to {self.max_width} pixels a side"
-        return f"widths of {self.least} to {self.max_width} and heights of {self.least} to {self.max_height} pixels"
+            return f"{self.least} to {self.max_width} pixels a side{set_by}"
+        return (f"widths of {self.least} to {self.max_width} and heights of {self.least} to {self.max_height} "
+                f"pixels{set_by}")
 
 
 @dataclass
@@ -304,8 +307,8 @@ class JobService:
             routable = self._routable(project_id, stage)
             engines = [e for e in self.router.registry if stage in e.stages and e.availability()[0]
                        and (routable is None or e.name in routable)]
-        return [_Sides(e.name, e.capabilities.min_side, e.capabilities.max_width, e.capabilities.max_height)
-                for e in engines if stage in e.stages]
+        return [_Sides(e.name, e.capabilities.min_side, e.capabilities.max_width, e.capabilities.max_height,
+                       e.capabilities.max_size_setting) for e in engines if stage in e.stages]
 
     @staticmethod
     def _size(source: Asset, width: int | None, height: int | None, scale: float, multiple: int, *,

@@ -348,12 +348,14 @@ class Router:
             candidate.skipped = f"unavailable: {hide_paths(available[1] or 'not set up', name)}"
         elif req.width > caps.max_width or req.height > caps.max_height:
             # Checked here for every engine: an estimate of 0 (a self-hosted server) says nothing of size.
+            setting = caps.max_size_setting
             candidate.refusal = BadEngineInput(
                 f"{name}: {req.width}x{req.height} is larger than this engine makes "
-                f"({caps.max_width}x{caps.max_height} at most)",
+                f"({caps.max_width}x{caps.max_height} at most{f', set by {setting}' if setting else ''})",
                 details={"engine": name, "field": "width" if req.width > caps.max_width else "height",
                          "width": req.width, "height": req.height,
-                         "max_width": caps.max_width, "max_height": caps.max_height})
+                         "max_width": caps.max_width, "max_height": caps.max_height,
+                         **({"setting": setting} if setting else {})})
             candidate.skipped = f"cannot take this request: {candidate.refusal.message}"
         if candidate.skipped:
             return candidate

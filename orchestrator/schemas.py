@@ -875,7 +875,9 @@ class EnginePublic(BaseModel):
     prices: dict[str, Any] = Field(description="Its price table, in credits (`credits_per_image`, `as_of`); empty "
                                                "for a free engine.")
     capabilities: dict[str, Any] = Field(description=(
-        "What it can make: `min_side`, `max_width`, `max_height`, `size_multiple`, ..."))
+        "What it can make: `min_side`, `max_width`, `max_height`, `size_multiple`, ...; `max_size_setting`: the "
+        "setting that sets `max_width` and `max_height` (`ORCH_LOCAL_MAX_SIZE` for the local engines; null: the "
+        "engine's own limit)"))
     model_defaults: dict[str, Any] | None = Field(None, description=(
         "a local engine's: the `steps` and `guidance_scale` a job that names none gets (local-hifi's bridge takes "
         "twice the steps), the `native_size` the model was made for (local-hifi's polish tiles are cut at it; a "

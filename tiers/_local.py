@@ -1764,6 +1764,7 @@ class LocalEngine:
         self._defaults_of = _identity(self._model)  # what the model's path led to when they were read
         limit = ctx.settings.local_max_size
         self._capabilities = dataclasses.replace(capabilities, max_width=limit, max_height=limit,
+                                                 max_size_setting="ORCH_LOCAL_MAX_SIZE",
                                                  min_side=MIN_SIDE, size_multiple=self._defaults.size_multiple)
 
     @property

@@ -131,6 +131,9 @@ class Capabilities:
     # The least side it makes (the API's own least by default).
     min_side: int = 8
     size_multiple: int = 8
+    # The setting that sets max_width/max_height (a local engine's ORCH_LOCAL_MAX_SIZE), named when
+    # a size beyond them is refused; None: the engine's own limit, which no setting here changes.
+    max_size_setting: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)

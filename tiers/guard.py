@@ -434,6 +434,8 @@ def checked(engine: Engine, target: str) -> Engine:
             raise TypeError(f"{target}: capabilities.{field.name} is {value!r}, not a bool")
         if field.type in (int, "int") and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{target}: capabilities.{field.name} is {value!r}, not a positive int")
+    if not isinstance(setting := capabilities.max_size_setting, str | None):
+        raise TypeError(f"{target}: capabilities.max_size_setting is {setting!r}, not a setting's name or None")
     if capabilities.min_side > min(capabilities.max_width, capabilities.max_height):
         raise ValueError(f"{target}: capabilities.min_side {capabilities.min_side} is past its max_width/max_height")
     return _contain(engine)

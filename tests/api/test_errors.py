@@ -925,6 +925,22 @@ def test_a_polish_scale_no_engine_takes_is_refused_as_the_scale(shared_server: h
         assert taken.status_code == 200, taken.text
 
 
+def test_a_size_beyond_the_local_engines_most_names_the_setting_that_sets_it(
+        shared_server: httpx.Client, project: str, square_asset: str) -> None:
+    """The local engines' largest side is ORCH_LOCAL_MAX_SIZE (2048 by default, 8192 allowed): a
+    draft or a polish beyond it was refused "2048x2048 at most" without naming the setting."""
+    before = job_count(shared_server)
+    draft = assert_error(post_drafts(shared_server, project, {**VALID, "width": 4096}), 422, "invalid_request")
+    assert "2048x2048 at most" in draft["message"] and "ORCH_LOCAL_MAX_SIZE" in draft["message"], draft
+    assert draft["details"]["setting"] == "ORCH_LOCAL_MAX_SIZE"
+    polish = assert_error(shared_server.post(f"/v1/assets/{square_asset}/polish", json={"scale": 8}),
+                          422, "invalid_request")
+    assert polish["message"].startswith("scale 8 makes the 512x512 source 4096x4096; local-hifi takes 64 to 2048 "
+                                        "pixels a side"), polish
+    assert "ORCH_LOCAL_MAX_SIZE" in polish["message"] and "a scale of 0.125 to 4 fits it" in polish["message"]
+    assert job_count(shared_server) == before
+
+
 def test_a_polish_scale_is_refused_as_the_scale_when_only_an_engine_the_policy_skips_takes_it(
         make_settings: SettingsFactory, start_server: Callable[[Settings], httpx.Client]) -> None:
     """Gemini (4096 px) is set up but `local-only` never routes to it: the size passed the check of

@@ -80,6 +80,8 @@ float_size_factory = capable(max_height=1024.0)
 zero_multiple_factory = capable(size_multiple=0)
 string_flag_factory = capable(img2img="yes")
 min_past_max_factory = capable(min_side=4096)
+# Named in a refusal's message and details, and shown by `/v1/engines`.
+number_setting_factory = capable(max_size_setting=2048)
 
 
 class Acme:
@@ -188,6 +190,7 @@ def test_installed_entry_points_are_read(load: Load, monkeypatch: pytest.MonkeyP
     (f"{HERE}:zero_multiple_factory", "capabilities.size_multiple is 0"),
     (f"{HERE}:string_flag_factory", "capabilities.img2img is 'yes', not a bool"),
     (f"{HERE}:min_past_max_factory", "min_side 4096 is past its max_width/max_height"),
+    (f"{HERE}:number_setting_factory", "capabilities.max_size_setting is 2048, not a setting's name or None"),
 ])
 def test_failing_factory_is_listed_as_broken(load: Load, target: str, reason: str,
                                              caplog: pytest.LogCaptureFixture) -> None:
