@@ -592,13 +592,11 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     if args.no_jobs:
         settings = settings.model_copy(update={"run_jobs": False})
     _log_what_it_uses(settings)
-    try:
-        # uvicorn takes SIGTERM and SIGINT once the app is built, and raises them again once it has
-        # stopped: SIGTERM's default (put in place by `Server.capture_signals`) then ends the
-        # process, a Ctrl-C is returned. Until then a SIGTERM is the start's stop (see `main`).
-        stopped = serve(settings, host=args.host, port=args.port, log_level=args.log_level)
-    except KeyboardInterrupt:  # the service ran: not the start's stop
-        return _interrupted()
+    # uvicorn takes SIGTERM and SIGINT once the app is built, and raises them again once it has
+    # stopped: SIGTERM's default (put in place by `Server.capture_signals`) then ends the process,
+    # a Ctrl-C is returned. Until then either is the start's stop: a SIGTERM told by `main`, a
+    # Ctrl-C raised from here (while the app was built, which writes nothing) and told by `_run`.
+    stopped = serve(settings, host=args.host, port=args.port, log_level=args.log_level)
     return _stopped(stopped)
 
 

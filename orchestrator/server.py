@@ -201,7 +201,8 @@ def check_listenable(host: str, port: int) -> None:
 
 def serve(settings: Settings, *, host: str, port: int, log_level: str) -> Stopped:
     """Serve until SIGINT or SIGTERM (`orchestrator serve`). uvicorn raises SIGTERM again once it
-    has stopped, which ends the process there; a Ctrl-C is returned (`Stopped.signal`)."""
+    has stopped, which ends the process there; a Ctrl-C is returned (`Stopped.signal`). One
+    before uvicorn takes the signals (the app being built) is raised: the start's stop."""
     # Open to this machine only: its browsers' pages may not reach it under another name.
     loopback_only = settings.admin_key is None and is_loopback(host)
     server = Server(create_app(settings, loopback_only=loopback_only), host=bare_host(host), port=port,

@@ -2237,12 +2237,14 @@ def test_serve_told_to_stop_during_its_start_s_sweeps_stops_cleanly(make_setting
     assert checked.returncode == 0 and checked.stdout.endswith("ok\n"), checked.stdout + checked.stderr
 
 
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
 @pytest.mark.parametrize("patched", ["create_app", "_log_uvicorn_to_files"])
 def test_serve_told_to_stop_as_it_builds_the_app_says_so(make_settings: SettingsFactory, tmp_path: Path,
-                                                         patched: str) -> None:
+                                                         patched: str, stop: signal.Signals) -> None:
     """A supervisor's SIGTERM after the migration, while `serve` builds the app and its uvicorn
-    server (before uvicorn takes the signal), ended it with 143 without a word; a stop during the
-    migration just before says in a line that the start was stopped."""
+    server (before uvicorn takes the signal), ended it with 143 without a word, and a Ctrl-C there
+    said only `interrupted`; a stop during the migration just before says in a line that the start
+    was stopped."""
     settings = make_settings()
     env = {**os.environ, "ORCH_DATA_DIR": str(settings.data_dir), "ORCH_CACHE_DIR": str(settings.cache_dir),
            "ORCH_LITE_MODEL": "builtin:tiny-sd", "HF_HUB_OFFLINE": "1",
@@ -2253,17 +2255,19 @@ def test_serve_told_to_stop_as_it_builds_the_app_says_so(make_settings: Settings
             f"real = server.{patched}\n"
             "def step(*a, **k):\n"
             "    open(" + repr(str(reached)) + ", 'w').close()\n"
-            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            f"    os.kill(os.getpid(), signal.{stop.name})\n"
             "    return real(*a, **k)\n"
             f"server.{patched} = step\n"
             f"raise SystemExit(cli.main(['serve', '--port', '{free_port()}']))")
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=120)
     assert reached.exists(), done.stderr  # the signal came in that step
-    assert done.returncode == -signal.SIGTERM, done.stderr  # as a running service's SIGTERM ends it
+    # As the command ends on that signal once the service runs: killed by SIGTERM, 130 after a Ctrl-C.
+    assert done.returncode == (130 if stop == signal.SIGINT else -stop), done.stderr
     said = [line for line in done.stderr.splitlines() if line.startswith("orchestrator: ")]
     assert len(said) == 1 and "Traceback" not in done.stderr, done.stderr
-    assert said[0].startswith("orchestrator: terminated; ") and "start was stopped" in said[0], said
+    told = "interrupted" if stop == signal.SIGINT else "terminated"
+    assert said[0].startswith(f"orchestrator: {told}; ") and "start was stopped" in said[0], said
     assert "Application startup" not in done.stderr  # the service never ran
 
 
