@@ -107,8 +107,10 @@ def _query_names(dependant: Dependant) -> set[str]:
 
 def _digits(value: Any) -> Any:
     """A count in a query string as digits alone: pydantic read `10.0`, `1_0`, ` 10 ` and `+10` as
-    10, so a client's formatting slip (a float, a padded template) went unseen."""
-    if isinstance(value, str) and not (value.isascii() and value.isdigit()):
+    10, so a client's formatting slip (a float, a padded template) went unseen. A minus before the
+    digits is let through to the parameter's range, which says what it takes."""
+    digits = value[1:] if isinstance(value, str) and value.startswith("-") else value
+    if isinstance(value, str) and not (digits.isascii() and digits.isdigit()):
         raise ValueError("must be a whole number written in digits, e.g. 50")
     return value
 

@@ -409,6 +409,18 @@ def test_bad_list_parameters(shared_server: httpx.Client, project: str, path: st
     assert [e["loc"] for e in error["details"]["errors"]] == [["query", name]], error
 
 
+@pytest.mark.parametrize(("path", "params", "told"), [
+    ("/v1/jobs", {"limit": "-1"}, "limit: Input should be greater than or equal to 1"),
+    ("/v1/jobs", {"limit": "-600"}, "limit: Input should be greater than or equal to 1"),
+    ("/v1/projects", {"limit": "-0"}, "limit: Input should be greater than or equal to 1"),
+])
+def test_a_negative_count_is_told_its_range(shared_server: httpx.Client, path: str, params: dict[str, str],
+                                            told: str) -> None:
+    # It was "must be a whole number written in digits, e.g. 50": -1 is one, and 50 not the point.
+    error = assert_error(shared_server.get(path, params=params), 422, "invalid_request")
+    assert error["message"] == told, error
+
+
 @pytest.mark.parametrize(("params", "name"), [
     ({"from": "2026-01-01T00:00:00"}, "from"),                               # no timezone
     ({"from": "2026-02-01T00:00:00Z", "to": "2026-01-01T00:00:00Z"}, "from"),  # after 'to'
