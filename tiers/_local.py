@@ -1731,7 +1731,8 @@ class LocalEngine:
     # (`__init_subclass__`).
     tells_device_start: ClassVar[bool] = False
     # The methods whose code tells it, of a class that says `tells_device_start = True`: a subclass
-    # that overrides none of them (its own, or a mixin's before it) keeps the value.
+    # that overrides none of them (its own, or a mixin's before it) keeps the value, where the class
+    # that said it has every one of them.
     device_start_told_by: ClassVar[tuple[str, ...]] = ("run",)
     # Whether its images are only ever RGB (`finite_images`), with no colour profile: a storage
     # quota holds its jobs at 3 bytes a pixel, no profile (`orchestrator.quota.image_bound`).
@@ -1744,12 +1745,17 @@ class LocalEngine:
             return
         # The class whose value it would inherit: where the attribute was said (or set here) last.
         sayer = next(base for base in cls.__mro__[1:] if "tells_device_start" in base.__dict__)
-        told_by: tuple[str, ...] = getattr(sayer, "device_start_told_by", cls.device_start_told_by)
+        # One that names none is told by `run`, as a class that does not name them.
+        told_by: tuple[str, ...] = getattr(sayer, "device_start_told_by", cls.device_start_told_by) or ("run",)
         # A subclass whose own work never called it counted each failed attempt 0 s, whatever it
         # held: one that overrides a telling method tells only where it says so. One that keeps
         # them (`lite` renamed, or mixed with methods of its own) read False, and counted its load.
+        # A name the sayer lacks (a mixin that says it without the code, a misspelt name) is code
+        # nobody can be said to keep: compared as absent on both, it passed the value to engines
+        # whose own `run` never tells.
         if sayer.__dict__["tells_device_start"] and not all(
-                inspect.getattr_static(cls, name, None) is inspect.getattr_static(sayer, name, None)
+                (method := inspect.getattr_static(sayer, name, None)) is not None
+                and inspect.getattr_static(cls, name, None) is method
                 for name in told_by):
             cls.tells_device_start = False
         if "opaque_images" not in cls.__dict__:

@@ -103,3 +103,60 @@ def test_a_plugin_s_local_engine_tells_only_where_its_own_class_says_so() -> Non
 
     assert not LocalEngine.tells_device_start and not Plugin.tells_device_start
     assert Telling.tells_device_start and KeepsRun.tells_device_start and not OwnRun.tells_device_start
+
+
+class SaysWithoutTheCode:
+    """A mixin that says its engine tells, naming a method it lacks (a typo, or code its engines
+    were meant to bring): it has no code that tells."""
+
+    tells_device_start: ClassVar[bool] = True
+    device_start_told_by: ClassVar[tuple[str, ...]] = ("_work",)
+
+
+def test_a_class_inherits_telling_only_from_a_class_that_has_the_methods_it_names() -> None:
+    """A mixin saying `tells_device_start = True` whose `device_start_told_by` names methods it
+    lacks passed it on to every engine that mixed it in: the names were compared as absent on both
+    classes, so a `lite` whose own `run` never calls `Progress.on_device` read True, and counted
+    each failed attempt 0 s. So did a class with a misspelt name, to a subclass that overrides the
+    method that does tell, and one that names none (`()`), which README reads as `run`, to any."""
+
+    class OwnRun(SaysWithoutTheCode, LiteEngine):
+        async def run(self, req: RenderRequest, progress: Progress, cancel: CancelToken) -> RenderResult:
+            raise NotImplementedError
+
+    class Plain(SaysWithoutTheCode, LocalEngine):
+        async def run(self, *args: Any) -> Any:
+            raise NotImplementedError
+
+    class Misspelt(LocalEngine):
+        tells_device_start: ClassVar[bool] = True
+        device_start_told_by: ClassVar[tuple[str, ...]] = ("run", "_infer")
+
+        async def run(self, *args: Any) -> Any:
+            raise NotImplementedError
+
+        def _inference(self) -> None:
+            raise NotImplementedError
+
+    class OwnInference(Misspelt):
+        def _inference(self) -> None:
+            raise NotImplementedError
+
+    class NamesNone(LocalEngine):
+        tells_device_start: ClassVar[bool] = True
+        device_start_told_by: ClassVar[tuple[str, ...]] = ()
+
+        async def run(self, *args: Any) -> Any:
+            raise NotImplementedError
+
+    class RunsOnItsOwn(NamesNone):
+        async def run(self, *args: Any) -> Any:
+            raise NotImplementedError
+
+    class KeepsRun(NamesNone):
+        pass
+
+    for inherited in (OwnRun, Plain, OwnInference, RunsOnItsOwn):
+        assert not inherited.tells_device_start, inherited
+    # What says it itself, and what keeps every method its sayer names, still tell.
+    assert Misspelt.tells_device_start and NamesNone.tells_device_start and KeepsRun.tells_device_start
