@@ -800,8 +800,10 @@ class Deliverer:
     def _due(self, sending: Collection[str] = (), full: Collection[str] = (), limit: int = BATCH) -> list[Due]:
         """The due rows, soonest first, but for `sending` (ids) and those to a `full` destination."""
         with self.db.session() as s:
+            # By the clock `next_attempt_at` is stamped by (the database's on PostgreSQL), not this
+            # host's: it is a claim's lease too, and a host ahead took another's claim mid-send.
             query = select(WebhookDelivery).where(
-                col(WebhookDelivery.delivered_at).is_(None), col(WebhookDelivery.next_attempt_at) <= shared_now())
+                col(WebhookDelivery.delivered_at).is_(None), col(WebhookDelivery.next_attempt_at) <= self.db.now())
             if sending:
                 query = query.where(col(WebhookDelivery.id).not_in(sending))
             # In SQL, not after the read: a receiver's thousand rows would fill every read.

@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -24,13 +25,14 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import ORMExecuteState
 from sqlmodel import Session, col, select
 
-from orchestrator import idempotency
+from orchestrator import idempotency, webhooks
 from orchestrator.bells import CHANNEL, PostgresBell
+from orchestrator.clock import shared_now
 from orchestrator.db import POOL_SIZE, WRITE_LOCK, Database, WriteLockHeld, refuses_writes, transient
 from orchestrator.ids import new_id
 from orchestrator.jobs import JobService
 from orchestrator.ledger import Ledger
-from orchestrator.models import IdempotencyKey, Job, Project
+from orchestrator.models import IdempotencyKey, Job, Project, WebhookDelivery
 from orchestrator.schemas import DraftCreate
 from orchestrator.server import serve_in_thread
 from orchestrator.services import Services
@@ -1463,6 +1465,35 @@ def test_the_webhook_give_up_reaches_a_claim_given_back_behind_the_cursor_on_pos
         pg_db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
     # The given-back row's due time, the database's clock, against the cursor's epoch seconds.
     check_a_claim_given_back_behind_the_cursor_is_reached(pg_db, monkeypatch)
+
+
+@pytest.mark.parametrize("skew", [300, -300], ids=["host-ahead", "host-behind"])
+def test_the_webhook_sender_judges_leases_and_backoffs_by_the_database_s_clock_on_postgres(
+        pg_db: Database, monkeypatch: pytest.MonkeyPatch, skew: int) -> None:
+    """`Deliverer._due` read `next_attempt_at` (a claim's lease, a retry's backoff) against this
+    host's clock, not the one they are stamped by: a host 5 minutes ahead read another process's
+    claim mid-send as due and claimed it again (the delivery sent twice at once), and a row still in
+    its backoff as due (sent early; given back at a stop, due from then: its backoff skipped); one
+    5 minutes behind read nothing due, a given-back claim included, for 5 minutes."""
+    with pg_db.transaction() as s:
+        s.add(Project(id="prj_1", name="p", policy="balanced"))
+        s.flush()
+        s.add(Job(id="job_1", project_id="prj_1", stage="ideation", engine="lite", status="failed"))
+    with pg_db.transaction() as s:
+        now = shared_now()  # the database's
+        for name, due in (("sending", now - timedelta(seconds=1)), ("backing_off", now + timedelta(seconds=120)),
+                          ("given_back", now - timedelta(seconds=2))):
+            s.add(WebhookDelivery(id=f"whd_{name}", job_id="job_1", url=f"http://{name}.example/h",
+                                  event="job.failed", next_attempt_at=due))
+    elsewhere = webhooks.Deliverer(pg_db, lambda job_id: {}, None, interval=0.1)
+    claimed = elsewhere._claim_all([row for row in elsewhere._due() if row.id != "whd_backing_off"])
+    assert sorted(row.id for row in claimed) == ["whd_given_back", "whd_sending"]
+    elsewhere._release([row for row in claimed if row.id == "whd_given_back"])  # a stop gave it back
+    real = time.time_ns
+    monkeypatch.setattr("orchestrator.clock._host_us", lambda: real() // 1000 + skew * 1_000_000)
+    here = webhooks.Deliverer(pg_db, lambda job_id: {}, None, interval=0.1)
+    # What it reads it claims: another's claim mid-send among them, it was sent twice at once.
+    assert [row.id for row in here._claim_all(here._due())] == ["whd_given_back"]
 
 
 def test_webhook_deliveries_made_before_0028_are_given_their_project_on_postgres(postgres_url: str) -> None:
