@@ -602,8 +602,9 @@ class StabilityEngine(CloudEngine):
         within `output_kept_seconds`: it may be the answer bringing the upscale, made and billed (an
         image of megabytes takes a while), which raises `_CanceledAnswered` for `_kept_at_cancel`
         to keep within what is left of that bound; dropped, it was lost and the job charged
-        `unknown`. Any other answer, or none by then, ends the job so; a cancel abandoning the
-        job (another process polls on) drops the poll at once."""
+        `unknown`. An answer that the upscale failed, in Stability's own words (which it bills not),
+        releases the hold as it does before a cancel; any other answer, or none by then, ends the
+        job `unknown`; a cancel abandoning the job (another process polls on) drops the poll at once."""
         polling = asyncio.ensure_future(self._send("GET", f"/v2beta/results/{job_id}", idempotent=True,
                                                    deadline=asked_by))
         try:
@@ -616,6 +617,14 @@ class StabilityEngine(CloudEngine):
             if not polling.done() or polling.cancelled() or polling.exception() is not None:
                 raise
             response = polling.result()
+            if response.status_code != 404 and not response.is_success:  # 404: expired, charged
+                failed = self._creative_failed(response, self._error(response))
+                if failed.work_unbilled:
+                    # Stability's own word that the upscale failed, which it bills not: the hold is
+                    # released (`_kept_at_cancel` settles it), as when that answer came before the cancel.
+                    settled: asyncio.Future[tuple[Any, int | None, str]] = asyncio.get_running_loop().create_future()
+                    settled.set_exception(failed)
+                    raise _CanceledAnswered(response, None, job_id, reading=settled, abandon=False, by=by) from None
             if response.status_code != 200:  # still working, or no result: as a cancel between polls
                 raise
             checking = asyncio.ensure_future(asyncio.to_thread(_readable, response))

@@ -1401,3 +1401,33 @@ async def test_a_cancel_while_a_creative_result_is_fetched_keeps_the_image_it_br
     else:  # still working (Stability has no cancel: it may bill), never answered, or another process follows it
         assert made is None and info.value.charged == "unknown"
         assert held.dropped == (answer != "working")
+
+
+@respx.mock
+@pytest.mark.parametrize("follow", ["run", "reattach"])
+@pytest.mark.parametrize(("status", "body", "charged"), [
+    (400, {"id": "e", "name": "bad_request", "errors": ["image too small"]}, "no"),  # Stability's word: failed
+    (403, "<html>Access denied | Cloudflare</html>", "unknown"),  # a proxy's: says nothing of the upscale
+], ids=["failed", "proxy"])
+async def test_a_cancel_while_a_creative_result_is_fetched_that_answers_it_failed_releases_the_hold(
+        engine: StabilityEngine, follow: str, status: int, body: Any, charged: str) -> None:
+    # The poll a user's cancel finds out is let answer: an answer that Stability's own error body
+    # says the upscale failed (which it bills not) released the hold when read before the cancel,
+    # but was captured `unknown` when read in the cancel's window.
+    respx.post(CREATIVE).mock(return_value=httpx.Response(200, json={"id": "job-42"}))
+    answer = {"json": body} if isinstance(body, dict) else {"text": body}
+    held = HeldRequest(httpx.Response(status, **answer))
+    respx.get(RESULT).mock(side_effect=held)
+    token = CancelToken()
+    req = polish(creativity=0.45)
+    running = asyncio.create_task(
+        engine.run(req, NullProgress(), token) if follow == "run"
+        else engine.reattach(req, [{"id": "job-42", "creative": True}], NullProgress(), token))
+    await asyncio.wait_for(held.sent.wait(), 5)
+    token.cancel()
+    await asyncio.sleep(0.01)
+    held.answer.set()
+    with pytest.raises(Canceled) as info:
+        await asyncio.wait_for(running, 5)
+    assert held.answered and info.value.made is None
+    assert info.value.charged == charged and info.value.work_unbilled == (charged == "no")
