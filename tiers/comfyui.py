@@ -800,8 +800,11 @@ class ComfyUIEngine(SelfHostedEngine):
         with contextlib.suppress(EngineError, httpx.HTTPError):
             queue = await self._cleanup("GET", "/queue")
             try:
-                body = await asyncio.to_thread(answer_json, queue) if queue.status_code == 200 else None
-            except ValueError:  # a proxy's page: not knowing what runs, interrupt nothing
+                # Bounded as the cleanup's requests are: the cancel that drops the prompt waits for
+                # this parse (seconds for a queue of megabytes), which held it however long.
+                body = (await asyncio.wait_for(asyncio.to_thread(answer_json, queue), CLEANUP_TIMEOUT)
+                        if queue.status_code == 200 else None)
+            except (ValueError, TimeoutError):  # a proxy's page, or not read by then: interrupt nothing
                 body = None
             running = body.get("queue_running") if isinstance(body, dict) else None
             if isinstance(running, list) and any(

@@ -1460,3 +1460,33 @@ async def test_a_cancel_does_not_wait_for_the_parse_of_a_history_or_queue_answer
     # A prompt still out is taken off the server; one whose image was being decoded had finished.
     left = ([], []) if where == "view" else ([prompt_id], [prompt_id])
     assert info.value.charged == "no" and dropped(routes) == left
+
+
+@respx.mock
+async def test_a_cancel_does_not_wait_for_the_parse_of_the_queue_it_reads_to_drop_its_prompt(
+        engine: ComfyUIEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A canceled prompt is taken off the server (`_drop`), which reads `GET /queue` to know whether
+    # to interrupt it: that answer's parse (seconds for one of megabytes) was waited out, however
+    # long, though the parses the job's own looks make no longer hold a cancel. It is bounded as
+    # the cleanup's requests are: not read by then, nothing is interrupted (as for a proxy's page).
+    import tiers.comfyui
+    from tiers._http import answer_json as real
+
+    monkeypatch.setattr(tiers.comfyui, "CLEANUP_TIMEOUT", 0.2)
+    routes = mock_server()
+    parsing, release = threading.Event(), threading.Event()
+
+    def slow(answer: httpx.Response) -> Any:
+        if answer.request.url.path == "/queue":
+            parsing.set()
+            release.wait(timeout=30)
+        return real(answer)
+
+    monkeypatch.setattr(tiers.comfyui, "answer_json", slow)
+    try:
+        info = await asyncio.wait_for(cancel_while_polling(engine, routes), 10)
+    finally:
+        release.set()
+    prompt_id = json.loads(routes["prompt"].calls.last.request.content)["prompt_id"]
+    assert parsing.is_set() and info.value.charged == "no"
+    assert dropped(routes) == ([prompt_id], [])  # deleted; not known to run, so not interrupted
