@@ -273,6 +273,12 @@ def _readable(response: httpx.Response) -> bool:
         return False
 
 
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    """A done callback: the outcome of work left to run on is retrieved, whatever it is."""
+    if not future.cancelled():
+        future.exception()
+
+
 def _sized_as_asked(image: Image.Image, req: RenderRequest) -> Image.Image:
     """Stability's calls pick their own output size: what comes back is resized to the size asked for."""
     size = (req.width, req.height)
@@ -673,6 +679,12 @@ class StabilityEngine(CloudEngine):
             await asyncio.wait({reading}, timeout=max(left, 0.0))
         if not reading.done():
             reading.cancel()
+            # Cancelled before it awaited them (a stop's), the check and the read run on in their
+            # threads: what they raise is retrieved, not logged as an ERROR never retrieved.
+            running_on: list[asyncio.Future[Any] | None] = [exc.checked, exc.reading]
+            for unread in running_on:
+                if unread is not None:
+                    unread.add_done_callback(_retrieved)
             return Canceled(exc.message, details={"engine": self.name}, charged="unknown")
         failed = None if reading.cancelled() else reading.exception()
         answered = None if reading.cancelled() or failed is not None else reading.result()

@@ -4,6 +4,7 @@ import asyncio
 import base64
 import io
 import json
+import logging
 import sys
 import threading
 import zlib
@@ -1431,3 +1432,41 @@ async def test_a_cancel_while_a_creative_result_is_fetched_that_answers_it_faile
         await asyncio.wait_for(running, 5)
     assert held.answered and info.value.made is None
     assert info.value.charged == charged and info.value.work_unbilled == (charged == "no")
+
+
+@respx.mock
+async def test_a_stop_during_the_read_of_a_creative_result_leaves_no_error_unretrieved(
+        engine: StabilityEngine, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    # A stop (abandoning the job: another process reads the upscale again) that meets a creative
+    # result's read in its worker thread ends the job at once; the read, left to its thread, then
+    # failed (an answer that is no image): its error was never retrieved, which asyncio logs as an
+    # ERROR ("Task exception was never retrieved") for a job that ended as it should.
+    import gc
+
+    real = StabilityEngine._result
+    reading, release = threading.Event(), threading.Event()
+
+    def slow(self: StabilityEngine, response: httpx.Response, req: RenderRequest) -> Any:
+        reading.set()
+        release.wait(timeout=30)
+        return real(self, response, req)
+
+    monkeypatch.setattr(StabilityEngine, "_result", slow)
+    respx.get(RESULT).mock(return_value=httpx.Response(200, json={"result": "", "finish_reason": "SUCCESS"}))
+    token = CancelToken()
+    running = asyncio.create_task(engine.reattach(polish(creativity=0.45), [{"id": "job-42", "creative": True}],
+                                                  NullProgress(), token))
+    try:
+        await asyncio.wait_for(asyncio.to_thread(reading.wait, 5), 10)
+        token.cancel(abandon=True)
+        with pytest.raises(Canceled) as info:
+            await asyncio.wait_for(running, 5)
+    finally:
+        release.set()
+    assert info.value.charged == "unknown"
+    del info, running
+    for _ in range(20):  # the thread's end, and the loop's hand-off of its outcome
+        await asyncio.sleep(0.05)
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        gc.collect()
+    assert not [r for r in caplog.records if r.name == "asyncio" and r.levelno >= logging.ERROR]
