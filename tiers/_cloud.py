@@ -236,6 +236,44 @@ class CanceledFetched(Canceled):
         self.images = images
 
 
+def user_canceled(cancel: CancelToken) -> bool:
+    """Whether `cancel` is a user's cancel: a stop's (a shutdown, a job taken over) abandons the
+    job to the next start, which follows what a provider accepted, and keeps nothing here."""
+    return cancel.cancelled and not cancel.abandoned
+
+
+@contextmanager
+def answered_at_cancel(cancel: CancelToken, kept: Callable[[], RenderResult]) -> Iterator[None]:
+    """Around the handling of a synchronous call's answer (`CloudEngine.send_answered`), to its
+    images added and its cost counted. Once a user's cancel came (while the call was out, and it
+    answered within `output_kept_seconds`, or since), the job ends `canceled` here: keeping the
+    images made (`kept`), charged "yes" at the cost the answers said, as a success is (unsaid:
+    the estimate's share of the images asked, as for an output a cancel let download); or, where
+    the answer is an error (a refusal, an answer without an image), with what that error says it
+    cost: one the provider bills not releases the hold, as it would uncanceled. A stop's cancel
+    changes nothing here."""
+    try:
+        yield
+    except Canceled:
+        raise
+    except EngineError as exc:
+        if not user_canceled(cancel):
+            raise
+        canceled = Canceled(f"the job was canceled while the provider was working, which then answered: "
+                            f"{exc.message}"[:500], details=exc.details, charged=exc.charged,
+                            cost_millicredits=exc.cost_millicredits)
+        if exc.work_unbilled:
+            canceled.unbilled()
+        canceled.cost_unread, canceled.made = exc.cost_unread, exc.made
+        raise canceled from exc
+    if user_canceled(cancel):
+        result = kept()
+        answered = Canceled("the job was canceled while the provider was working; its answer, made and billed, "
+                            "came and is kept", charged="yes", cost_millicredits=result.cost_millicredits)
+        answered.made, answered.cost_unread = result, result.cost_unread
+        raise answered
+
+
 # Status answers in a row that cannot be read (a proxy's error page with a 200, a body cut short)
 # before the work they report on is given up, and so withdrawn: a poll costs nothing, the work may.
 UNREADABLE_POLLS = 3
@@ -438,6 +476,45 @@ class CloudEngine(SendsCredentials):
             raise EngineError(f"{self.name}: downloading the output failed (HTTP {response.status_code})",
                               details={"engine": self.name, "status": response.status_code})
         return response.content
+
+    async def send_answered(self, method: str, url: str, *, cancel: CancelToken, **kwargs: Any) -> httpx.Response:
+        """`self.http.request(..., cancel=cancel)` for a synchronous call that can bill, whose
+        answer is what it made (the image, what it cost). A user's cancel while it is out lets it
+        answer, within `output_kept_seconds`, as an output a cancel finds downloading is let
+        finish: the answer is returned, to be read as any other within `answered_at_cancel`, which
+        ends the job `canceled` keeping its images, charged as made; dropped, they were billed and
+        lost, the hold captured `unknown`. An answer that the client sends no further (a 503, a
+        429, once the job is canceled) ends it with `Canceled` saying what it cost, as a cancel
+        between attempts does; none by then drops the call, `Canceled` (`charged="unknown"`). A
+        cancel before it is sent, between attempts, or one that abandons the job (a stop: nobody
+        could ask for the answer after the restart, and the stop decides how long it waits), is as
+        the client has it."""
+        if cancel.cancelled:  # nothing is out: the client says what that cost
+            return await self.http.request(method, url, cancel=cancel, **kwargs)
+        kept = KeptOut()
+        sending = asyncio.ensure_future(self.http.request(method, url, cancel=kept, **kwargs))
+        try:
+            try:
+                return await cancel.race(asyncio.shield(sending))
+            except Canceled:
+                if sending.done():  # its own (a send refused), or an answer in the same instant
+                    return sending.result()
+            # The request sends nothing more, but one out is let answer (see `KeptOut`).
+            kept.cancel(abandon=cancel.abandoned)
+            if kept.out and cancel.abandoned:
+                sending.cancel()  # a stop: dropped, as ever
+            await asyncio.wait({sending}, timeout=self.output_kept_seconds)
+            if not sending.done() or sending.cancelled():
+                if not cancel.abandoned:
+                    log.warning("%s: the job was canceled while a generation call was out, which was not answered "
+                                "within %.0f s; what it made is not kept", self.name, self.output_kept_seconds)
+                raise Canceled("the job was canceled while the provider was working", charged="unknown")
+            # Answered (a failure is the caller's `answered_at_cancel` to end the job with), or not out:
+            # the client ended it on the cancel, saying what it cost.
+            return sending.result()
+        finally:
+            if not sending.done():
+                sending.cancel()  # this call was itself cancelled (a timeout around it): so is the request
 
     async def send_withdrawable(self, method: str, url: str, *, cancel: CancelToken, deadline: float,
                                 progress: Progress,

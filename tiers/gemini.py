@@ -26,6 +26,7 @@ from tiers._cloud import (
     Asked,
     CloudEngine,
     TokenBill,
+    answered_at_cancel,
     paid_calls,
     prompt_tokens,
     reading_an_answer,
@@ -178,58 +179,63 @@ class GeminiEngine(CloudEngine):
                 cancel.raise_if_cancelled()
                 progress.state("submitted")
                 asked.asking()
-                response = await self.http.request(
-                    "POST", f"/v1beta/models/{self._model}:generateContent", json=sent, cancel=cancel
-                )
-                if not response.is_success:  # any 2xx is its answer, and may have been billed
-                    # Not `response.text`, which raised for a charset that names no text encoding.
-                    text = response.content.decode(text_encoding(response), errors="replace")
-                    if credits_depleted(response):  # the account's, not a rate: another engine may serve
-                        raise EngineUnavailable(f"gemini: the account's prepaid credits are used up: "
-                                                f"{error_text(response)}", details={"engine": self.name, "status": 429})
-                    if response.status_code == 429:  # a per-day quota: final until it resets
-                        raise RateLimited(f"gemini: the daily quota is used up: {error_text(response)}",
-                                          details={"engine": self.name, "status": 429, "daily_quota": True})
-                    if response.status_code == 400 and "API key" in text:
-                        raise EngineUnavailable(
-                            "gemini refused the API key: check ORCH_GEMINI_API_KEY (or GEMINI_API_KEY)",
-                            details={"engine": self.name, "status": 400},
-                        )
-                    if response.status_code == 404:  # "models/x is not found": retired or misspelt
-                        raise self.model_not_served(response)
-                    if response.status_code == 400 and _google_status(response) == "FAILED_PRECONDITION":
-                        # The account's (billing, a region without the API), not the request's: another
-                        # engine may serve it.
-                        raise EngineUnavailable(f"gemini cannot be used with this account now: {error_text(response)}",
-                                                details={"engine": self.name, "status": 400})
-                    raise self.http.fail(response)
-                with reading_an_answer():
-                    # Off the event loop: the answer holds the image in base64 (megabytes to parse).
-                    body = await asyncio.to_thread(self._json, response)
-                    if body.get("responseId"):
-                        bill.request_ids.append(str(body["responseId"]))
-                        progress.provider_request(str(body["responseId"]))
-                    usage = body.get("usageMetadata") or {}
-                    cost = self._actual_cost(usage)
-                    bill.read(usage, cost)
-                    try:
-                        images.append(RenderedImage(await asyncio.to_thread(self._image, body)))
-                    except EngineError as exc:
-                        # An answer without an image (text only, NO_IMAGE, an image its safety filter
-                        # withheld) is billed by its tokens as one with: its usage says the cost, not
-                        # the image's whole estimate. Only when every earlier call's is known too
-                        # (else `paid_calls` captures a share). A prompt blocked before anything was
-                        # generated reports no output tokens and is not billed.
-                        made = not isinstance(exc, ContentFiltered) or _generated(usage)
-                        if made and cost is not None and bill.total is not None:
-                            exc.charged, exc.cost_millicredits = "yes", bill.total + cost
-                        elif made:  # billed, by how much unknown (thinking tokens unpriced, a count malformed)
-                            exc.at_least_charged("unknown")
-                        raise
-                bill.add(cost)
-                asked.charged(cost)
+                with answered_at_cancel(cancel, result):
+                    response = await self.send_answered(
+                        "POST", f"/v1beta/models/{self._model}:generateContent", json=sent, cancel=cancel
+                    )
+                    if not response.is_success:  # any 2xx is its answer, and may have been billed
+                        raise self._refusal(response)
+                    with reading_an_answer():
+                        # Off the event loop: the answer holds the image in base64 (megabytes to parse).
+                        body = await asyncio.to_thread(self._json, response)
+                        if body.get("responseId"):
+                            bill.request_ids.append(str(body["responseId"]))
+                            progress.provider_request(str(body["responseId"]))
+                        usage = body.get("usageMetadata") or {}
+                        cost = self._actual_cost(usage)
+                        bill.read(usage, cost)
+                        try:
+                            images.append(RenderedImage(await asyncio.to_thread(self._image, body)))
+                        except EngineError as exc:
+                            # An answer without an image (text only, NO_IMAGE, an image its safety filter
+                            # withheld) is billed by its tokens as one with: its usage says the cost, not
+                            # the image's whole estimate. Only when every earlier call's is known too
+                            # (else `paid_calls` captures a share). A prompt blocked before anything was
+                            # generated reports no output tokens and is not billed.
+                            made = not isinstance(exc, ContentFiltered) or _generated(usage)
+                            if made and cost is not None and bill.total is not None:
+                                exc.charged, exc.cost_millicredits = "yes", bill.total + cost
+                            elif made:  # billed, by how much unknown (thinking tokens unpriced, a count malformed)
+                                exc.at_least_charged("unknown")
+                            raise
+                    bill.add(cost)
+                    asked.charged(cost)
                 progress.step(len(images), req.n)
         return result()
+
+    def _refusal(self, response: httpx.Response) -> EngineError:
+        """The error for a generation call's answer that is not a 2xx: nothing was made."""
+        # Not `response.text`, which raised for a charset that names no text encoding.
+        text = response.content.decode(text_encoding(response), errors="replace")
+        if credits_depleted(response):  # the account's, not a rate: another engine may serve
+            return EngineUnavailable(f"gemini: the account's prepaid credits are used up: "
+                                    f"{error_text(response)}", details={"engine": self.name, "status": 429})
+        if response.status_code == 429:  # a per-day quota: final until it resets
+            return RateLimited(f"gemini: the daily quota is used up: {error_text(response)}",
+                              details={"engine": self.name, "status": 429, "daily_quota": True})
+        if response.status_code == 400 and "API key" in text:
+            return EngineUnavailable(
+                "gemini refused the API key: check ORCH_GEMINI_API_KEY (or GEMINI_API_KEY)",
+                details={"engine": self.name, "status": 400},
+            )
+        if response.status_code == 404:  # "models/x is not found": retired or misspelt
+            return self.model_not_served(response)
+        if response.status_code == 400 and _google_status(response) == "FAILED_PRECONDITION":
+            # The account's (billing, a region without the API), not the request's: another
+            # engine may serve it.
+            return EngineUnavailable(f"gemini cannot be used with this account now: {error_text(response)}",
+                                    details={"engine": self.name, "status": 400})
+        return self.http.fail(response)
 
     def _json(self, response: httpx.Response) -> dict[str, Any]:
         try:

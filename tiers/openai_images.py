@@ -25,6 +25,7 @@ from tiers._cloud import (
     Asked,
     CloudEngine,
     TokenBill,
+    answered_at_cancel,
     paid_calls,
     prompt_tokens,
     reading_an_answer,
@@ -257,26 +258,27 @@ class OpenAIImagesEngine(CloudEngine):
                 if takes_input_fidelity(self._model):
                     fields["input_fidelity"] = "high"
                 asked.asking(count)
-                response = await self.http.request(
-                    "POST", "/v1/images/edits", data=fields, files={"image": ("draft.png", draft, "image/png")},
-                    cancel=cancel,
-                )
-                request_id = header_request_id(response)
-                if not response.is_success:  # any 2xx is its answer, and may have been billed
-                    # Refused: nothing the provider made is named by it, so it is not saved as
-                    # accepted work (a job with such work is never taken as surely unbilled).
-                    raise self._error(response, request_id)
-                if request_id:
-                    bill.request_ids.append(request_id)
-                    progress.provider_request(request_id)
-                with reading_an_answer():
-                    # Off the event loop: the answer holds n images in base64 (tens of MB to parse).
-                    body = await asyncio.to_thread(json_object, response, self.name)
-                    await asyncio.to_thread(self._images, body, count, images)
-                cost = self._actual_cost(body.get("usage"))
-                bill.read(body.get("usage"), cost)
-                bill.add(cost)
-                asked.charged(cost)
+                with answered_at_cancel(cancel, result):
+                    response = await self.send_answered(
+                        "POST", "/v1/images/edits", data=fields, files={"image": ("draft.png", draft, "image/png")},
+                        cancel=cancel,
+                    )
+                    request_id = header_request_id(response)
+                    if not response.is_success:  # any 2xx is its answer, and may have been billed
+                        # Refused: nothing the provider made is named by it, so it is not saved as
+                        # accepted work (a job with such work is never taken as surely unbilled).
+                        raise self._error(response, request_id)
+                    if request_id:
+                        bill.request_ids.append(request_id)
+                        progress.provider_request(request_id)
+                    with reading_an_answer():
+                        # Off the event loop: the answer holds n images in base64 (tens of MB to parse).
+                        body = await asyncio.to_thread(json_object, response, self.name)
+                        await asyncio.to_thread(self._images, body, count, images)
+                    cost = self._actual_cost(body.get("usage"))
+                    bill.read(body.get("usage"), cost)
+                    bill.add(cost)
+                    asked.charged(cost)
                 progress.step(len(images), req.n)
         return result()
 

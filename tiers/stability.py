@@ -49,6 +49,7 @@ from tiers._cloud import (
     Asked,
     CanceledFetched,
     CloudEngine,
+    answered_at_cancel,
     failed_follows,
     follows_billed,
     paid_calls,
@@ -382,34 +383,38 @@ class StabilityEngine(CloudEngine):
                 asked.asking()
                 files = {"image": ("draft.png", draft, "image/png")}
                 request_id: str | None
-                try:
-                    if op == "upscale-creative":
-                        response, request_id = await self._creative(fields, files, progress, cancel)
-                    else:
-                        response = await self._send("POST", self._path(op), data=fields, files=files, cancel=cancel)
-                        request_id = header_request_id(response)
-                        if request_id and response.is_success:  # a refusal names no work made
-                            progress.provider_request(request_id)
-                    if request_id:
-                        request_ids.append(request_id)
-                    if not response.is_success:  # any 2xx is its answer, and may have been billed
-                        error = self._error(response)
-                        if request_id:  # for the provider's support
-                            error.details.setdefault("request_id", request_id)
-                        # A creative upscale's final poll failing comes after the provider took the job.
-                        raise self._creative_failed(response, error) if op == "upscale-creative" else error
-                    with reading_an_answer():
-                        image, seed, reason = await self._read(response, req, cancel,
-                                                               followable=op == "upscale-creative")
-                except _CanceledAnswered as exc:
-                    if exc.job_id:
-                        request_ids.append(exc.job_id)
-                    canceled = await self._kept_at_cancel(exc, req, finish_reasons)
-                    if isinstance(canceled, CanceledFetched):
-                        images.extend(canceled.images)
-                    raise canceled from None
-                images.append(RenderedImage(image, seed=seed))
-                finish_reasons.append(reason)
+                # A generate or conservative upscale is answered with its image: a user's cancel while
+                # it is out lets it answer, and keeps that image (`send_answered`).
+                with answered_at_cancel(cancel, result):
+                    try:
+                        if op == "upscale-creative":
+                            response, request_id = await self._creative(fields, files, progress, cancel)
+                        else:
+                            response = await self._send("POST", self._path(op), data=fields, files=files,
+                                                        cancel=cancel, kept_at_cancel=True)
+                            request_id = header_request_id(response)
+                            if request_id and response.is_success:  # a refusal names no work made
+                                progress.provider_request(request_id)
+                        if request_id:
+                            request_ids.append(request_id)
+                        if not response.is_success:  # any 2xx is its answer, and may have been billed
+                            error = self._error(response)
+                            if request_id:  # for the provider's support
+                                error.details.setdefault("request_id", request_id)
+                            # A creative upscale's final poll failing comes after the provider took the job.
+                            raise self._creative_failed(response, error) if op == "upscale-creative" else error
+                        with reading_an_answer():
+                            image, seed, reason = await self._read(response, req, cancel,
+                                                                   followable=op == "upscale-creative")
+                    except _CanceledAnswered as exc:
+                        if exc.job_id:
+                            request_ids.append(exc.job_id)
+                        canceled = await self._kept_at_cancel(exc, req, finish_reasons)
+                        if isinstance(canceled, CanceledFetched):
+                            images.extend(canceled.images)
+                        raise canceled from None
+                    images.append(RenderedImage(image, seed=seed))
+                    finish_reasons.append(reason)
                 progress.step(len(images), req.n)
         return result()
 
@@ -699,9 +704,12 @@ class StabilityEngine(CloudEngine):
         finish_reasons.append(reason)
         return CanceledFetched([RenderedImage(image, seed=seed)])
 
-    async def _send(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+    async def _send(self, method: str, url: str, *, kept_at_cancel: bool = False, **kwargs: Any) -> httpx.Response:
+        """`kept_at_cancel`: a call answered with its image (`CloudEngine.send_answered`)."""
         # Stability answers a bad key with 401 and content moderation with 403, which its body
         # tells from the 403 of a permission or a blocked network (`_error`).
+        if kept_at_cancel:
+            return await self.send_answered(method, url, answered=(403,), **kwargs)
         return await self.http.request(method, url, answered=(403,), **kwargs)
 
     def _draft(self, image: Image.Image, req: RenderRequest, op: Operation, max_side: int | None) -> bytes:

@@ -15,7 +15,8 @@ from typing import Any
 class FakeGemini:
     """`POST /v1beta/models/{model}:generateContent`, recording what it receives. Call k (from 1)
     is answered with the PNG `image_for(k)` and `usage`; past `answered` calls (None: never), with
-    a 400 INVALID_ARGUMENT, after `release` is set when `hold` is."""
+    a 400 INVALID_ARGUMENT, after `release` is set when `hold` is (with `held_made`, as the calls
+    before it are, made)."""
 
     PATH = re.compile(r"^/v1beta/models/(?P<model>[^/:]+):generateContent$")
 
@@ -23,6 +24,7 @@ class FakeGemini:
                  answered: int | None = None) -> None:
         self.received: list[dict[str, Any]] = []
         self.hold = False
+        self.held_made = False
         self.release = threading.Event()
         fake = self
 
@@ -39,9 +41,10 @@ class FakeGemini:
                 if answered is not None and call > answered:
                     if fake.hold:
                         fake.release.wait(30)
-                    self._send(400, {"error": {"code": 400, "message": "Request contains an invalid argument.",
-                                               "status": "INVALID_ARGUMENT"}})
-                    return
+                    if not (fake.hold and fake.held_made):
+                        self._send(400, {"error": {"code": 400, "message": "Request contains an invalid argument.",
+                                                   "status": "INVALID_ARGUMENT"}})
+                        return
                 self._send(200, {
                     "candidates": [{"content": {"role": "model", "parts": [
                         {"text": "Here is the render."},

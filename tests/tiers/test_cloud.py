@@ -4,6 +4,7 @@ which settings hold it; model and prices from the settings and the prices file."
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from typing import Any
 
 import httpx
@@ -11,7 +12,7 @@ import pytest
 import respx
 
 from orchestrator.errors import Canceled, EngineError, EngineTimeout, NoPrice
-from tests.tiers.conftest import BlockingSleep, NoAnswer, bridge
+from tests.tiers.conftest import BlockingSleep, HeldRequest, NoAnswer, bridge, canceled_while_out
 from tiers._cloud import Asked, paid_calls, token_counts
 from tiers.base import MAX_AMOUNT, CancelToken, NullProgress, PriceTable, before_billable_sends
 from tiers.fal import FalEngine
@@ -158,6 +159,7 @@ async def test_a_cancel_while_rate_limited_releases_what_was_held(make_ctx: Any,
 async def test_a_cancel_while_the_generation_call_is_out_may_have_been_charged(
         make_ctx: Any, cls: CloudClass, prefix: str) -> None:
     engine = cls(make_ctx(**{f"{prefix}_api_key": "k-secret"}))
+    engine.output_kept_seconds = 0.05  # a synchronous call's answer is awaited that long after a user's cancel
     provider = NoAnswer()
     token = CancelToken()
     with respx.mock(assert_all_called=False) as mock:
@@ -457,3 +459,111 @@ def test_a_failure_after_calls_that_each_said_their_cost_charges_that_cost(
             asked.asking(1)
         raise error
     assert (info.value.charged, info.value.cost_millicredits) == expected
+
+
+# The synchronous paid calls (their answer is the image): the engine, its request and a 200 answer.
+SYNC_CASES = ["gemini", "openai", "stability-generate", "stability-conservative"]
+
+
+def sync_case(make_ctx: Any, case: str) -> tuple[GeminiEngine | OpenAIImagesEngine | StabilityEngine, Any,
+                                                  httpx.Response]:
+    from tests.tiers import test_gemini, test_openai_images, test_stability
+
+    if case == "gemini":
+        return (GeminiEngine(make_ctx(gemini_api_key="g-secret", gemini_base_url=test_gemini.BASE)), bridge(),
+                httpx.Response(200, json=test_gemini.ok_body()))
+    if case == "openai":
+        return (OpenAIImagesEngine(make_ctx(openai_api_key="sk-secret", openai_base_url=test_openai_images.BASE)),
+                bridge(), test_openai_images.ok())
+    engine = StabilityEngine(make_ctx(stability_api_key="sk-stab-secret", stability_base_url=test_stability.BASE))
+    req = test_stability.bridge() if case == "stability-generate" else test_stability.polish()
+    return engine, req, test_stability.ok(seed=7)
+
+
+async def canceled_then_answered(engine: Any, req: Any, held: HeldRequest, *,
+                                 before: httpx.Response | None = None) -> Canceled:
+    """Run `req`, cancel it while `held` is out, then let `held` answer; the run's `Canceled`.
+    `before`: the answer of the job's first call, answered at once (`held` is the second's)."""
+    token = CancelToken()
+    with respx.mock(assert_all_called=False) as mock:
+        answers = iter([before] if before is not None else [])
+
+        async def answer(request: httpx.Request) -> httpx.Response:
+            return next(answers, None) or await held(request)
+
+        mock.route(method="POST").mock(side_effect=answer)
+        run = asyncio.create_task(engine.run(req, NullProgress(), token))
+        await asyncio.wait_for(held.sent.wait(), 5)
+        token.cancel()
+        await asyncio.sleep(0.05)  # the cancel has reached the engine before the answer comes
+        held.answer.set()
+        with pytest.raises(Canceled) as info:
+            await asyncio.wait_for(run, 10)
+    return info.value
+
+
+@pytest.mark.parametrize("case", SYNC_CASES)
+@pytest.mark.parametrize("n", [1, 2])
+async def test_a_user_s_cancel_while_a_synchronous_call_is_out_keeps_what_its_answer_brings(
+        make_ctx: Any, case: str, n: int) -> None:
+    # The provider answers the call a user's cancel found out, within `output_kept_seconds`: its
+    # image, made and billed, was dropped with the call, and the hold captured `unknown`. With n=2
+    # the cancel meets the second call, the first answered before it.
+    engine, req, answer = sync_case(make_ctx, case)
+    req = replace(req, n=n)
+    with respx.mock(assert_all_called=False) as mock:
+        mock.route(method="POST").mock(return_value=answer)
+        normal = await engine.run(req, NullProgress(), CancelToken())  # what the same answers cost uncanceled
+    held = HeldRequest(answer)
+    canceled = await canceled_then_answered(engine, req, held, before=answer if n == 2 else None)
+    await engine.aclose()
+    assert held.answered and not held.dropped
+    made = canceled.made
+    assert made is not None and len(made.images) == n and canceled.charged == "yes"
+    assert canceled.cost_millicredits == normal.cost_millicredits and made.cost_millicredits == normal.cost_millicredits
+    if case.startswith("stability"):
+        assert made.metadata["finish_reasons"] == ["SUCCESS"] * n
+    else:
+        assert normal.cost_millicredits is not None  # charged by its usage, as a normal answer
+
+
+@pytest.mark.parametrize("case", SYNC_CASES)
+@pytest.mark.parametrize("status", [400, 503])
+async def test_a_user_s_cancel_answered_with_an_error_the_provider_bills_not_releases_the_hold(
+        make_ctx: Any, case: str, status: int) -> None:
+    engine, req, _answer = sync_case(make_ctx, case)
+    engine.http.sleep = BlockingSleep()  # a 503 is not sent again: the job is canceled
+    held = HeldRequest(httpx.Response(status, json={"error": {"code": status, "message": "no"}}))
+    canceled = await canceled_then_answered(engine, req, held)
+    await engine.aclose()
+    assert held.answered and canceled.made is None and canceled.charged == "no"
+
+
+@pytest.mark.parametrize("case", SYNC_CASES)
+async def test_a_user_s_cancel_drops_a_synchronous_call_not_answered_within_the_bound(
+        make_ctx: Any, case: str) -> None:
+    engine, req, _answer = sync_case(make_ctx, case)
+    engine.output_kept_seconds = 0.05
+    provider = NoAnswer()
+    token = CancelToken()
+    with respx.mock(assert_all_called=False) as mock:
+        mock.route(method="POST").mock(side_effect=provider)
+        run = asyncio.create_task(engine.run(req, NullProgress(), token))
+        await asyncio.wait_for(provider.sent.wait(), 5)
+        token.cancel()
+        with pytest.raises(Canceled) as info:
+            await asyncio.wait_for(run, 10)
+    await engine.aclose()
+    assert info.value.charged == "unknown" and info.value.made is None
+
+
+@pytest.mark.parametrize("case", SYNC_CASES)
+async def test_a_stop_drops_a_synchronous_call_out_at_once(make_ctx: Any, case: str) -> None:
+    # A stop (a shutdown) is not a user's cancel: the job is left to the restart, as before.
+    engine, req, answer = sync_case(make_ctx, case)
+    held = HeldRequest(answer)
+    with respx.mock(assert_all_called=False) as mock:
+        mock.route(method="POST").mock(side_effect=held)
+        canceled = await canceled_while_out(engine, req, held, abandon=True)
+    await engine.aclose()
+    assert canceled.charged == "unknown" and canceled.made is None
