@@ -960,6 +960,10 @@ class PreviewFiles:
         files: dict[str, Path] = {}
         for entry in entries:
             path = Path(entry.path)
+            if entry.is_dir(follow_symlinks=False):
+                # No write makes a folder: none is a preview or its temp file. Tried, it was warned
+                # of at each sweep (every 15 s) for good, as no unlink removes it.
+                continue
             if entry.name.startswith(".tmp-"):
                 with contextlib.suppress(FileNotFoundError):
                     if entry.stat(follow_symlinks=False).st_mtime < cutoff:
@@ -976,8 +980,9 @@ class PreviewFiles:
 
     @staticmethod
     def _removed(path: Path) -> int:
-        """1 once `path` is removed; 0 where it is gone already or cannot be (a folder so named, a
-        read-only disk), said in the log: raised, it stopped the sweep, and the scheduler's start."""
+        """1 once `path` is removed; 0 where it is gone already or cannot be (a read-only disk,
+        another user's file), said in the log: raised, it stopped the sweep, and the scheduler's
+        start. A folder so named is passed over before (`sweep`)."""
         try:
             path.unlink()
         except FileNotFoundError:

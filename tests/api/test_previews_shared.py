@@ -588,3 +588,25 @@ def test_a_preview_name_that_cannot_be_removed_does_not_stop_the_preview_sweep(t
     files.write(gone, kept(1))
     assert files.sweep(lambda job_ids: set()) == 2
     assert sorted(path.name for path in files.root.iterdir()) == sorted([stuck_temp.name, stuck_job.name])
+
+
+def test_a_folder_among_the_previews_is_passed_over_without_a_warning_at_each_sweep(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # The scheduler sweeps every 15 s (ORCH_SWEEP_INTERVAL): a folder named as a temp file or as a
+    # stopped job's preview was tried and warned of at each sweep, forever, though no preview write
+    # ever makes a folder (as `ArtifactStore.sweep_temp` passes over one without a word).
+    files = PreviewFiles(tmp_path / "previews")
+    files.root.mkdir()
+    old = time.time() - 2 * PREVIEW_TEMP_SECONDS
+    stuck_job = files.path_for(new_id("job"))
+    assert stuck_job is not None
+    for folder in (files.root / ".tmp-stuck", stuck_job):
+        folder.mkdir()
+        os.utime(folder, (old, old))
+    temp = files.root / ".tmp-left.png"
+    temp.write_bytes(b"half")
+    os.utime(temp, (old, old))
+    with caplog.at_level("WARNING", logger="orchestrator.store"):
+        assert [files.sweep(lambda job_ids: set()) for _ in range(3)] == [1, 0, 0]
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == []
+    assert sorted(path.name for path in files.root.iterdir()) == sorted([".tmp-stuck", stuck_job.name])
