@@ -565,7 +565,7 @@ def _unnamed(engine: Engine, store: ArtifactStore) -> tuple[int, int, list[str],
     paths: list[str] = []
     for batch in _batches((sha, path) for path in store.root.glob("*/*.png")
                           if (not path.name.startswith(".") or path.name.startswith(".gc-"))
-                          and (sha := stored_sha(path)) is not None):
+                          and (sha := stored_sha(path)) is not None and _regular(path)):
         with Session(engine) as s:
             named = set(s.exec(select(Asset.sha256).where(col(Asset.sha256).in_({sha for sha, _ in batch}))))
             running = s.exec(select(Job.id).where(col(Job.status) == "running").limit(1)).first() is not None
@@ -578,6 +578,16 @@ def _unnamed(engine: Engine, store: ArtifactStore) -> tuple[int, int, list[str],
         paths += [str(path) for path in unnamed_here[:UNNAMED_LISTED - len(paths)]]
         files += len(batch)
     return unnamed, files, paths, in_flight
+
+
+def _regular(path: Path) -> bool:
+    """Whether `path` is a file, not a folder or a link: as `ArtifactStore.sweep_orphans` counts
+    the store's files. Counted, a folder named as an image (which no sweep removes) was told as a
+    crash's orphan the service removes, and enough of them took the database for another's."""
+    try:
+        return stat.S_ISREG(path.lstat().st_mode)
+    except OSError:  # gone since the listing
+        return False
 
 
 def _written_since(path: Path, cutoff: float) -> bool:

@@ -753,6 +753,39 @@ def test_check_counts_what_a_crash_left_beside_the_store_s_files(
     assert (report.files, report.unnamed, report.temp_files, report.broken) == (2, 1, 1, [str(broken)])
 
 
+def test_check_counts_only_the_files_the_sweep_counts_not_folders_or_links_named_as_images(
+        make_settings: SettingsFactory, start_server: Callable[[Settings], httpx.Client],
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Folders and links named as the store's files (`<sha>.png`, `.gc-<sha>-*.png`) are passed over
+    by the asset sweep (no image it writes, none it removes): check counted them as files no asset
+    names, "the service removes them after an hour", and past the sweep's alarm took the database
+    for another data dir's (exit 1) where the sweep went on."""
+    settings, client, assets = drafted(make_settings, start_server, monkeypatch, n=1)
+    store = ArtifactStore(settings.assets_dir)
+    named = client.get(f"/v1/assets/{assets[0]}").json()["sha256"]
+    old = time.time() - 2 * 3600
+    strays = []
+    for i in range(22):
+        sha = hashlib.sha256(f"not an image {i}".encode()).hexdigest()
+        stray = settings.assets_dir / sha[:2] / (f".gc-{sha}-0badc0de.png" if i % 2 else f"{sha}.png")
+        stray.parent.mkdir(exist_ok=True)
+        if i == 0:
+            stray.symlink_to(store.path_for(named))
+        else:
+            stray.mkdir()
+        os.utime(stray, (old, old), follow_symlinks=False)
+        strays.append(stray)
+    capsys.readouterr()
+    assert main(["check"]) == 0
+    out = capsys.readouterr().out
+    assert "no asset names" not in out and "PROBLEMS" not in out and out.endswith("ok\n"), out
+    report = check_module.check_store(check_module.read_only_engine(settings.resolved_database_url), store)
+    assert (report.files, report.unnamed) == (1, 0)
+    # As the sweep counts them: it neither refuses nor removes anything.
+    assert store.sweep_orphans(lambda batch: [sha for sha in batch if sha == named]) == 0
+    assert all(stray.is_symlink() or stray.is_dir() for stray in strays)
+
+
 def test_check_refuses_a_database_that_names_none_of_the_store_s_files(
         make_settings: SettingsFactory, start_server: Callable[[Settings], httpx.Client],
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
