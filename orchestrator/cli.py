@@ -901,7 +901,7 @@ def _check(*, no_hash: bool) -> int:
         sqlite = settings.resolved_database_url.startswith("sqlite")
         print("PROBLEMS: is it the database this data dir belongs to?" + (
             " A copy of a running service's SQLite file without its -wal file holds none of the recent rows: take "
-            "backups as the README says" if sqlite and wrong_store is None else "")
+            "backups as the README says." if sqlite and wrong_store is None else "")
               + (" If it is, the files listed are images of jobs killed as they stored them: once sure, move them "
                  "out of the store, and the sweep, which removes nothing meanwhile, goes on" if wrong_store is None
                  else ""))

@@ -802,6 +802,8 @@ def test_check_refuses_a_database_that_names_none_of_the_store_s_files(
     assert sorted(line.strip() for line in out.splitlines() if line.startswith("  /")) == files
     assert "is it the database this data dir belongs to?" in out and "restore those assets" not in out
     assert "once sure, move them out of the store" in out
+    # Its sentences apart: "... as the README says If it is, ..." ran the advice for SQLite into the next.
+    assert "take backups as the README says. If it is, the files listed are images" in out, out
 
 
 def test_a_crash_s_file_after_every_asset_was_deleted_is_an_orphan_not_a_foreign_database(
