@@ -89,7 +89,7 @@ def held_until_lease(job: LeaseStamps, lease: timedelta, now: datetime | None = 
     (`lease_taken_attempt`): a release without the columns (a rolling upgrade) claims a job again
     leaving an earlier claim's stamps, hours old. Otherwise, and for a row claimed before migration
     0037, it is counted from its `started_at`. A renewal stamp before the claim's (an earlier
-    claim's, left by a release without it), or none (before 0041), is read as `lease_expires_at`
+    claim's, left by a release without it), or none (before 0038), is read as `lease_expires_at`
     less `lease` (this process's ORCH_LEASE_SECONDS, which the holder's may not be). None when the
     row lacks a start or a lease. A lower bound: the process may have held the device up to its
     death (or, hung, beyond)."""

@@ -175,11 +175,11 @@ class Job(SQLModel, table=True):
     # old, counted those hours. Null: stamped before 0037, or none.
     lease_taken_attempt: int | None = None
     # When the running attempt's lease was last taken or renewed, by the leases' clock, where its
-    # device time is counted to (`device_time.held_until_lease`). Read before 0041 as the expiry
+    # device time is counted to (`device_time.held_until_lease`). Read before 0038 as the expiry
     # less the reader's own ORCH_LEASE_SECONDS, which the holder's may not be (300 s against a
     # holder's 60: 240 s short, or 0). Taken only where `lease_taken_attempt` is the row's attempt
     # and it is not before `lease_taken_at` (one an earlier claim left). Null: none, or the claim
-    # was made by a release before 0041.
+    # was made by a release before 0038.
     lease_renewed_at: datetime | None = _ts()
     finished_at: datetime | None = _ts()
     # Where its end is POSTed, as its request asked, instead of its project's `webhook_url`

@@ -8,7 +8,7 @@ counted it that much off (300 s against a holder's 60: 240 s short, down to 0; 3
 itself. Rows without it (claimed before this revision, or by a release without the column during a
 rolling upgrade) are counted from the expiry less the reader's lease, as before.
 
-Revision ID: 0041
+Revision ID: 0038
 Revises: 0037
 Create Date: 2026-12-07 18:40:00.000000
 """
@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = '0041'
+revision: str = '0038'
 down_revision: str | None = '0037'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
