@@ -10,11 +10,12 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from types import FrameType
 from typing import Any
 
 import uvicorn
+import uvicorn.server
 from fastapi import FastAPI
 from sqlalchemy.exc import DatabaseError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -118,20 +119,23 @@ class Server(uvicorn.Server):
         """uvicorn's, with SIGTERM's default as the handler it puts back once stopped, so that the
         SIGTERM it raises again then ends the process (143). Until uvicorn takes it here, the
         command's own handler tells a stop during the start (the app being built) in a line; it
-        was SIGTERM's default from before the app was built, a silent 143. The signal is blocked
-        while the handlers change hands: one sent then reaches uvicorn's, not the default."""
+        was SIGTERM's default from before the app was built, a silent 143. That handler is handed
+        straight to uvicorn's (a SIGTERM as they change hands is the one's or the other's): with
+        the default put in place between them, a thread that does not block SIGTERM (a library's,
+        OpenBLAS's) took one sent then, and the default ended the process without a word."""
         if threading.current_thread() is not threading.main_thread():
             with super().capture_signals():
                 yield
             return
-        with ExitStack() as taken:
-            blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-            try:
-                signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                taken.enter_context(super().capture_signals())
-            finally:
-                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        originals = {sig: signal.signal(sig, self.handle_exit) for sig in uvicorn.server.HANDLED_SIGNALS}
+        try:
             yield
+        finally:
+            for sig, handler in originals.items():
+                signal.signal(sig, signal.SIG_DFL if sig == signal.SIGTERM else handler)
+        # As uvicorn: the signals that stopped it are raised again, the last first.
+        for captured in reversed(self._captured_signals):
+            signal.raise_signal(captured)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         again = self.should_exit

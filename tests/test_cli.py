@@ -2306,6 +2306,40 @@ def test_serve_told_to_stop_as_it_builds_the_app_says_so(make_settings: Settings
     assert "Application startup" not in done.stderr  # the service never ran
 
 
+def test_serve_told_to_stop_as_uvicorn_takes_the_signals_is_not_ended_silently(make_settings: SettingsFactory,
+                                                                               tmp_path: Path) -> None:
+    """A SIGTERM as the start's handler is handed to uvicorn's: SIGTERM's default was put in place
+    between the two, with SIGTERM blocked in the main thread only. A thread that does not block
+    it (a library's own, as OpenBLAS starts on numpy's import) took it there, and the default
+    ended the process at once: a silent 143, without the start's line or uvicorn's stop."""
+    settings = make_settings()
+    env = {**os.environ, "ORCH_DATA_DIR": str(settings.data_dir), "ORCH_CACHE_DIR": str(settings.cache_dir),
+           "ORCH_LITE_MODEL": "builtin:tiny-sd", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    reached = tmp_path / "reached"
+    # Sent just after the first handler changes hands as the server takes the signals.
+    code = ("import os, signal, sys, threading, time, orchestrator.cli as cli\n"
+            "threading.Thread(target=time.sleep, args=(600,), daemon=True).start()  # blocks no signal\n"
+            "real = signal.signal\n"
+            "def handing(signum, handler):\n"
+            "    old = real(signum, handler)\n"
+            "    if sys._getframe(1).f_globals['__name__'] in ('orchestrator.server', 'uvicorn.server') \\\n"
+            "            and not os.path.exists(" + repr(str(reached)) + "):\n"
+            "        open(" + repr(str(reached)) + ", 'w').close()\n"
+            "        os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    return old\n"
+            "signal.signal = handing\n"
+            f"raise SystemExit(cli.main(['serve', '--port', '{free_port()}']))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert reached.exists(), done.stderr  # the signal came as the handlers changed hands
+    assert done.returncode == -signal.SIGTERM, done.stderr
+    # Either the start's stop, told, or uvicorn's, run: the stop of a SIGTERM a moment sooner or later.
+    said = [line for line in done.stderr.splitlines() if line.startswith("orchestrator: ")]
+    assert (said and "start was stopped" in said[-1]) or "Application shutdown complete" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+
+
 def test_ctrl_c_ends_a_start_waiting_for_a_silent_postgres_server_at_once(tmp_path: Path) -> None:
     """libpq's wait for a server that takes the connection and says nothing is interrupted by
     Ctrl-C: one line and 130, not the rest of the connect timeout."""
