@@ -574,7 +574,7 @@ def _log_what_it_uses(settings: Settings) -> None:
 
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
     from orchestrator.api.cross_site import is_loopback
-    from orchestrator.server import serve
+    from orchestrator.server import StartInterrupted, serve
 
     if (failed := _checked(settings) or _bound(settings)) is not None:
         return failed
@@ -596,8 +596,12 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     # stopped: SIGTERM's default (put in place by `Server.capture_signals`) then ends the process,
     # a Ctrl-C is returned. Until then either is the start's stop: a SIGTERM told by `main`, a
     # Ctrl-C raised from here (while the app was built, which writes nothing) and told by `_run`.
-    stopped = serve(settings, host=args.host, port=args.port, log_level=args.log_level)
-    return _stopped(stopped)
+    try:
+        return _stopped(serve(settings, host=args.host, port=args.port, log_level=args.log_level))
+    except StartInterrupted:
+        raise
+    except KeyboardInterrupt:  # the service ran (a second Ctrl-C as it ends): not the start's stop
+        return _interrupted()
 
 
 def _stopped(stopped: Stopped) -> int:

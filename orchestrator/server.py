@@ -168,6 +168,11 @@ class Server(uvicorn.Server):
             services.scheduler.stop_claiming()
 
 
+class StartInterrupted(KeyboardInterrupt):
+    """A Ctrl-C while `serve` built the app and its server, before uvicorn took the signals: the
+    start's stop, told apart from one once the service has run (a second Ctrl-C as it ends)."""
+
+
 class CannotListen(Exception):
     """The address `serve` was given cannot be listened on (taken, not this machine's)."""
 
@@ -206,12 +211,15 @@ def check_listenable(host: str, port: int) -> None:
 def serve(settings: Settings, *, host: str, port: int, log_level: str) -> Stopped:
     """Serve until SIGINT or SIGTERM (`orchestrator serve`). uvicorn raises SIGTERM again once it
     has stopped, which ends the process there; a Ctrl-C is returned (`Stopped.signal`). One
-    before uvicorn takes the signals (the app being built) is raised: the start's stop."""
+    while the app is built is raised as `StartInterrupted`: the start's stop."""
     # Open to this machine only: its browsers' pages may not reach it under another name.
     loopback_only = settings.admin_key is None and is_loopback(host)
-    server = Server(create_app(settings, loopback_only=loopback_only), host=bare_host(host), port=port,
-                    log_level=log_level)
-    _log_uvicorn_to_files()  # after uvicorn has configured its loggers, which replaces their handlers
+    try:
+        server = Server(create_app(settings, loopback_only=loopback_only), host=bare_host(host), port=port,
+                        log_level=log_level)
+        _log_uvicorn_to_files()  # after uvicorn has configured its loggers, which replaces their handlers
+    except KeyboardInterrupt:
+        raise StartInterrupted from None
     interrupted = False
     try:
         server.run()

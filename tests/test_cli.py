@@ -2340,6 +2340,39 @@ def test_serve_told_to_stop_as_uvicorn_takes_the_signals_is_not_ended_silently(m
     assert "Traceback" not in done.stderr, done.stderr
 
 
+def test_a_ctrl_c_as_the_service_that_ran_ends_is_not_told_as_the_start_s_stop(make_settings: SettingsFactory,
+                                                                                 tmp_path: Path) -> None:
+    """A second Ctrl-C as `serve` ends, its service stopped by the first: it was told as "the start
+    was stopped before the service ran", which it had."""
+    settings = make_settings()
+    env = {**os.environ, "ORCH_DATA_DIR": str(settings.data_dir), "ORCH_CACHE_DIR": str(settings.cache_dir),
+           "ORCH_LITE_MODEL": "builtin:tiny-sd", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    reached = tmp_path / "reached"
+    # The first once the service runs; the second as `serve` asks, the service stopped, how it ended.
+    code = ("import os, signal, uvicorn.server, orchestrator.cli as cli, orchestrator.server as server\n"
+            "started = uvicorn.server.Server.startup\n"
+            "async def startup(self, sockets=None):\n"
+            "    await started(self, sockets)\n"
+            "    os.kill(os.getpid(), signal.SIGINT)\n"
+            "uvicorn.server.Server.startup = startup\n"
+            "busy = server.Server.device_busy\n"
+            "def asked(self):\n"
+            "    if not os.path.exists(" + repr(str(reached)) + "):\n"
+            "        open(" + repr(str(reached)) + ", 'w').close()\n"
+            "        os.kill(os.getpid(), signal.SIGINT)\n"
+            "    return busy.fget(self)\n"
+            "server.Server.device_busy = property(asked)\n"
+            f"raise SystemExit(cli.main(['serve', '--port', '{free_port()}']))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert reached.exists(), done.stderr  # the second came once the service had stopped
+    assert "Application shutdown complete" in done.stderr, done.stderr  # the service ran
+    assert done.returncode == 130, done.stderr
+    said = [line for line in done.stderr.splitlines() if line.startswith("orchestrator: ")]
+    assert said == ["orchestrator: interrupted"] and "Traceback" not in done.stderr, done.stderr
+
+
 def test_ctrl_c_ends_a_start_waiting_for_a_silent_postgres_server_at_once(tmp_path: Path) -> None:
     """libpq's wait for a server that takes the connection and says nothing is interrupted by
     Ctrl-C: one line and 130, not the rest of the connect timeout."""
