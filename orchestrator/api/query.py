@@ -108,8 +108,9 @@ def _query_names(dependant: Dependant) -> set[str]:
 def _digits(value: Any) -> Any:
     """A count in a query string as digits alone: pydantic read `10.0`, `1_0`, ` 10 ` and `+10` as
     10, so a client's formatting slip (a float, a padded template) went unseen. A minus before the
-    digits is let through to the parameter's range, which says what it takes."""
-    digits = value[1:] if isinstance(value, str) and value.startswith("-") else value
+    digits (a negative count) is let through to the parameter's range, which says what it takes;
+    not before zero: `-0` is a signed 0 as `+0` is, which a range from 0 took as 0."""
+    digits = value[1:] if isinstance(value, str) and value.startswith("-") and value.strip("-0") else value
     if isinstance(value, str) and not (digits.isascii() and digits.isdigit()):
         raise ValueError("must be a whole number written in digits, e.g. 50")
     return value

@@ -412,7 +412,8 @@ def test_bad_list_parameters(shared_server: httpx.Client, project: str, path: st
 @pytest.mark.parametrize(("path", "params", "told"), [
     ("/v1/jobs", {"limit": "-1"}, "limit: Input should be greater than or equal to 1"),
     ("/v1/jobs", {"limit": "-600"}, "limit: Input should be greater than or equal to 1"),
-    ("/v1/projects", {"limit": "-0"}, "limit: Input should be greater than or equal to 1"),
+    # Not a negative count but a signed 0, as "+0" is (a preview's step, from 0, took it as 0).
+    ("/v1/projects", {"limit": "-0"}, "limit: must be a whole number written in digits, e.g. 50"),
 ])
 def test_a_negative_count_is_told_its_range(shared_server: httpx.Client, path: str, params: dict[str, str],
                                             told: str) -> None:
@@ -1258,7 +1259,9 @@ def test_a_connection_lost_under_the_pool_s_pre_ping_is_a_503_to_send_again() ->
     assert_error(client.get("/refused"), 500, "internal_error")
 
 
-@pytest.mark.parametrize("step", ["abc", "-1", "1.5"])
+# "-0" (a 0 written with a minus, as "+0" is one with a plus) was read as step 0 once a minus was let
+# through to the range, which takes 0.
+@pytest.mark.parametrize("step", ["abc", "-1", "1.5", "-0", "+0"])
 def test_a_preview_s_step_is_a_step_number(shared_server: httpx.Client, finished_job: dict[str, Any],
                                            step: str) -> None:
     error = assert_error(shared_server.get(f"/v1/jobs/{finished_job['id']}/preview", params={"step": step}),
