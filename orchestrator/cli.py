@@ -106,6 +106,9 @@ class _StoppedBeforeStart(BaseException):
 
 
 def _stop_before_start(signum: int, frame: object) -> None:
+    # The stop is under way: another SIGTERM (a supervisor's second, a process group's) raised
+    # again in the unwinding, or as the stop is told, ended it with a traceback and exit 1.
+    signal.signal(signum, signal.SIG_IGN)
     raise _StoppedBeforeStart
 
 

@@ -2373,6 +2373,41 @@ def test_a_ctrl_c_as_the_service_that_ran_ends_is_not_told_as_the_start_s_stop(m
     assert said == ["orchestrator: interrupted"] and "Traceback" not in done.stderr, done.stderr
 
 
+def test_a_second_sigterm_as_serve_tells_the_start_s_stop_ends_it_the_same(make_settings: SettingsFactory,
+                                                                             tmp_path: Path) -> None:
+    """A second SIGTERM (a supervisor's, a process group's) once the first stopped the start, as
+    it is told: the start's handler raised again in the middle of telling it, a traceback and
+    exit 1 where the first would have ended the process with 143 and one line."""
+    settings = make_settings()
+    env = {**os.environ, "ORCH_DATA_DIR": str(settings.data_dir), "ORCH_CACHE_DIR": str(settings.cache_dir),
+           "ORCH_LITE_MODEL": "builtin:tiny-sd", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    reached = tmp_path / "reached"
+    code = ("import os, signal, sys, orchestrator.cli as cli, orchestrator.server as server\n"
+            "real = server.create_app\n"
+            "def step(*a, **k):\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    return real(*a, **k)\n"
+            "server.create_app = step\n"
+            "class Err:\n"
+            "    def __init__(self, stream): self.stream = stream\n"
+            "    def __getattr__(self, name): return getattr(self.stream, name)\n"
+            "    def write(self, text):\n"
+            "        if text.startswith('orchestrator: terminated') and not os.path.exists("
+            + repr(str(reached)) + "):\n"
+            "            open(" + repr(str(reached)) + ", 'w').close()\n"
+            "            os.kill(os.getpid(), signal.SIGTERM)  # the second, as the first is told\n"
+            "        return self.stream.write(text)\n"
+            "sys.stderr = Err(sys.stderr)\n"
+            f"raise SystemExit(cli.main(['serve', '--port', '{free_port()}']))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert reached.exists(), done.stderr
+    assert done.returncode == -signal.SIGTERM, done.stderr
+    said = [line for line in done.stderr.splitlines() if line.startswith("orchestrator: ")]
+    assert len(said) == 1 and "start was stopped" in said[0] and "Traceback" not in done.stderr, done.stderr
+
+
 def test_ctrl_c_ends_a_start_waiting_for_a_silent_postgres_server_at_once(tmp_path: Path) -> None:
     """libpq's wait for a server that takes the connection and says nothing is interrupted by
     Ctrl-C: one line and 130, not the rest of the connect timeout."""
