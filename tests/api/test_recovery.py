@@ -21,6 +21,7 @@ from orchestrator.db import Database
 from orchestrator.ids import new_id
 from orchestrator.models import Job, Project
 from orchestrator.queue import MAX_RECOVERIES
+from orchestrator.server import serve_in_thread
 from orchestrator.settings import Settings
 from tests import fakes
 from tests.api import TERMINAL, create_project, iter_sse, read_events, serve_process, submit_draft, wait_for_job
@@ -52,8 +53,10 @@ def test_killed_server_requeues_local_job_and_finishes_it(make_settings: Setting
     assert proc.returncode == -signal.SIGKILL
     assert db_status(settings, job["id"]) == "running"  # the crash left it mid-flight
 
-    with serve_process(settings, tmp_path, "second.log") as (_, base), httpx.Client(base_url=base,
-                                                                                  timeout=30) as client:
+    # The restart is in this process: what it must do (recover the dead process's job, run it again) is
+    # the service's start, not the command's, and the test process has torch and diffusers imported
+    # already (a child imported them again: 20-30 s of this test's 70 on a loaded 2-core machine).
+    with serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30) as client:
         done = wait_for_job(client, job["id"], ("succeeded",), timeout=120)
         assert len(done["assets"]) == 2
         assert done["error"] is None
@@ -196,7 +199,6 @@ def test_graceful_stop_leaves_the_job_for_recovery_not_canceled(make_settings: S
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """Stopping the service interrupts a running draft; it is not a user's cancel, so the next
     start re-queues it and it finishes."""
-    from orchestrator.server import serve_in_thread
     from tiers._local import LocalRuntime
 
     settings = make_settings()
