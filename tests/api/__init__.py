@@ -18,6 +18,7 @@ import anyio
 import httpx
 from starlette.types import Message
 
+from orchestrator.db import Database, sqlite_file
 from orchestrator.server import free_port
 from orchestrator.settings import Settings
 from tiers import tiny
@@ -214,6 +215,25 @@ def stop_process(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
+def migrated_before_the_start(settings: Settings, env: dict[str, str] | None) -> None:
+    """The child's database made beforehand where it is a new SQLite file in the data dir: the test
+    process copies the one it migrated once (tests/conftest.py), where the child ran 30 revisions
+    and imported alembic to do it (1-3 s of each start on a loaded 2-core machine). The child's
+    own upgrade then finds it at head, as on any later start; tests of a start's migration run
+    the command themselves (tests/test_cli.py)."""
+    if env is not None and ("ORCH_DATABASE_URL" in env or "ORCH_DATA_DIR" in env):
+        return  # the child is configured elsewhere than `settings` says
+    url = settings.resolved_database_url
+    path = sqlite_file(url)
+    if path is None or path.exists():
+        return
+    db = Database(url)
+    try:
+        db.migrate()
+    finally:
+        db.dispose()
+
+
 @contextmanager
 def serve_process(settings: Settings, workdir: Path, log_name: str, env: dict[str, str] | None = None,
                   before: str = "") -> Iterator[tuple[subprocess.Popen[bytes], str]]:
@@ -227,6 +247,7 @@ def serve_process(settings: Settings, workdir: Path, log_name: str, env: dict[st
     if before:
         root = str(Path(__file__).resolve().parents[2])
         process_env["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    migrated_before_the_start(settings, env)
     with (workdir / log_name).open("wb") as log:
         proc, base = launch_server(process_env, workdir, log, before)
         try:
@@ -257,6 +278,7 @@ def worker_process(settings: Settings, workdir: Path, log_name: str, env: dict[s
                    "ORCH_STOP_GRACE": str(settings.stop_grace),
                    "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p), **(env or {})}
     log_path = workdir / log_name
+    migrated_before_the_start(settings, env)
     with log_path.open("wb") as log:
         code = f"{before}\nfrom orchestrator.cli import main\nraise SystemExit(main(['worker']))"
         proc = subprocess.Popen([sys.executable, "-c", code], cwd=workdir, env=process_env,
