@@ -1021,3 +1021,69 @@ def test_a_cache_hit_s_copies_are_stamped_by_the_clock_ids_take(monkeypatch: pyt
         [copy] = cached_copies([source], job)
     assert copy.created_at == clock.at(database)
     assert (copy.job_id, copy.parent_id, copy.sha256) == ("job_y", "ast_p", source.sha256)
+
+
+def test_a_job_s_images_are_stored_side_by_side_not_a_core_s_worth_at_a_time(
+        make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A store waits on the disk (fsyncs), not on a core: the PNG threads (one a core) stored a
+    job's n=4 images two at a time on 2 cores, four syncs in a row where two do. Each of the
+    four puts here waits for the others to start; two at a time, the job failed."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)  # the build machine's: the PNG threads it gets
+    real_put = ArtifactStore.put_file
+    together = threading.Barrier(4, timeout=30)
+
+    def put(self: ArtifactStore, data: bytes) -> Put:
+        together.wait()
+        return real_put(self, data)
+
+    monkeypatch.setattr(ArtifactStore, "put_file", put)
+    with serve_in_thread(make_settings()) as base, httpx.Client(base_url=base, timeout=30.0) as api:
+        job = wait_for_job(api, submit_draft(api, create_project(api)["id"], n=4, seed=3)["id"])
+        assert job["status"] == "succeeded", job.get("error")
+        assert len(job["assets"]) == 4
+        # In the images' order: each asset's file holds its seed's image.
+        seeds = [read_record(api.get(f"/v1/assets/{asset}/content").content)["seed"] for asset in job["assets"]]
+        assert seeds == [3, 4, 5, 6]
+
+
+def test_a_job_s_rows_commit_after_each_of_its_files_and_their_renames_are_fsynced(
+        make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The files a job's asset rows name are under their names, their bytes and their folders'
+    entries fsynced, before the transaction that writes the rows begins: stored side by side,
+    none is left to finish after it."""
+    synced_files: set[int] = set()
+    synced_dirs: set[Path] = set()
+    lock = threading.Lock()
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        found = os.fstat(fd)
+        path = Path(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+        with lock:  # recorded once it has returned
+            if path.is_dir():
+                synced_dirs.add(path)
+            else:
+                synced_files.add(found.st_ino)
+
+    seen: list[str] = []
+    finish = runner.JobRunner._finish_success
+
+    def finishing(self: runner.JobRunner, claim: Any, result: Any, records: Any, pngs: list[tuple[Put, bytes]],
+                  seconds: float) -> list[str]:
+        for put, data in pngs:
+            path = self.store.path_for(put.sha256)
+            assert path.read_bytes() == data
+            with lock:
+                assert path.stat().st_ino in synced_files, "its bytes are not fsynced"
+                assert path.parent in synced_dirs, "its rename is not fsynced"
+            seen.append(put.sha256)
+        return finish(self, claim, result, records, pngs, seconds)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(runner.JobRunner, "_finish_success", finishing)
+    with serve_in_thread(make_settings()) as base, httpx.Client(base_url=base, timeout=30.0) as api:
+        job = wait_for_job(api, submit_draft(api, create_project(api)["id"], n=4, seed=11)["id"])
+        assert job["status"] == "succeeded", job.get("error")
+        shas = [api.get(f"/v1/assets/{asset}").json()["sha256"] for asset in job["assets"]]
+    assert seen == shas
