@@ -387,8 +387,11 @@ class Ledger:
         elif charged == "yes":
             # The provider finished and said what it charged: that is the bill, as on a success,
             # and a report it could not read is the estimate flagged for the invoice, as there.
+            # Flagged too when a cost goes with it: the estimate's share of the images made, put in
+            # by `tiers._cloud.paid_calls` for a job ended part-way (a user's cancel kept the
+            # answer of its first call of two), which is no report of the provider's either.
             cost = getattr(error, "cost_millicredits", None)
-            unread = getattr(error, "cost_unread", None) if cost is None else None
+            unread = getattr(error, "cost_unread", None)
             self.charge_made(s, job, cost, note=error.code, unread=f"{error.code}: {unread}" if unread else None)
         else:
             ceiling = getattr(error, "cost_millicredits", None)

@@ -10,8 +10,12 @@ from typing import Any
 import httpx
 import pytest
 import respx
+from sqlmodel import col, select
 
+from orchestrator.db import Database
 from orchestrator.errors import Canceled, EngineError, EngineTimeout, NoPrice
+from orchestrator.ledger import Ledger
+from orchestrator.models import Job, LedgerEntry, Project
 from tests.tiers.conftest import BlockingSleep, HeldRequest, NoAnswer, bridge, canceled_while_out
 from tiers._cloud import Asked, paid_calls, token_counts
 from tiers.base import MAX_AMOUNT, CancelToken, NullProgress, PriceTable, before_billable_sends
@@ -567,3 +571,38 @@ async def test_a_stop_drops_a_synchronous_call_out_at_once(make_ctx: Any, case: 
         canceled = await canceled_while_out(engine, req, held, abandon=True)
     await engine.aclose()
     assert canceled.charged == "unknown" and canceled.made is None
+
+
+async def test_a_user_s_cancel_answered_with_a_usage_that_cannot_be_read_is_flagged_for_reconciliation(
+        make_ctx: Any, db: Database) -> None:
+    # The first of two calls is out at a user's cancel and answers its image, with a usage whose
+    # counts are no counts: charged as made, the estimate's share for that one image, but its cost
+    # is nobody's to know, so the capture waits for the invoice as a success's so answered does. It
+    # was captured as a known bill (the share replaced the unknown cost), never reconciled.
+    from tests.tiers import test_gemini
+
+    engine, req, _answer = sync_case(make_ctx, "gemini")
+    req = replace(req, n=2)
+    body = test_gemini.ok_body()
+    body["usageMetadata"] = {"promptTokenCount": 1300, "candidatesTokenCount": "x", "totalTokenCount": 2590}
+    held = HeldRequest(httpx.Response(200, json=body))
+    canceled = await canceled_then_answered(engine, req, held)
+    await engine.aclose()
+    assert held.answered and canceled.made is not None and len(canceled.made.images) == 1
+    assert canceled.charged == "yes" and canceled.cost_unread
+
+    ledger = Ledger()
+    project = Project(id="prj_unread", name="unread", policy="balanced", budget_limit=None, budget_period="none")
+    job = Job(id="job_unread", project_id=project.id, stage=req.stage, engine=engine.name, params={"n": 2})
+    with db.transaction() as s:
+        s.add(project)
+    with db.transaction() as s:
+        s.add(job)
+        ledger.hold(s, ledger.lock_project(s, project.id), job, engine.estimate(req))
+    with db.transaction() as s:
+        ledger.settle_failure(s, job, canceled)
+    with db.session() as s:
+        captures = s.exec(select(LedgerEntry).where(col(LedgerEntry.job_id) == job.id,
+                                                    col(LedgerEntry.kind) == "capture")).all()
+    assert len(captures) == 1 and captures[0].unreconciled
+    assert 0 < captures[0].amount <= engine.estimate(req)
