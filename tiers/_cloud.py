@@ -274,6 +274,23 @@ def answered_at_cancel(cancel: CancelToken, kept: Callable[[], RenderResult]) ->
         raise answered
 
 
+def _answer_at_cancel(sending: asyncio.Future[httpx.Response], cancel: CancelToken) -> httpx.Response:
+    """The answer of `CloudEngine.send_answered`'s request, done once the job's `cancel` came. A
+    `Canceled` it ended with was raised before the call went out (again): between attempts (a 503
+    or 429 answered after a user's cancel, not sent again) or before its first send, so this call
+    made nothing. The client says `unknown` all the same once an earlier request of the job was
+    sent (`billable_sends_out`, which cannot tell one answered from one out); a synchronous
+    engine's calls go one at a time, and what the earlier ones made and cost is its `paid_calls`'
+    to charge. Left "unknown", a job of n=2 whose first call was made and said its cost captured
+    the whole estimate for a person to reconcile. A stop's cancel keeps what the client said."""
+    try:
+        return sending.result()
+    except Canceled as exc:
+        if not cancel.abandoned:
+            exc.charged, exc.charged_told = "no", True
+        raise
+
+
 # Status answers in a row that cannot be read (a proxy's error page with a 200, a body cut short)
 # before the work they report on is given up, and so withdrawn: a poll costs nothing, the work may.
 UNREADABLE_POLLS = 3
@@ -498,7 +515,7 @@ class CloudEngine(SendsCredentials):
                 return await cancel.race(asyncio.shield(sending))
             except Canceled:
                 if sending.done():  # its own (a send refused), or an answer in the same instant
-                    return sending.result()
+                    return _answer_at_cancel(sending, cancel)
             # The request sends nothing more, but one out is let answer (see `KeptOut`).
             kept.cancel(abandon=cancel.abandoned)
             if kept.out and cancel.abandoned:
@@ -511,7 +528,7 @@ class CloudEngine(SendsCredentials):
                 raise Canceled("the job was canceled while the provider was working", charged="unknown")
             # Answered (a failure is the caller's `answered_at_cancel` to end the job with), or not out:
             # the client ended it on the cancel, saying what it cost.
-            return sending.result()
+            return _answer_at_cancel(sending, cancel)
         finally:
             if not sending.done():
                 sending.cancel()  # this call was itself cancelled (a timeout around it): so is the request

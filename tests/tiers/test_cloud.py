@@ -606,3 +606,40 @@ async def test_a_user_s_cancel_answered_with_a_usage_that_cannot_be_read_is_flag
                                                     col(LedgerEntry.kind) == "capture")).all()
     assert len(captures) == 1 and captures[0].unreconciled
     assert 0 < captures[0].amount <= engine.estimate(req)
+
+
+@pytest.mark.parametrize("case", SYNC_CASES)
+@pytest.mark.parametrize("status", [429, 503])
+async def test_a_later_call_answered_unbilled_after_a_user_s_cancel_charges_the_earlier_calls_alone(
+        make_ctx: Any, case: str, status: int) -> None:
+    # A job of two calls: the first made its image, the second is out at a user's cancel and is
+    # answered with a 429 or 503, which made nothing and is not sent again. As in the service, the
+    # first call's send is counted as out (`billable_sends_out`): the client's "unknown" for the
+    # second's wait ended the job charged the whole estimate for a person to reconcile, though
+    # the bill was known. Charged now as a refusal then is: the first call's cost (Stability
+    # reports none: the estimate's share of that one image).
+    engine, req, answer = sync_case(make_ctx, case)
+    req = replace(req, n=2)
+    with respx.mock(assert_all_called=False) as mock:
+        mock.route(method="POST").mock(return_value=answer)
+        first = await engine.run(replace(req, n=1), NullProgress(), CancelToken())  # the first call's cost
+    out = 0
+
+    async def sending() -> None:  # the runner's count of the attempt's sends
+        nonlocal out
+        out += 1
+
+    def refused() -> None:
+        nonlocal out
+        out -= 1
+
+    held = HeldRequest(httpx.Response(status, json={"error": {"code": status, "message": "busy"}}))
+    with before_billable_sends(sending, refused, lambda: out > 0):
+        canceled = await canceled_then_answered(engine, req, held, before=answer)
+    await engine.aclose()
+    assert held.answered and canceled.made is not None and len(canceled.made.images) == 1
+    if case.startswith("stability"):
+        assert canceled.charged == "unknown"
+        assert canceled.cost_millicredits == -(-engine.estimate(req) // 2)
+    else:
+        assert (canceled.charged, canceled.cost_millicredits) == ("yes", first.cost_millicredits)
