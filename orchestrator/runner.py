@@ -224,6 +224,12 @@ MAX_STEPS = 2**31 - 1
 PREVIEW_MODES = frozenset({"RGB", "RGBA", "L", "LA"})
 
 
+def unread_note(result: RenderResult) -> str | None:
+    """What a result says was unread of its bill, where that leaves its cost unknown: a cost reported
+    beside the note is a known bill (captured as such, as on a success), not one for reconciliation."""
+    return result.cost_unread if result.cost_millicredits is None else None
+
+
 def _whole(value: object) -> int | None:
     """A step count as an int: an integer of any kind, or a finite float cut to one."""
     if isinstance(value, bool):
@@ -595,7 +601,7 @@ class JobRunner:
             # and the canceled job keeps them (`_kept_images`).
             if self.registry.get(job.engine).kind == "remote":
                 exc.at_least_charged("yes")
-                exc.cost_millicredits, exc.cost_unread = result.cost_millicredits, result.cost_unread
+                exc.cost_millicredits, exc.cost_unread = result.cost_millicredits, unread_note(result)
                 exc.made = result
             raise
         except (StaleAttempt, OrchestratorError):
@@ -624,7 +630,7 @@ class JobRunner:
             else:
                 unstored = EngineError(said[:500], retryable=False, charged="yes",
                                        cost_millicredits=result.cost_millicredits)
-            unstored.cost_unread = result.cost_unread
+            unstored.cost_unread = unread_note(result)
             raise unstored from exc
 
     async def _canceled(self, claim: Claim, exc: Canceled, engine_returned: bool) -> None:
@@ -1870,7 +1876,7 @@ class JobRunner:
         # Free local work holds nothing: the ledger's lookup is skipped on the hot path.
         if job.estimated > 0 or result.cost_millicredits or billed_by_provider(engine):
             self.ledger.charge_made(s, job, result.cost_millicredits,
-                                    unread=result.cost_unread if result.cost_millicredits is None else None)
+                                    unread=unread_note(result))
         elif self.local_rate and used is not None:
             self.ledger.charge_usage(s, job, round(used * self.local_rate * 1000),
                                      note=f"{used:.2f} device-seconds")

@@ -712,3 +712,29 @@ def test_a_local_job_whose_end_could_not_be_written_runs_again(paid_settings_for
     assert failed and set(failed) == {"away"}
     assert done["status"] == "succeeded", done
     assert [a["status"] for a in done["attempts"]] == ["interrupted", "succeeded"]
+
+
+@pytest.mark.parametrize("end", ["disk full", "cancel"])
+def test_a_reported_cost_beside_an_unread_note_is_a_known_bill_however_the_made_job_ends(
+        api: httpx.Client, monkeypatch: pytest.MonkeyPatch, end: str) -> None:
+    """A plugin's result may name a cost and say some usage was unread: a success captures that
+    cost as a known bill, and so must a job ended by a full disk or a cancel while its images
+    were stored (they flagged it for reconciliation, as if no cost had been reported)."""
+    project_id, asset_id = project_with_draft(api)
+    real_put = ArtifactStore.put_file
+
+    def put(self: ArtifactStore, data: bytes) -> Put:
+        if end == "disk full":
+            raise OSError(28, "No space left on device", "/srv/orchestrator/assets/ab/tmp-1")
+        running = get_json(api, "/v1/jobs", project_id=project_id, status="running")["items"]
+        if running:
+            assert api.post(f"/v1/jobs/{running[0]['id']}/cancel").status_code == 202
+        return real_put(self, data)
+
+    monkeypatch.setattr(ArtifactStore, "put_file", put)
+    done = wait_for_job(api, promote_ok(api, asset_id, engine="fake-paid",
+                                        tags={"fake": "unreadable-usage", "cost": "7.5"})["id"])
+    assert done["status"] == ("failed" if end == "disk full" else "canceled")
+    entries = [e for e in ledger(api, project_id) if e["job_id"] == done["id"]]
+    assert [(e["kind"], e["amount"], e["unreconciled"]) for e in entries] == [
+        ("hold", PRICE, False), ("capture", 7.5, False), ("release", PRICE - 7.5, False)]
