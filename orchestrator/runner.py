@@ -1794,20 +1794,24 @@ class JobRunner:
         them commit next. When one fails, what the others wrote is discarded."""
         encoded: list[concurrent.futures.Future[bytes]] = []
         puts: dict[int, concurrent.futures.Future[tuple[Put, bytes]]] = {}
+        refused: RuntimeError | None = None
         try:
             for image, record in zip(images, records, strict=True):
                 encoded.append(self._encoder.submit(encode_png, image, record))
             index = {future: i for i, future in enumerate(encoded)}
             for future in concurrent.futures.as_completed(encoded):
                 if future.exception() is None:
-                    puts[index[future]] = self._store_io.submit(self._store_png, future.result())
-        except RuntimeError:
+                    puts[index[future]] = self._hand_to_store(future.result())
+        except RuntimeError as exc:
+            # Closed, or a thread the system would not start ("can't start new thread"): the
+            # puts handed out already still run, and are waited for and discarded below. Raised
+            # at once, they landed after the job had failed, files no row names.
             if not self._closed:
-                raise
+                refused = exc
         every: list[concurrent.futures.Future[Any]] = [*encoded, *puts.values()]
         concurrent.futures.wait(every)
         stored = [puts[i].result() for i in sorted(puts) if puts[i].exception() is None]
-        failed = next((f.exception() for f in every if f.exception() is not None), None)
+        failed = refused or next((f.exception() for f in every if f.exception() is not None), None)
         if failed is not None or len(puts) < len(images):
             self._discard(stored)
             if failed is not None:
@@ -1920,6 +1924,26 @@ class JobRunner:
         # service has closed: then nothing more is stored).
         if not claim.shutdown or self._closed:
             claim.cancel.raise_if_cancelled()
+
+    def _hand_to_store(self, data: bytes) -> concurrent.futures.Future[tuple[Put, bytes]]:
+        """`data`'s put, on a store thread (see `_store_pngs`). A pool that cannot start a thread
+        for it (the system's thread limit) raises RuntimeError from `submit` with the work queued
+        all the same, for a thread it has to run later, when the job has ended: told it was not
+        handed out, it writes nothing."""
+        handed: concurrent.futures.Future[bool] = concurrent.futures.Future()
+
+        def put() -> tuple[Put, bytes]:
+            if not handed.result():
+                raise RuntimeError("not handed out: its job's images were discarded")
+            return self._store_png(data)
+
+        try:
+            future = self._store_io.submit(put)
+        except BaseException:
+            handed.set_result(False)
+            raise
+        handed.set_result(True)
+        return future
 
     def _store_png(self, data: bytes) -> tuple[Put, bytes]:
         """An encoded image written to the store (on a store thread: see `_store_pngs`)."""

@@ -1087,3 +1087,37 @@ def test_a_job_s_rows_commit_after_each_of_its_files_and_their_renames_are_fsync
         assert job["status"] == "succeeded", job.get("error")
         shas = [api.get(f"/v1/assets/{asset}").json()["sha256"] for asset in job["assets"]]
     assert seen == shas
+
+
+
+def test_a_store_thread_that_cannot_start_leaves_no_file_once_the_job_has_failed(
+        make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A store thread refused by the system (its thread limit: "can't start new thread") while the
+    job's first put runs: the job fails, and no file of it is left, neither the put handed out
+    before nor the one the pool had queued when its thread failed to start (which the first
+    thread then runs)."""
+    real_start = threading.Thread.start
+    refused = threading.Event()
+
+    def start(self: threading.Thread) -> None:
+        if self.name.startswith("store") and any(t.name.startswith("store") for t in threading.enumerate()):
+            refused.set()
+            raise RuntimeError("can't start new thread")
+        real_start(self)
+
+    real_put = ArtifactStore.put_file
+
+    def put(self: ArtifactStore, data: bytes) -> Put:
+        refused.wait(30)  # busy while the second image is handed out: a second thread is asked for
+        return real_put(self, data)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    monkeypatch.setattr(ArtifactStore, "put_file", put)
+    settings = make_settings()
+    with serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30.0) as api:
+        job = wait_for_job(api, submit_draft(api, create_project(api)["id"], n=2, seed=5)["id"])
+        assert job["status"] == "failed", job
+        assert "can't start new thread" in job["error"]["message"]
+    # Stopped: the store pool's queue has run dry.
+    assert refused.is_set()
+    assert not list(settings.assets_dir.glob("*/*.png"))
