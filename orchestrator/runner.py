@@ -1811,7 +1811,11 @@ class JobRunner:
         every: list[concurrent.futures.Future[Any]] = [*encoded, *puts.values()]
         concurrent.futures.wait(every)
         stored = [puts[i].result() for i in sorted(puts) if puts[i].exception() is None]
-        failed = refused or next((f.exception() for f in every if f.exception() is not None), None)
+        # The first image's error, whichever failed first: each image's put, or its encoding where
+        # it has none. In the order the encodings ended, two failed puts (a full shard, another
+        # not writable) failed the job with either, as the encodings' timing had it.
+        by_image: list[concurrent.futures.Future[Any]] = [puts.get(i, f) for i, f in enumerate(encoded)]
+        failed = refused or next((f.exception() for f in by_image if f.exception() is not None), None)
         if failed is not None or len(puts) < len(images):
             self._discard(stored)
             if failed is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import io
 import json
@@ -1121,3 +1122,30 @@ def test_a_store_thread_that_cannot_start_leaves_no_file_once_the_job_has_failed
     # Stopped: the store pool's queue has run dry.
     assert refused.is_set()
     assert not list(settings.assets_dir.glob("*/*.png"))
+
+
+def test_a_job_whose_puts_fail_is_failed_with_its_first_image_s_error_whichever_failed_first(
+        make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two images, two failed puts (the first image's shard full, the second's not writable): the
+    job is failed with the first image's error, as before the store threads, not with the one whose
+    image happened to be encoded first."""
+    second_failed = threading.Event()
+
+    def encode(image: Image.Image, record: dict[str, Any]) -> bytes:
+        if record["seed"] == 3:
+            second_failed.wait(30)  # the second image is encoded, and its put has failed, first
+        return encode_png(image, record)
+
+    def put(self: ArtifactStore, data: bytes) -> Put:
+        if read_record(data)["seed"] == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        second_failed.set()
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(runner, "encode_png", encode)
+    monkeypatch.setattr(ArtifactStore, "put_file", put)
+    with serve_in_thread(make_settings()) as base, httpx.Client(base_url=base, timeout=30.0) as api:
+        job = wait_for_job(api, submit_draft(api, create_project(api)["id"], n=2, seed=3)["id"])
+    assert job["status"] == "failed"
+    assert job["error"]["message"].startswith(
+        "the images were made but could not be stored: OSError: No space left on device"), job["error"]
