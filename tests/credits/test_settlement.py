@@ -384,14 +384,8 @@ def test_a_cancel_after_the_engine_finished_charges_what_the_provider_reported(
     assert [(e["kind"], e["amount"], e["unreconciled"]) for e in entries] == settled
 
 
-@pytest.mark.parametrize(("end", "status", "code"), [("disk full", "failed", "storage_full"),
-                                                 ("cancel", "canceled", "canceled")])
-def test_a_cost_reported_unreadably_is_flagged_however_the_made_job_ends(
-        api: httpx.Client, monkeypatch: pytest.MonkeyPatch, end: str, status: str, code: str) -> None:
-    """Made and billed, with a usage block that could not be read: the estimate captured waits for
-    the invoice, as on a success. Ended by a full disk or by a cancel while its images were stored,
-    it was captured as a known bill, and nobody was asked to check it."""
-    project_id, asset_id = project_with_draft(api)
+def end_while_storing(api: httpx.Client, monkeypatch: pytest.MonkeyPatch, project_id: str, end: str) -> None:
+    """Make the project's running job meet `end` as its images are stored: a full disk, or a cancel."""
     real_put = ArtifactStore.put_file
 
     def put(self: ArtifactStore, data: bytes) -> Put:
@@ -403,6 +397,17 @@ def test_a_cost_reported_unreadably_is_flagged_however_the_made_job_ends(
         return real_put(self, data)
 
     monkeypatch.setattr(ArtifactStore, "put_file", put)
+
+
+@pytest.mark.parametrize(("end", "status", "code"), [("disk full", "failed", "storage_full"),
+                                                 ("cancel", "canceled", "canceled")])
+def test_a_cost_reported_unreadably_is_flagged_however_the_made_job_ends(
+        api: httpx.Client, monkeypatch: pytest.MonkeyPatch, end: str, status: str, code: str) -> None:
+    """Made and billed, with a usage block that could not be read: the estimate captured waits for
+    the invoice, as on a success. Ended by a full disk or by a cancel while its images were stored,
+    it was captured as a known bill, and nobody was asked to check it."""
+    project_id, asset_id = project_with_draft(api)
+    end_while_storing(api, monkeypatch, project_id, end)
     done = wait_for_job(api, promote_ok(api, asset_id, engine="fake-paid", tags={"fake": "unreadable-usage"})["id"])
     assert (done["status"], done["error"]["code"]) == (status, code)
     entries = [e for e in ledger(api, project_id) if e["job_id"] == done["id"]]
@@ -721,17 +726,7 @@ def test_a_reported_cost_beside_an_unread_note_is_a_known_bill_however_the_made_
     cost as a known bill, and so must a job ended by a full disk or a cancel while its images
     were stored (they flagged it for reconciliation, as if no cost had been reported)."""
     project_id, asset_id = project_with_draft(api)
-    real_put = ArtifactStore.put_file
-
-    def put(self: ArtifactStore, data: bytes) -> Put:
-        if end == "disk full":
-            raise OSError(28, "No space left on device", "/srv/orchestrator/assets/ab/tmp-1")
-        running = get_json(api, "/v1/jobs", project_id=project_id, status="running")["items"]
-        if running:
-            assert api.post(f"/v1/jobs/{running[0]['id']}/cancel").status_code == 202
-        return real_put(self, data)
-
-    monkeypatch.setattr(ArtifactStore, "put_file", put)
+    end_while_storing(api, monkeypatch, project_id, end)
     done = wait_for_job(api, promote_ok(api, asset_id, engine="fake-paid",
                                         tags={"fake": "unreadable-usage", "cost": "7.5"})["id"])
     assert done["status"] == ("failed" if end == "disk full" else "canceled")
