@@ -78,6 +78,21 @@ def polish(**kw: Any) -> RenderRequest:
     return bridge(**values)
 
 
+def held_reads(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threading.Event]:
+    """Hold each answer's read in its worker thread (`StabilityEngine._result`): the first event is
+    set as a read begins, and the reads go on once the second is set."""
+    real = StabilityEngine._result
+    reading, release = threading.Event(), threading.Event()
+
+    def slow(self: StabilityEngine, response: httpx.Response, req: RenderRequest) -> Any:
+        reading.set()
+        release.wait(timeout=30)
+        return real(self, response, req)
+
+    monkeypatch.setattr(StabilityEngine, "_result", slow)
+    return reading, release
+
+
 def assert_carries_draft(request: httpx.Request) -> dict[str, str]:
     assert request.headers["authorization"] == "Bearer sk-stab-secret"
     assert request.headers["accept"] == "application/json"
@@ -1269,15 +1284,7 @@ async def test_a_cancel_during_the_read_of_a_failed_generation_releases_the_hold
     # user's cancel came while it was read in its worker thread. Read before the cancel was raced
     # against it, the hold was released; raced, the read's failure was dropped and the job's hold
     # captured as "unknown", for a person to reconcile a generation nobody billed.
-    real = StabilityEngine._result
-    reading, release = threading.Event(), threading.Event()
-
-    def slow(self: StabilityEngine, response: httpx.Response, req: RenderRequest) -> Any:
-        reading.set()
-        release.wait(timeout=30)
-        return real(self, response, req)
-
-    monkeypatch.setattr(StabilityEngine, "_result", slow)
+    reading, release = held_reads(monkeypatch)
     if op == "generate":
         respx.post(SD3).mock(return_value=ok(reason="ERROR"))
         req = bridge()
@@ -1307,15 +1314,7 @@ async def test_a_stop_during_the_read_of_a_generation_s_answer_keeps_its_image(
     # answered is read: nobody can follow that call after the restart (Stability keeps no job of
     # it), so the answer in hand is the image. Read before the cancel was raced against it, it was
     # kept; raced, a stop ended the job at once, the image made and paid for lost, charged unknown.
-    real = StabilityEngine._result
-    reading, release = threading.Event(), threading.Event()
-
-    def slow(self: StabilityEngine, response: httpx.Response, req: RenderRequest) -> Any:
-        reading.set()
-        release.wait(timeout=30)
-        return real(self, response, req)
-
-    monkeypatch.setattr(StabilityEngine, "_result", slow)
+    reading, release = held_reads(monkeypatch)
     respx.post(SD3).mock(return_value=ok(seed=7))
     token = CancelToken()
     running = asyncio.create_task(engine.run(bridge(), NullProgress(), token))
@@ -1336,15 +1335,7 @@ async def test_an_image_kept_at_a_cancel_carries_its_finish_reason(
     # A user's cancel met the read of an answer, which ended within the bound: its image was kept
     # (charged as made), but its finish reason was dropped, so the result's `finish_reasons` held
     # one fewer than its images, unlike a read that ended before the cancel.
-    real = StabilityEngine._result
-    reading, release = threading.Event(), threading.Event()
-
-    def slow(self: StabilityEngine, response: httpx.Response, req: RenderRequest) -> Any:
-        reading.set()
-        release.wait(timeout=30)
-        return real(self, response, req)
-
-    monkeypatch.setattr(StabilityEngine, "_result", slow)
+    reading, release = held_reads(monkeypatch)
     engine.output_kept_seconds = 5.0
     if op == "generate":
         respx.post(SD3).mock(return_value=ok(seed=7, reason="SUCCESS"))
@@ -1443,15 +1434,7 @@ async def test_a_stop_during_the_read_of_a_creative_result_leaves_no_error_unret
     # ERROR ("Task exception was never retrieved") for a job that ended as it should.
     import gc
 
-    real = StabilityEngine._result
-    reading, release = threading.Event(), threading.Event()
-
-    def slow(self: StabilityEngine, response: httpx.Response, req: RenderRequest) -> Any:
-        reading.set()
-        release.wait(timeout=30)
-        return real(self, response, req)
-
-    monkeypatch.setattr(StabilityEngine, "_result", slow)
+    reading, release = held_reads(monkeypatch)
     respx.get(RESULT).mock(return_value=httpx.Response(200, json={"result": "", "finish_reason": "SUCCESS"}))
     token = CancelToken()
     running = asyncio.create_task(engine.reattach(polish(creativity=0.45), [{"id": "job-42", "creative": True}],
