@@ -211,6 +211,7 @@ class Scheduler:
         running = [task for task, _ in self._running.values()]
         if running:
             await asyncio.wait(running, timeout=STOP_WAIT_SECONDS)
+            await self._wait_kept_answers()
             # A job whose engine returned is storing what it made, and may have paid for (a stop
             # does not interrupt that, and its write waits out a busy database): leaving before it
             # ends would let another process recover it as an orphan and discard its images.
@@ -293,6 +294,23 @@ class Scheduler:
                     pending -= followed
         finally:
             hurried.cancel()
+
+    async def _wait_kept_answers(self) -> None:
+        """Before a stop leaves its jobs: one a user canceled whose engine is letting an answer it
+        met end (made and billed, its images kept: `CancelToken.keep`) is waited for to that
+        window's end. Left at `STOP_WAIT_SECONDS` (a Stability answer read after its call's
+        window), it was recovered, its paid image lost and the hold captured unknown. Bounded:
+        each window is, and a read's follows its call's at most once."""
+        loop = asyncio.get_running_loop()
+        while True:
+            now = loop.time()
+            keeping = {task: until for task, claim in self._running.values()
+                       if not task.done() and not claim.cancel.abandoned
+                       and (until := claim.cancel.kept_until) is not None and until > now}
+            if not keeping:
+                return
+            log.info("waiting for %d canceled jobs to keep the answers they paid for before stopping", len(keeping))
+            await asyncio.wait(set(keeping), timeout=max(keeping.values()) - now)
 
     def _abandon(self, which: Callable[[asyncio.Task[None]], bool]) -> None:
         for task, claim in list(self._running.values()):

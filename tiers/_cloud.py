@@ -455,6 +455,7 @@ class CloudEngine(SendsCredentials):
                     at_cancel()
                 kept_for = (self.output_kept_seconds if kept_until is None
                             else max(kept_until - asyncio.get_running_loop().time(), 0.0))
+                cancel.keep(kept_for)  # a stop meanwhile waits for it
                 await asyncio.wait({fetching}, timeout=kept_for)
                 if not fetching.done():
                     log.warning("%s: the job was canceled while its output (made and billed) was downloaded, "
@@ -520,6 +521,8 @@ class CloudEngine(SendsCredentials):
             kept.cancel(abandon=cancel.abandoned)
             if kept.out and cancel.abandoned:
                 sending.cancel()  # a stop: dropped, as ever
+            elif not cancel.abandoned:
+                cancel.keep(self.output_kept_seconds)  # a stop meanwhile waits for it
             await asyncio.wait({sending}, timeout=self.output_kept_seconds)
             if not sending.done() or sending.cancelled():
                 if not cancel.abandoned:

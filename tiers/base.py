@@ -276,6 +276,9 @@ class CancelToken:
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
         self._lock = threading.Lock()
         self.abandoned = False
+        # The event loop's time by which an answer a user's cancel lets end (made and billed: see
+        # `keep`) must have ended; None: none is being let end.
+        self.kept_until: float | None = None
 
     @property
     def cancelled(self) -> bool:
@@ -291,6 +294,15 @@ class CancelToken:
             waiters = list(self._waiters)
         for loop, event in waiters:
             loop.call_soon_threadsafe(event.set)
+
+    def keep(self, seconds: float) -> float:
+        """An engine lets an answer a user's cancel met (made and billed) end within `seconds`,
+        to keep its images: a stop meanwhile waits for it that long (`Scheduler.stop`), rather than
+        leave the job to a recovery that loses them, charged unknown. Returns that loop time. On the
+        event loop."""
+        until = asyncio.get_running_loop().time() + max(seconds, 0.0)
+        self.kept_until = until if self.kept_until is None else max(self.kept_until, until)
+        return until
 
     def raise_if_cancelled(self, *, charged: Charged | None = None) -> None:
         """Raise `Canceled` if the token is cancelled; `charged` says what the attempt cost, where

@@ -388,7 +388,7 @@ class FalEngine(CloudEngine):
         except Canceled:
             if cancel.abandoned:
                 raise
-            kept_until = asyncio.get_running_loop().time() + self.output_kept_seconds
+            kept_until = cancel.keep(self.output_kept_seconds)  # a stop meanwhile waits for it
             await asyncio.wait({fetching}, timeout=self.output_kept_seconds)
             if not fetching.done():
                 log.warning("fal: the job was canceled while its result (made and billed) was fetched, which did "

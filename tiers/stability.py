@@ -409,7 +409,7 @@ class StabilityEngine(CloudEngine):
                     except _CanceledAnswered as exc:
                         if exc.job_id:
                             request_ids.append(exc.job_id)
-                        canceled = await self._kept_at_cancel(exc, req, finish_reasons)
+                        canceled = await self._kept_at_cancel(exc, req, finish_reasons, cancel)
                         if isinstance(canceled, CanceledFetched):
                             images.extend(canceled.images)
                         raise canceled from None
@@ -524,7 +524,7 @@ class StabilityEngine(CloudEngine):
                     with reading_an_answer():
                         image, seed, reason = await self._read(response, req, cancel)
                 except _CanceledAnswered as exc:
-                    canceled = await self._kept_at_cancel(exc, req, finish_reasons)
+                    canceled = await self._kept_at_cancel(exc, req, finish_reasons, cancel)
                     out = len(handles) - i  # this one and the rest, running on
                     if isinstance(canceled, CanceledFetched) or canceled.work_unbilled:  # this one settled
                         if isinstance(canceled, CanceledFetched):
@@ -623,7 +623,7 @@ class StabilityEngine(CloudEngine):
         except Canceled:
             if cancel.abandoned:
                 raise
-            by = asyncio.get_running_loop().time() + self.output_kept_seconds
+            by = cancel.keep(self.output_kept_seconds)  # a stop meanwhile waits for it
             await asyncio.wait({polling}, timeout=self.output_kept_seconds)
             if not polling.done() or polling.cancelled() or polling.exception() is not None:
                 raise
@@ -661,7 +661,7 @@ class StabilityEngine(CloudEngine):
             raise _CanceledAnswered(response, None, reading=reading, abandon=cancel.abandoned) from None
 
     async def _kept_at_cancel(self, exc: _CanceledAnswered, req: RenderRequest,
-                              finish_reasons: list[str]) -> Canceled:
+                              finish_reasons: list[str], cancel: CancelToken) -> Canceled:
         """The error a job ends with on a user's cancel met while an answer of work made (and billed)
         was checked or read: its image kept when that ends within `output_kept_seconds`
         (`CanceledFetched`, charged "yes", as an output a cancel finds downloading is), its finish
@@ -681,6 +681,7 @@ class StabilityEngine(CloudEngine):
         if not exc.abandon:
             # One bound from the cancel: what the poll it met left of it (`_fetch_creative`), or all.
             left = self.output_kept_seconds if exc.by is None else exc.by - asyncio.get_running_loop().time()
+            cancel.keep(left)  # a stop meanwhile waits for it
             await asyncio.wait({reading}, timeout=max(left, 0.0))
         if not reading.done():
             reading.cancel()

@@ -1228,3 +1228,60 @@ def test_a_fallback_without_a_budget_keeps_the_rule_a_private_rule_routed_it_by(
                                routed="studio") == "studio"
     finally:
         asyncio.run(services.aclose())
+
+
+def test_a_stop_waits_for_a_canceled_stability_job_to_keep_the_answer_it_paid_for(
+        make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A user's cancel lets a generate call out answer within `output_kept_seconds`, then lets that
+    answer be read within as long again, to keep its image. A stop right after the cancel waited
+    only STOP_WAIT_SECONDS (as long as one window): an answer read past it was left to recovery,
+    its paid image lost and the hold captured `unknown`. The windows are shortened here, kept equal."""
+    import respx
+
+    from orchestrator import queue
+    from tests.tiers.conftest import png_bytes
+    from tiers.stability import StabilityEngine
+
+    monkeypatch.setattr(queue, "STOP_WAIT_SECONDS", 2.0)
+    real_result = StabilityEngine._result
+
+    def slow_result(self: StabilityEngine, response: httpx.Response, req: RenderRequest) -> Any:
+        time.sleep(1.5)  # a large answer decoded: past the stop's wait, within the read's window
+        return real_result(self, response, req)
+
+    monkeypatch.setattr(StabilityEngine, "_result", slow_result)
+    base = "https://stability.test"
+    services = Services.build(make_settings(stability_api_key="sk-stab", stability_base_url=base))
+    try:
+        engine: Any = services.registry.get("stability")
+        engine = getattr(engine, "wrapped", engine)
+        assert isinstance(engine, StabilityEngine)
+        engine.output_kept_seconds = 2.0  # as long as the stop's wait
+        source = services.store.put(png_bytes())
+        params = {**BRIDGE, "width": 1024, "height": 1024, "source_sha256": source}
+        estimate = engine.estimate(render_request(params))
+        job_id = queue_job(services, "stability", estimated=estimate, params=params, model="sd3.5-large")
+        out = asyncio.Event()
+
+        async def answered_late(_request: httpx.Request) -> httpx.Response:
+            out.set()
+            await asyncio.sleep(1.0)  # within the call's window from the cancel
+            return httpx.Response(200, json={"image": base64.b64encode(png_bytes()).decode(),
+                                             "finish_reason": "SUCCESS", "seed": 5})
+
+        async def scenario() -> None:
+            await services.scheduler.dispatch()
+            await asyncio.wait_for(out.wait(), 10)
+            assert services.scheduler.cancel(job_id)  # the user's cancel, as the call is out
+            await services.scheduler.stop()  # and a stop at once
+
+        with respx.mock:
+            respx.post(f"{base}/v2beta/stable-image/generate/sd3").mock(side_effect=answered_late)
+            asyncio.run(scenario())
+        job = read_job(services, job_id)
+        assert job.status == "canceled", (job.status, job.error)
+        with services.db.session() as s:
+            assert len(s.exec(select(Asset).where(col(Asset.job_id) == job_id)).all()) == 1
+        assert ledger_of(services, job_id) == [("hold", estimate, False), ("capture", estimate, False)]
+    finally:
+        asyncio.run(services.aclose())
