@@ -300,17 +300,28 @@ class Scheduler:
         met end (made and billed, its images kept: `CancelToken.keep`) is waited for to that
         window's end. Left at `STOP_WAIT_SECONDS` (a Stability answer read after its call's
         window), it was recovered, its paid image lost and the hold captured unknown. Bounded:
-        each window is, and a read's follows its call's at most once."""
+        each window is, and a read's follows its call's at most once. A second stop signal
+        (`hurry`) leaves them to recovery at once, as it does the paid requests still out."""
         loop = asyncio.get_running_loop()
-        while True:
-            now = loop.time()
-            keeping = {task: until for task, claim in self._running.values()
-                       if not task.done() and not claim.cancel.abandoned
-                       and (until := claim.cancel.kept_until) is not None and until > now}
-            if not keeping:
-                return
-            log.info("waiting for %d canceled jobs to keep the answers they paid for before stopping", len(keeping))
-            await asyncio.wait(set(keeping), timeout=max(keeping.values()) - now)
+        hurried = asyncio.ensure_future(self._hurried.wait())
+        told = False
+        try:
+            while not hurried.done():
+                now = loop.time()
+                keeping = {task: until for task, claim in self._running.values()
+                           if not task.done() and not claim.cancel.abandoned
+                           and (until := claim.cancel.kept_until) is not None and until > now}
+                if not keeping:
+                    return
+                if not told:
+                    told = True
+                    log.info("waiting for %d canceled jobs to keep the answers they paid for before stopping "
+                             "(stop again to leave them now)", len(keeping))
+                # Looked at again as each ends: a read's window may follow its call's.
+                await asyncio.wait({*keeping, hurried}, timeout=max(keeping.values()) - now,
+                                   return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            hurried.cancel()
 
     def _abandon(self, which: Callable[[asyncio.Task[None]], bool]) -> None:
         for task, claim in list(self._running.values()):

@@ -1230,12 +1230,14 @@ def test_a_fallback_without_a_budget_keeps_the_rule_a_private_rule_routed_it_by(
         asyncio.run(services.aclose())
 
 
+@pytest.mark.parametrize("hurried", [False, True], ids=["stop", "stop-twice"])
 def test_a_stop_waits_for_a_canceled_stability_job_to_keep_the_answer_it_paid_for(
-        make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+        make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch, hurried: bool) -> None:
     """A user's cancel lets a generate call out answer within `output_kept_seconds`, then lets that
     answer be read within as long again, to keep its image. A stop right after the cancel waited
     only STOP_WAIT_SECONDS (as long as one window): an answer read past it was left to recovery,
-    its paid image lost and the hold captured `unknown`. The windows are shortened here, kept equal."""
+    its paid image lost and the hold captured `unknown`. The windows are shortened here, kept equal.
+    A second stop signal leaves it to recovery at once, as it does the paid requests still out."""
     import respx
 
     from orchestrator import queue
@@ -1273,15 +1275,21 @@ def test_a_stop_waits_for_a_canceled_stability_job_to_keep_the_answer_it_paid_fo
             await services.scheduler.dispatch()
             await asyncio.wait_for(out.wait(), 10)
             assert services.scheduler.cancel(job_id)  # the user's cancel, as the call is out
+            if hurried:
+                services.scheduler.hurry()
             await services.scheduler.stop()  # and a stop at once
 
         with respx.mock:
             respx.post(f"{base}/v2beta/stable-image/generate/sd3").mock(side_effect=answered_late)
             asyncio.run(scenario())
         job = read_job(services, job_id)
-        assert job.status == "canceled", (job.status, job.error)
         with services.db.session() as s:
-            assert len(s.exec(select(Asset).where(col(Asset.job_id) == job_id)).all()) == 1
+            assets = s.exec(select(Asset).where(col(Asset.job_id) == job_id)).all()
+        if hurried:  # left running, its hold to be settled by the recovery
+            assert (job.status, assets, ledger_of(services, job_id)) == ("running", [], [("hold", estimate, False)])
+            return
+        assert job.status == "canceled", (job.status, job.error)
+        assert len(assets) == 1
         assert ledger_of(services, job_id) == [("hold", estimate, False), ("capture", estimate, False)]
     finally:
         asyncio.run(services.aclose())
