@@ -93,6 +93,17 @@ def held_reads(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, thread
     return reading, release
 
 
+async def cancel_while_read(reading: threading.Event, release: threading.Event, token: CancelToken, *,
+                            abandon: bool = False) -> None:
+    """Cancel (a stop's: `abandon`) once a read `held_reads` holds has begun, then let the reads go on."""
+    try:
+        await asyncio.wait_for(asyncio.to_thread(reading.wait, 5), 10)
+        token.cancel(abandon=abandon)
+        await asyncio.sleep(0.01)
+    finally:
+        release.set()
+
+
 def assert_carries_draft(request: httpx.Request) -> dict[str, str]:
     assert request.headers["authorization"] == "Bearer sk-stab-secret"
     assert request.headers["accept"] == "application/json"
@@ -1296,12 +1307,7 @@ async def test_a_cancel_during_the_read_of_a_failed_generation_releases_the_hold
     running = asyncio.create_task(
         engine.run(req, NullProgress(), token) if follow == "run"
         else engine.reattach(req, [{"id": "job-42", "creative": True}], NullProgress(), token))
-    try:
-        await asyncio.wait_for(asyncio.to_thread(reading.wait, 5), 10)
-        token.cancel()
-        await asyncio.sleep(0.01)
-    finally:
-        release.set()
+    await cancel_while_read(reading, release, token)
     with pytest.raises(Canceled) as info:
         await asyncio.wait_for(running, 5)
     assert info.value.made is None and info.value.charged == "no" and info.value.work_unbilled
@@ -1318,12 +1324,7 @@ async def test_a_stop_during_the_read_of_a_generation_s_answer_keeps_its_image(
     respx.post(SD3).mock(return_value=ok(seed=7))
     token = CancelToken()
     running = asyncio.create_task(engine.run(bridge(), NullProgress(), token))
-    try:
-        await asyncio.wait_for(asyncio.to_thread(reading.wait, 5), 10)
-        token.cancel(abandon=True)
-        await asyncio.sleep(0.01)
-    finally:
-        release.set()
+    await cancel_while_read(reading, release, token, abandon=True)
     result = await asyncio.wait_for(running, 5)
     assert [image.seed for image in result.images] == [7]
 
@@ -1348,12 +1349,7 @@ async def test_an_image_kept_at_a_cancel_carries_its_finish_reason(
     running = asyncio.create_task(
         engine.run(req, NullProgress(), token) if follow == "run"
         else engine.reattach(req, [{"id": "job-42", "creative": True}], NullProgress(), token))
-    try:
-        await asyncio.wait_for(asyncio.to_thread(reading.wait, 5), 10)
-        token.cancel()
-        await asyncio.sleep(0.01)
-    finally:
-        release.set()
+    await cancel_while_read(reading, release, token)
     with pytest.raises(Canceled) as info:
         await asyncio.wait_for(running, 5)
     made = info.value.made
