@@ -117,6 +117,17 @@ class NotJSON(InvalidRequest):
     status = 415
 
 
+class RangeNotSatisfiable(InvalidRequest):
+    """A `Range` no byte of the image is in (RFC 9110 15.5.17): answered with `Content-Range:
+    bytes */<size>`, which tells the client the image's length."""
+
+    status = 416
+
+    def __init__(self, message: str, *, size: int) -> None:
+        super().__init__(message, details={"size": size}, loc=("header", "Range"))
+        self.size = size
+
+
 class Unauthorized(OrchestratorError):
     code, status = "unauthorized", 401
 

@@ -15,8 +15,9 @@ from orchestrator.api.deps import Caller, CallerDep, ServicesDep
 from orchestrator.api.docs import documented
 from orchestrator.api.json_body import StrictJSONRoute
 from orchestrator.api.paths import AssetId
+from orchestrator.api.ranges import byte_range
 from orchestrator.api.serialize import ASSET_TEXT, PAGE_BATCH, PAGE_TEXT_BYTES, asset_public
-from orchestrator.errors import Conflict, ContentUnavailable, gone, not_found
+from orchestrator.errors import Conflict, ContentUnavailable, RangeNotSatisfiable, gone, not_found
 from orchestrator.jobs import raise_if_deleted_since
 from orchestrator.models import Asset, Job
 from orchestrator.retention import delete_assets, unfinished_jobs_from
@@ -82,22 +83,36 @@ def delete_asset(asset_id: AssetId, services: ServicesDep, caller: CallerDep) ->
 
 _CONTENT_HEADERS = {
     "ETag": {"description": "The image's sha256, quoted: the bytes never change.", "schema": {"type": "string"}},
-    "Content-Disposition": {"description": "`inline; filename=\"<asset id>.png\"`", "schema": {"type": "string"}}}
+    "Content-Disposition": {"description": "`inline; filename=\"<asset id>.png\"`", "schema": {"type": "string"}},
+    "Accept-Ranges": {"description": "`bytes`: a `Range` of bytes is answered 206.", "schema": {"type": "string"}}}
+_CONTENT_RANGE = {"Content-Range": {"description": "`bytes <first>-<last>/<image's length>`",
+                                     "schema": {"type": "string"}}}
 
 
 @router.get("/assets/{asset_id}/content", response_class=Response, summary="Get an asset's image", responses={
     200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}, "description": "The image.",
           "headers": _CONTENT_HEADERS},
-    304: {"description": "If-None-Match holds the ETag.", "headers": _CONTENT_HEADERS},
-    **documented(404, 410, 500, said={404: "No such asset (`not_found`)."})})
+    206: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+          "description": "The one range of bytes `Range` asked for (its last byte at most the image's last).",
+          "headers": {**_CONTENT_HEADERS, **_CONTENT_RANGE}},
+    304: {"description": "If-None-Match holds the ETag (whatever `Range` asks).", "headers": _CONTENT_HEADERS},
+    **documented(404, 410, 416, 500, said={404: "No such asset (`not_found`)."})})
 async def get_content(
     asset_id: AssetId, services: ServicesDep, caller: CallerDep, request: Request,
     if_none_match: Annotated[str | None, Header(alias="If-None-Match", description=(
         "ETags of copies the client has (`\"<sha256>\"`, weak or strong, or `*`): one of the image's "
         "gets a 304 without the bytes."))] = None,
+    range_: Annotated[str | None, Header(alias="Range", description=(
+        "One range of bytes: `bytes=0-99`, `bytes=100-` (from byte 100 on), `bytes=-100` (the last 100). "
+        "Answered 206 with those bytes, or 416 when the image has none of them. Two or more ranges, "
+        "or a header that is not a range of bytes, get the whole image (200)."))] = None,
+    if_range: Annotated[str | None, Header(alias="If-Range", description=(
+        "The image's ETag (strong, as sent): `Range` is answered only if it is this image's; any other "
+        "ETag, a weak one or a date gets the whole image (200)."))] = None,
 ) -> Response:
     """The PNG: an AUTOMATIC1111 `parameters` text chunk and a JSON chunk with the whole generation
-    record (parent included). Immutable: cache it by its `ETag` (`If-None-Match` gets a 304)."""
+    record (parent included). Immutable: cache it by its `ETag` (`If-None-Match` gets a 304). A
+    `Range` of bytes gets those bytes (206), to resume a download (with `If-Range`)."""
     # A just-made asset is served from memory without leaving the event loop; others are read
     # from the database and the disk on a worker thread. A project key's is read first, whose
     # project must be the asset's.
@@ -110,41 +125,61 @@ async def get_content(
     etag = f'"{sha256}"'
     # Saved as `<asset id>.png` (by `curl -OJ`, a browser), not as "content".
     headers = {"ETag": etag, "Cache-Control": "private, max-age=31536000, immutable",
-               "Content-Disposition": f'inline; filename="{asset_id}.png"'}
+               "Content-Disposition": f'inline; filename="{asset_id}.png"', "Accept-Ranges": "bytes"}
     # If-None-Match compares weakly (RFC 9110 13.1.2): W/"x" matches "x"; * matches anything.
     # Several If-None-Match lines are one list (RFC 9110 5.3). The row's sha256 answers it: a
-    # client's copy is the image whatever has become of the file since.
+    # client's copy is the image whatever has become of the file since. Its 304 comes before any
+    # range (RFC 9110 13.2.2).
     listed = ",".join(request.headers.getlist("if-none-match"))
     tags = {tag.strip().removeprefix("W/") for tag in listed.split(",")}
     if etag in tags or "*" in tags:
         return Response(status_code=304, headers=headers)
     content = found[1] if found is not None else await asyncio.to_thread(_read_content, services, asset_id, sha256,
                                                                          since)
-    if isinstance(content, bytes) and len(content) <= SENT_WHOLE:
-        return Response(content, media_type="image/png", headers=headers)
-    return _streamed(content, headers)
+    size = len(content) if isinstance(content, bytes) else os.fstat(content.fileno()).st_size
+    try:
+        # Only a GET's: `HeadAsGet` takes a HEAD's Range away (RFC 9110 14.2).
+        wanted = byte_range(request.headers.getlist("range"), request.headers.getlist("if-range"), etag, size)
+    except RangeNotSatisfiable:
+        if not isinstance(content, bytes):
+            content.close()
+        raise
+    if wanted is None:
+        start, end, status = 0, size - 1, 200
+    else:
+        (start, end), status = wanted, 206
+        headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+    if isinstance(content, bytes) and end + 1 - start <= SENT_WHOLE:
+        return Response(content[start:end + 1] if status == 206 else content, status_code=status,
+                        media_type="image/png", headers=headers)
+    return _streamed(content, headers, start=start, stop=end + 1, status=status)
 
 
-def _streamed(content: bytes | BinaryIO, headers: dict[str, str]) -> StreamingResponse:
-    """A large image sent `SEND_CHUNK` at a time, each once the client has taken the ones before:
-    sent whole, the server's socket buffer took a copy of it for as long as the client took to read
-    it, and 100 clients that never read held 836 MB. A file (`ArtifactStore.get_or_open`) is read
-    a chunk at a time too, and closed when the answer ends or its client goes."""
+def _streamed(content: bytes | BinaryIO, headers: dict[str, str], *, start: int, stop: int,
+              status: int) -> StreamingResponse:
+    """A large image (or its bytes from `start` up to `stop`) sent `SEND_CHUNK` at a time, each once
+    the client has taken the ones before: sent whole, the server's socket buffer took a copy of it
+    for as long as the client took to read it, and 100 clients that never read held 836 MB. A file
+    (`ArtifactStore.get_or_open`) is read a chunk at a time too, and closed when the answer ends or
+    its client goes."""
+    sent = {**headers, "Content-Length": str(stop - start)}
     if isinstance(content, bytes):
-        size = len(content)
+        whole = memoryview(content)  # a range's chunks are cut from it, not from a copy of the range
 
         async def chunks() -> AsyncIterator[bytes]:
-            for start in range(0, size, SEND_CHUNK):
-                yield content[start:start + SEND_CHUNK]
+            for at in range(start, stop, SEND_CHUNK):
+                yield bytes(whole[at:min(at + SEND_CHUNK, stop)])
 
-        return StreamingResponse(chunks(), media_type="image/png", headers={**headers, "Content-Length": str(size)})
-    size = os.fstat(content.fileno()).st_size
+        return StreamingResponse(chunks(), status_code=status, media_type="image/png", headers=sent)
 
     def read() -> Iterator[bytes]:
-        while chunk := content.read(SEND_CHUNK):
+        content.seek(start)
+        left = stop - start
+        while left > 0 and (chunk := content.read(min(SEND_CHUNK, left))):
+            left -= len(chunk)
             yield chunk
 
-    return _FileStream(content, read(), media_type="image/png", headers={**headers, "Content-Length": str(size)})
+    return _FileStream(content, read(), status_code=status, media_type="image/png", headers=sent)
 
 
 class _FileStream(StreamingResponse):

@@ -31,6 +31,9 @@ _DOCUMENTED = {
          "source any more.",
     413: "The body is larger than ORCH_MAX_BODY_BYTES (`payload_too_large`).",
     415: "The body was not sent as `Content-Type: application/json` (`invalid_request`).",
+    416: "No byte of the image is in the `Range` asked for: it starts at or past the image's length, or is "
+         "`bytes=-0` (`invalid_request`, `details.size` the image's length, `details.errors` at "
+         "`[\"header\", \"Range\"]`); `Content-Range: bytes */<length>`.",
     422: "Invalid input (`invalid_request`): `details.errors` lists each problem with its `loc`.",
     429: "The project already has ORCH_MAX_PENDING_JOBS unfinished jobs (`rate_limited`); `Retry-After` "
          "says when to try again.",
@@ -89,6 +92,7 @@ _RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before sending t
 # The headers an error answer carries, for clients generated from the document.
 _HEADERS: dict[int, dict[str, Any]] = {
     401: {"WWW-Authenticate": {"description": "`Bearer`", "schema": {"type": "string"}}},
+    416: {"Content-Range": {"description": "`bytes */<image's length>`", "schema": {"type": "string"}}},
     429: _RETRY_AFTER,
     503: _RETRY_AFTER,
 }

@@ -32,6 +32,7 @@ from orchestrator.errors import (
     NotJSON,
     OrchestratorError,
     PayloadTooLarge,
+    RangeNotSatisfiable,
     StorageFull,
     TooManyJobs,
     Unauthorized,
@@ -77,6 +78,8 @@ def answer(exc: OrchestratorError, *, details: dict[str, Any] | None = None,
     """The answer to `exc`: its status, the error body (with `details` in place of its own) and
     the headers its kind calls for, `headers` added."""
     sent = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
+    if isinstance(exc, RangeNotSatisfiable):
+        sent["Content-Range"] = f"bytes */{exc.size}"
     if exc.retry_after is not None:
         sent["Retry-After"] = str(max(1, exc.retry_after))
     given = {name.lower() for name in headers or {}}

@@ -3,6 +3,7 @@
 FastAPI routes answer only the methods they declare. Declaring HEAD on each one would put a twin
 of every GET operation into the OpenAPI document, so this pure ASGI middleware serves a HEAD as
 the GET it mirrors instead: same auth, same errors, same Content-Length and ETag, body dropped.
+Its `Range` header, if any, is dropped: HEAD has no range handling (RFC 9110 14.2).
 
 The job event stream (GET /v1/jobs/{id}/events) may never end, so a HEAD cannot wait for the
 app to finish its body: the headers go out with an empty final body at once, then the app is
@@ -24,7 +25,10 @@ class HeadAsGet:
         if scope["type"] != "http" or scope["method"] != "HEAD":
             await self.app(scope, receive, send)
             return
-        get_scope = {**scope, "method": "GET"}
+        # Range is defined for GET alone, and any other method's is ignored (RFC 9110 14.2): a
+        # HEAD is answered the whole GET's headers (200, the whole Content-Length), not a 206's.
+        get_scope = {**scope, "method": "GET",
+                     "headers": [(name, value) for name, value in scope.get("headers", []) if name.lower() != b"range"]}
         asgi = scope.get("asgi", {})
         if tuple(int(part) for part in asgi.get("spec_version", "2.0").split(".")) >= (2, 4):
             # From ASGI 2.4 a disconnect shows as a failing `send`, which Starlette's streaming

@@ -156,7 +156,9 @@ def cancel_job(job_id: JobId, services: ServicesDep, caller: CallerDep) -> JobPu
 
 @router.get("/jobs/{job_id}/preview", response_class=Response, summary="Get a running job's preview",
             responses={200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
-                             "description": "The latest step's preview."},
+                             "description": "The latest step's preview, whole: a `Range` is ignored (each step's "
+                                            "image is another, with no validator to tie a range to).",
+                             "headers": {"Accept-Ranges": {"description": "`none`", "schema": {"type": "string"}}}},
                        **with_query(404, said={404: "No such job, or no preview of it now: it is not denoising "
                                                     "(`not_found`)."})})
 def job_preview(
@@ -175,7 +177,9 @@ def job_preview(
         data = services.runner.preview_files.read(job_id, since=job.started_at)
     if data is None:
         raise NotFound("no preview: the job is not denoising right now", details={"job_id": job_id})
-    return Response(data, media_type="image/png", headers={"Cache-Control": "no-store"})
+    # A preview changes every step, with no validator to tie a range to one of them: a `Range` is
+    # ignored (RFC 9110 14.2 allows it), and `Accept-Ranges: none` tells clients not to send one.
+    return Response(data, media_type="image/png", headers={"Cache-Control": "no-store", "Accept-Ranges": "none"})
 
 
 def _finished(services: Services, job_id: str) -> bool:

@@ -136,10 +136,11 @@ def asgi_scope(method: str, path: str, *, spec_version: str = "2.4") -> dict[str
             "server": ("127.0.0.1", 80)}
 
 
-def asgi_messages(client: TestClient, method: str, path: str, *, timeout: float) -> list[Message]:
+def asgi_messages(client: TestClient, method: str, path: str, *, timeout: float,
+                  headers: list[tuple[bytes, bytes]] | None = None) -> list[Message]:
     """What the app sends for a request without a body, message by message, called as a server that
     never reports a disconnect (ASGI 2.4: a gone client shows only as a failing send): the client
-    stays connected, and the app must return within `timeout` seconds."""
+    stays connected, and the app must return within `timeout` seconds. `headers`: sent besides Host."""
     sent: list[Message] = []
     requests = iter([{"type": "http.request", "body": b"", "more_body": False}])
 
@@ -154,7 +155,8 @@ def asgi_messages(client: TestClient, method: str, path: str, *, timeout: float)
 
     async def call() -> None:
         with anyio.fail_after(timeout):
-            await client.app(asgi_scope(method, path), receive, send)
+            scope = asgi_scope(method, path)
+            await client.app({**scope, "headers": [*scope["headers"], *(headers or [])]}, receive, send)
 
     assert client.portal is not None
     client.portal.call(call)

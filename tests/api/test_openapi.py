@@ -440,8 +440,14 @@ def test_every_401_429_and_503_says_what_it_carries(spec: dict[str, Any]) -> Non
                 if status in operation["responses"]:
                     assert header in operation["responses"][status].get("headers", {}), (method, path, status)
     content = spec["paths"]["/v1/assets/{asset_id}/content"]["get"]
-    assert "if-none-match" in [p["name"].lower() for p in content["parameters"]]
+    assert {"if-none-match", "range", "if-range"} <= {p["name"].lower() for p in content["parameters"]}
     assert "ETag" in content["responses"]["304"]["headers"]
+    # A range's answer says which bytes it holds, and a refused one how many the image has.
+    assert {"Content-Range", "ETag", "Accept-Ranges"} <= content["responses"]["206"]["headers"].keys()
+    assert content["responses"]["206"]["content"]["image/png"]["schema"]["format"] == "binary"
+    assert "Content-Range" in content["responses"]["416"]["headers"]
+    assert content["responses"]["416"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
+    assert "Accept-Ranges" in content["responses"]["200"]["headers"]
 
 
 def test_a_job_s_routing_and_attempts_have_shapes(spec: dict[str, Any]) -> None:
@@ -513,7 +519,7 @@ ERRORS: dict[tuple[str, str], set[int]] = {
     ("get", "/v1/jobs/{job_id}/events"): ANY | {404, 422, 429},
     ("get", "/v1/assets/{asset_id}"): ANY | {404, 410},
     ("delete", "/v1/assets/{asset_id}"): ANY | {403, 404, 409},
-    ("get", "/v1/assets/{asset_id}/content"): ANY | {404, 410, 500},
+    ("get", "/v1/assets/{asset_id}/content"): ANY | {404, 410, 416, 500},
     ("get", "/v1/assets/{asset_id}/lineage"): ANY | {404, 410},
     ("get", "/v1/engines"): ANY,
     ("get", "/v1/projects/{project_id}/budget"): ANY | {404},
@@ -542,7 +548,7 @@ ROUTED = {("post", "/v1/projects/{project_id}/drafts"), ("post", "/v1/assets/{as
 STATUS_CODES = {400: {"invalid_request"}, 401: {"unauthorized"}, 402: {"budget_exceeded"}, 403: {"forbidden"},
                 404: {"not_found"}, 409: {"conflict", "idempotency_conflict", "job_finished", "project_archived",
                                          "delivery_pending", "no_webhook_url"},
-                410: {"gone"},
+                410: {"gone"}, 416: {"invalid_request"},
                 413: {"payload_too_large"}, 415: {"invalid_request"}, 422: {"invalid_request", "no_route"},
                 429: {"rate_limited", "device_time_exhausted"}, 500: {"content_unavailable", "internal_error"},
                 503: {"no_route", "database_unavailable", "storage_full", "server_stopping"},
@@ -637,7 +643,7 @@ def test_every_operation_has_a_summary_of_its_own(spec: dict[str, Any]) -> None:
     assert {"get_lineage", "grant_credits", "explain_route"} <= ids
 
 
-CANONICAL_HEADERS = {"Idempotency-Key", "Last-Event-ID", "If-None-Match"}
+CANONICAL_HEADERS = {"Idempotency-Key", "Last-Event-ID", "If-None-Match", "Range", "If-Range"}
 
 
 def test_header_parameters_are_named_as_http_writes_them(spec: dict[str, Any]) -> None:
@@ -739,6 +745,11 @@ def test_request_bodies_have_examples_the_routes_take(make_settings: Callable[..
     terminal = f"0badc0de-7-end.{job_mark(draft['id'])}"  # another server's terminal event of the job
     for header in ("If-None-Match", "if-none-match"):
         assert client.get(f"/v1/assets/{asset}/content", headers={header: etag}).status_code == 304
+    for header in ("Range", "range"):
+        assert client.get(f"/v1/assets/{asset}/content", headers={header: "bytes=0-9"}).status_code == 206
+    for header in ("If-Range", "if-range"):
+        told = client.get(f"/v1/assets/{asset}/content", headers={"Range": "bytes=0-9", header: '"x"'})
+        assert told.status_code == 200  # not the image's ETag: the whole image
     for header in ("Last-Event-ID", "last-event-id"):
         assert client.get(f"/v1/jobs/{draft['id']}/events", headers={header: terminal}).status_code == 204
 
