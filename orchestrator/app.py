@@ -196,9 +196,9 @@ def create_app(settings: Settings | None = None, *, loopback_only: bool = False)
         app.add_middleware(Cors, allow_origins=settings.cors_origin_list,
                            allow_methods=["GET", "HEAD", "POST", "PATCH", "DELETE"],
                            allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "Last-Event-ID",
-                                          "If-None-Match"],
+                                          "If-None-Match", "Range", "If-Range"],
                            expose_headers=["Location", "ETag", "Idempotent-Replayed", "Retry-After",
-                                           "Content-Disposition"],
+                                           "Content-Disposition", "Content-Range", "Accept-Ranges"],
                            max_age=600)
     v1 = [Depends(require_auth), Depends(single_valued_query)]
     # What every /v1 route can answer, whatever it reads: a URL with a NUL (or a rebound Host), no

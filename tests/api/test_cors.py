@@ -205,3 +205,16 @@ def test_a_bug_s_500_reaches_the_dashboard_in_the_error_shape(make_settings: Cal
     assert answer.headers["connection"] == "close"  # the server closes it after a bug's answer
     with TestClient(app) as client, pytest.raises(RuntimeError, match="a bug"):
         client.get("/v1/boom", headers={"Origin": DASHBOARD})  # and on to the server's log, as before
+
+
+def test_a_dashboard_may_ask_for_a_range_of_an_image_and_read_which_it_got(served: httpx.Client) -> None:
+    """Range is safelisted only for `bytes=N-` and `bytes=N-M`, If-Range never: a page asking for
+    an image's last bytes, or resuming under its ETag, is preflighted, and a 206's Content-Range is
+    no header a page may read unless the answer exposes it."""
+    preflight = served.options("/v1/assets/ast_00000000000000000000000000/content", headers={
+        "Origin": DASHBOARD, "Access-Control-Request-Method": "GET",
+        "Access-Control-Request-Headers": "authorization, range, if-range"})
+    assert preflight.status_code == 200, preflight.text
+    answer = served.get("/v1/projects", headers={"Origin": DASHBOARD, "Authorization": f"Bearer {KEY}"})
+    exposed = {h.strip().lower() for h in answer.headers["access-control-expose-headers"].split(",")}
+    assert {"content-range", "accept-ranges"} <= exposed
