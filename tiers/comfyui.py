@@ -96,6 +96,8 @@ WORKFLOW_SETTING = "ORCH_COMFYUI_WORKFLOW"
 SETUP_ERRORS = frozenset({"missing_node_type", "invalid_prompt", "value_not_in_list", "prompt_no_outputs"})
 # Cleanup after a cancel must not hold the job up for a full read timeout.
 CLEANUP_TIMEOUT = 5.0
+# A uuid's hex digits: a prompt id at least this long is named nowhere else in a `/queue` answer.
+UUID_HEX = 32
 # Empty history answers between looks at the queue for a prompt a restarted server has forgotten.
 QUEUE_CHECK_POLLS = 5
 # A node given this title in ComfyUI (its `_meta.title` in the API export) makes the results: a
@@ -795,8 +797,9 @@ class ComfyUIEngine(SelfHostedEngine):
         """
         # Each step whatever the one before did: a delete a proxy refused (a 502 for the whole
         # cleanup, a 403 for that route) sent no interrupt, and the prompt rendered on for nobody.
+        deleted = False
         with contextlib.suppress(EngineError, httpx.HTTPError):
-            await self._cleanup("POST", "/queue", json={"delete": [prompt_id]})
+            deleted = (await self._cleanup("POST", "/queue", json={"delete": [prompt_id]})).status_code == 200
         with contextlib.suppress(EngineError, httpx.HTTPError):
             queue = await self._cleanup("GET", "/queue")
             try:
@@ -804,8 +807,16 @@ class ComfyUIEngine(SelfHostedEngine):
                 # this parse (seconds for a queue of megabytes), which held it however long.
                 body = (await asyncio.wait_for(asyncio.to_thread(answer_json, queue), CLEANUP_TIMEOUT)
                         if queue.status_code == 200 else None)
-            except (ValueError, TimeoutError):  # a proxy's page, or not read by then: interrupt nothing
+            except ValueError:  # a proxy's page: interrupt nothing
                 body = None
+            except TimeoutError:
+                # Not parsed by then: the prompt was left rendering for nobody. Deleted from the
+                # pending list just before, a prompt the queue still names is the one running, which
+                # a search of the raw bytes finds in milliseconds where the parse took seconds. Only
+                # an id as long as a uuid (ours, ComfyUI's): a short one ("9") may be a node's.
+                if deleted and len(prompt_id) >= UUID_HEX and f'"{prompt_id}"'.encode() in queue.content:
+                    await self._cleanup("POST", "/interrupt", json={"prompt_id": prompt_id})
+                return
             running = body.get("queue_running") if isinstance(body, dict) else None
             if isinstance(running, list) and any(
                     isinstance(item, list) and len(item) > 1 and item[1] == prompt_id for item in running):
