@@ -73,6 +73,7 @@ from policies.schema import PRIVACY_LOCAL, PRIVACY_TAG, is_private
 from tiers._http import SendsCredentials
 from tiers.base import (
     DEVICE_SECONDS,
+    FINISH_REASONS,
     MAX_MODEL_CHARS,
     NOTES,
     RECORDED_PARAMETERS,
@@ -116,6 +117,8 @@ SAVE_WAIT_SECONDS = 30.0
 # rename), not on a core, so each image's runs beside the others'. Done by the PNG threads (one a
 # core), a job's n=4 on 2 cores paid four syncs in a row where two do.
 STORE_THREADS = 16
+# The most characters of an image's finish reason its record keeps (`tiers.base.FINISH_REASONS`).
+FINISH_REASON_CHARS = 100
 
 
 # How many times a fallback looks again at the rule its policy gives when a move finds another
@@ -1776,9 +1779,15 @@ class JobRunner:
     def _records(self, job: Job, result: RenderResult, *, note: str | None = None) -> list[dict[str, Any]]:
         """Each image's record (`_record`) with its size, and `note` when one is given."""
         records = []
-        for rendered in result.images:
+        reasons = result.metadata.get(FINISH_REASONS)
+        reasons = reasons if isinstance(reasons, list | tuple) else []
+        for i, rendered in enumerate(result.images):
             record = self._record(job, result, rendered.seed)
             record["width"], record["height"] = rendered.image.size
+            # A new key, only where the provider said one: records without it read as before. Cut,
+            # as a plugin's word may be any text (the shipped engines' are short already).
+            if i < len(reasons) and reasons[i] is not None:
+                record["finish_reason"] = _storable_values(str(reasons[i])[:FINISH_REASON_CHARS])
             notes = [_smaller_than_asked(job.params, rendered.image.size), note]
             if any(notes):
                 record["notes"] = [*record.get("notes", []), *(n for n in notes if n)]

@@ -197,6 +197,8 @@ class FakePaidEngine:
         request_id = f"fake-{self.calls}" + ("\x00\udfff" if behaviour == "unstorable-text" else "")
         used = ({"negative_prompt": "blurry\x00ugly\ud800", "sampler": "euler\ud800", NOTES: ("a\x00note",)}
                 if behaviour == "unstorable-text" else {})
+        if behaviour == "finish-reasons":  # as Stability's: one per image, the last one's too long (a plugin's)
+            used = {"finish_reasons": ["CONTENT_FILTERED"] * (count - 1) + ["x" * 500]}  # `FINISH_REASONS`
         return RenderResult(images=images, model=model,  # type: ignore[arg-type]
                             cost_millicredits=int(reported) if reported is not None and reported.is_integer()
                             else reported,  # type: ignore[arg-type]

@@ -179,6 +179,10 @@ DEVICE_SECONDS = "device_seconds"
 # `metadata[NOTES]`: sentences about how the request was taken that the client should read (a
 # prompt cut to the text encoder's window); each image's generation record carries them.
 NOTES = "notes"
+# `metadata[FINISH_REASONS]`: the provider's word for how each image's generation ended (Stability's
+# `finish_reason`, Gemini's `finishReason`), one per image in the images' order, None where it said
+# none; each image's record carries its own (`finish_reason`), so a studio can tell a filtered one.
+FINISH_REASONS = "finish_reasons"
 
 
 @dataclass

@@ -43,6 +43,7 @@ from tiers._images import (
     size_class,
 )
 from tiers.base import (
+    FINISH_REASONS,
     PROMPT_AND_IMAGE_ONLY,
     CancelToken,
     Capabilities,
@@ -164,12 +165,14 @@ class GeminiEngine(CloudEngine):
 
     async def run(self, req: RenderRequest, progress: Progress, cancel: CancelToken) -> RenderResult:
         images: list[RenderedImage] = []
+        finish_reasons: list[str | None] = []  # each image's candidate's `finishReason`
         bill = TokenBill(_counted)
         asked = Asked(req.n, lambda: self.estimate(req))
 
         def result() -> RenderResult:
             return bill.result(images, self._model,
-                               {"image_size": size_class(req.width, req.height), **PROMPT_AND_IMAGE_ONLY})
+                               {"image_size": size_class(req.width, req.height), FINISH_REASONS: list(finish_reasons),
+                                **PROMPT_AND_IMAGE_ONLY})
 
         with paid_calls(images, asked, result):
             # Encoded once, off the event loop: a 2048 draft's PNG took seconds, and the API, every
@@ -195,7 +198,7 @@ class GeminiEngine(CloudEngine):
                         cost = self._actual_cost(usage)
                         bill.read(usage, cost)
                         try:
-                            images.append(RenderedImage(await asyncio.to_thread(self._image, body)))
+                            image, reason = await asyncio.to_thread(self._image, body)
                         except EngineError as exc:
                             # An answer without an image (text only, NO_IMAGE, an image its safety filter
                             # withheld) is billed by its tokens as one with: its usage says the cost, not
@@ -208,6 +211,8 @@ class GeminiEngine(CloudEngine):
                             elif made:  # billed, by how much unknown (thinking tokens unpriced, a count malformed)
                                 exc.at_least_charged("unknown")
                             raise
+                        images.append(RenderedImage(image))
+                        finish_reasons.append(reason)
                     bill.add(cost)
                     asked.charged(cost)
                 progress.step(len(images), req.n)
@@ -250,7 +255,9 @@ class GeminiEngine(CloudEngine):
                               details={"engine": self.name, "status": response.status_code})
         return body
 
-    def _image(self, body: dict[str, Any]) -> Any:
+    def _image(self, body: dict[str, Any]) -> tuple[Any, str | None]:
+        """The answer's image and its candidate's `finishReason` (None where it gives none), or
+        the error an answer without one is."""
         feedback = body.get("promptFeedback") or {}
         if not isinstance(feedback, dict):
             raise self._malformed("promptFeedback")
@@ -277,7 +284,10 @@ class GeminiEngine(CloudEngine):
             inline = images[-1].get("inlineData") or images[-1].get("inline_data")
             if not isinstance(inline, dict):
                 raise self._malformed("inlineData")
-            return decode_image(b64decode_tolerant(str(inline.get("data", "")), self.name), self.name)
+            image = decode_image(b64decode_tolerant(str(inline.get("data", "")), self.name), self.name)
+            said = candidate.get("finishReason")
+            # The provider's word, so short and without our key, as an error quotes it.
+            return image, (self.said(said) if isinstance(said, str) and said else None)
         reason = candidate.get("finishReason") or ""
         if not isinstance(reason, str):  # a list or an object: no reason, and unhashable for the lookup
             raise self._malformed("finishReason")

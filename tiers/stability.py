@@ -66,6 +66,7 @@ from tiers._http import (
 )
 from tiers._images import b64decode_tolerant, decode_image, encode_image, shaped_as
 from tiers.base import (
+    FINISH_REASONS,
     CancelToken,
     Capabilities,
     EngineContext,
@@ -372,7 +373,7 @@ class StabilityEngine(CloudEngine):
                 model=self._priced_model(req),
                 cost_millicredits=None,
                 provider_request_id=",".join(request_ids) or None,
-                metadata={"endpoint": self._path(op), "finish_reasons": list(finish_reasons), **self._used(req, op)},
+                metadata={"endpoint": self._path(op), FINISH_REASONS: list(finish_reasons), **self._used(req, op)},
             )
 
         with paid_calls(images, asked, result):
@@ -498,7 +499,7 @@ class StabilityEngine(CloudEngine):
             return RenderResult(images=list(images), model=self._priced_model(req), cost_millicredits=None,
                                 provider_request_id=",".join(str(h["id"]) for h in handles),
                                 metadata={"endpoint": self._path("upscale-creative"),
-                                          "finish_reasons": list(finish_reasons),
+                                          FINISH_REASONS: list(finish_reasons),
                                           **self._used(req, "upscale-creative")})
 
         # Every upscale was accepted: a failure of one bills the images made and the failures only.
@@ -754,7 +755,7 @@ class StabilityEngine(CloudEngine):
             seed = int(seed) if isinstance(seed, str) else seed  # a header's text
         except ValueError:
             seed = None
-        # Kept in the result (`finish_reasons`; no image's stored record shows it): the provider's
+        # Kept in the result (`FINISH_REASONS`), and so in the image's record: the provider's
         # words, so short and without our key, as an error quotes them.
         return _sized_as_asked(image, req), provider_seed(seed), self.said(reason)
 

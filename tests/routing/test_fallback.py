@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import io
 import json
 import logging
 import sqlite3
@@ -17,6 +18,7 @@ from typing import Any, BinaryIO
 
 import httpx
 import pytest
+from PIL import Image
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
@@ -335,6 +337,21 @@ def test_a_model_name_the_column_cannot_hold_is_mended_not_a_lost_job(paid_serve
     if behaviour == "unstorable-text":  # and what it says it used: a lone surrogate failed the write anywhere
         assert asset["negative_prompt"] == "blurry\ufffdugly\ufffd"
         assert (asset["record"]["sampler"], asset["record"]["notes"]) == ("euler\ufffd", ["a\ufffdnote"])
+
+
+def test_each_image_s_finish_reason_is_in_its_record(paid_server: httpx.Client) -> None:
+    # Stability's `finish_reason` (Gemini's `finishReason`) stayed in the engine's result: neither
+    # the PNG's record nor the asset's said that an image was, say, filtered (blurred).
+    _project_id, asset_id = draft_asset(paid_server)
+    done = wait_for_job(paid_server, promote(paid_server, asset_id, tags={"fake": "finish-reasons"})["id"])
+    assert done["status"] == "succeeded", done
+    asset = paid_server.get(f"/v1/assets/{done['assets'][0]}").json()
+    assert asset["record"]["finish_reason"] == "x" * 100  # cut as the record keeps it
+    with Image.open(io.BytesIO(paid_server.get(f"/v1/assets/{asset['id']}/content").content)) as img:
+        assert json.loads(img.info["orchestrator"])["finish_reason"] == "x" * 100
+    # An engine that says none: the record is as before, without the key.
+    plain = wait_for_job(paid_server, promote(paid_server, asset_id)["id"])
+    assert "finish_reason" not in paid_server.get(f"/v1/assets/{plain['assets'][0]}").json()["record"]
 
 
 def test_an_image_smaller_than_asked_is_kept_as_made_and_says_so(paid_server: httpx.Client) -> None:

@@ -67,6 +67,17 @@ async def test_success_sends_draft_inline_and_costs_from_usage(engine: GeminiEng
 
 
 @respx.mock
+async def test_each_image_s_finish_reason_is_in_the_result(engine: GeminiEngine) -> None:
+    # The candidate's `finishReason` was read only for an answer without an image, so no image's
+    # record could say how its generation ended (`tiers.base.FINISH_REASONS`).
+    said = ok_body()
+    del said["candidates"][0]["finishReason"]  # an answer that says none
+    respx.post(URL).mock(side_effect=[httpx.Response(200, json=ok_body()), httpx.Response(200, json=said)])
+    result = await engine.run(bridge(n=2), NullProgress(), CancelToken())
+    assert len(result.images) == 2 and result.metadata["finish_reasons"] == ["STOP", None]
+
+
+@respx.mock
 async def test_429_with_retry_info_then_success(engine: GeminiEngine, sleep: Any) -> None:
     throttled = httpx.Response(429, json={"error": {"code": 429, "status": "RESOURCE_EXHAUSTED", "details": [
         {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "27s"}]}})
