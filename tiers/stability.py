@@ -640,7 +640,9 @@ class StabilityEngine(CloudEngine):
                     settled: asyncio.Future[tuple[Any, int | None, str]] = asyncio.get_running_loop().create_future()
                     settled.set_exception(failed)
                     raise _CanceledAnswered(response, None, job_id, reading=settled, abandon=False, by=by) from None
-            if response.status_code != 200:  # still working, or no result: as a cancel between polls
+            # Still working, or no result: as a cancel between polls. Any other 2xx may bring the
+            # upscale, as it does read before the cancel (a 203 of a proxy was lost, charged `unknown`).
+            if response.status_code == 202 or not response.is_success:
                 raise
             checking = asyncio.ensure_future(asyncio.to_thread(_readable, response))
             raise _CanceledAnswered(response, checking, job_id, abandon=False, by=by) from None

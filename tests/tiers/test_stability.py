@@ -1496,6 +1496,28 @@ async def test_a_cancel_during_the_read_of_a_filtered_answer_charges_it_as_made(
 
 
 @respx.mock
+async def test_a_cancel_while_a_creative_result_is_fetched_keeps_one_answered_with_any_2xx(
+        engine: StabilityEngine) -> None:
+    # Read before the cancel, a result answered 203 (a proxy's) is the upscale, as a 200 is (`test_a_
+    # creative_upscale_answered_with_any_2xx_is_read`); in the cancel's window only a 200 was, and
+    # the upscale, made and billed, was lost and the job charged `unknown`.
+    engine.output_kept_seconds = 5.0
+    respx.post(CREATIVE).mock(return_value=httpx.Response(200, json={"id": "job-42"}))
+    held = HeldRequest(httpx.Response(203, json=done(seed=7).json()))
+    respx.get(RESULT).mock(side_effect=held)
+    token = CancelToken()
+    running = asyncio.create_task(engine.run(polish(creativity=0.45), NullProgress(), token))
+    await asyncio.wait_for(held.sent.wait(), 5)
+    token.cancel()
+    await asyncio.sleep(0.01)
+    held.answer.set()
+    with pytest.raises(Canceled) as info:
+        await asyncio.wait_for(running, 5)
+    made = info.value.made
+    assert made is not None and [image.seed for image in made.images] == [7] and info.value.charged == "yes"
+
+
+@respx.mock
 @pytest.mark.parametrize(("second", "charged"), [("filtered", "yes"), ("expired", "unknown")])
 async def test_a_reattach_s_filtered_upscale_is_charged_as_made_unless_another_is_unknown(
         engine: StabilityEngine, second: str, charged: str) -> None:
