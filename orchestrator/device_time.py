@@ -14,11 +14,13 @@ queued again are the runner's measure from the start of the engine's work on the
 the engine once its model is loaded, `Progress.on_device`: the load is left out, as from the
 engine's own count, which comes only with a result) to its return or raise; one whose process died is
 counted by recovery from its claim to its lease's last renewal, by the leases' clock (`held_until_lease`). A
-running attempt is counted the way recovery would count it now, from its claim to its lease's last
-renewal: a live process renews its lease while its engine works (a hung one too, as long as it
-renews), so a project cannot start long local jobs one after another while the first still holds
-the device uncounted. It counts its model's load, which its end, with the engine's own count, may
-leave out again. Metering charges a success alone: a failure is never charged for its seconds.
+running attempt whose lease is live (a process renews it while its engine works, a hung one too
+as long as it renews) counts from its claim to now by that clock; one whose lease has run out (its
+process dead, not yet recovered) as recovery will count it, to the last renewal (`held_so_far`):
+a project cannot start long local jobs one after another while the first still holds the device
+uncounted, nor read a third of a lease short. It counts its model's load, which its end, with the
+engine's own count, may leave out again. Metering charges a success alone: a failure is never
+charged for its seconds.
 
 A new job is judged when it is routed (`JobService.decide`, for `POST /v1/route/explain` too), and
 again under the project's lock as it is taken (a quota PATCHed meanwhile routes it again): with
@@ -93,15 +95,37 @@ def held_until_lease(job: LeaseStamps, lease: timedelta, now: datetime | None = 
     less `lease` (this process's ORCH_LEASE_SECONDS, which the holder's may not be). None when the
     row lacks a start or a lease. A lower bound: the process may have held the device up to its
     death (or, hung, beyond)."""
-    stamped = job.lease_taken_attempt is not None and job.lease_taken_attempt == job.attempt
-    start = job.lease_taken_at if stamped and job.lease_taken_at is not None else job.started_at
+    start, stamped = _claimed_at(job)
     if start is None or job.lease_expires_at is None:
         return None
-    renewed = (job.lease_renewed_at if stamped and job.lease_taken_at is not None
-               and job.lease_renewed_at is not None and job.lease_renewed_at >= job.lease_taken_at
-               else job.lease_expires_at - lease)
+    renewed = (job.lease_renewed_at if stamped and job.lease_renewed_at is not None
+               and job.lease_renewed_at >= start else job.lease_expires_at - lease)
     renewed = min(renewed, now or shared_now())
     return max(0.0, (renewed - start).total_seconds())
+
+
+def held_so_far(job: LeaseStamps, lease: timedelta, now: datetime | None = None) -> float | None:
+    """A running local attempt's seconds so far, as a reader counts it while the job is unfinished
+    (admission, a project's read, /metrics): while its lease is live (`lease_expires_at` after
+    `now`, the leases' clock, default `shared_now()`: its holder renews it, as recovery judges it),
+    from its claim (as `held_until_lease`) to `now` (counted to its last renewal, a draft read 0 two
+    seconds in, and every running attempt up to a third of its lease short); once its lease has
+    run out (its process dead, or its renewals failing), to its last renewal, as recovery will
+    count it (`held_until_lease`). None as there."""
+    now = now or shared_now()
+    if job.lease_expires_at is None or job.lease_expires_at <= now:
+        return held_until_lease(job, lease, now)
+    start, _ = _claimed_at(job)
+    return None if start is None else max(0.0, (now - start).total_seconds())
+
+
+def _claimed_at(job: LeaseStamps) -> tuple[datetime | None, bool]:
+    """When the row's attempt was claimed, and whether by the leases' clock: its lease's taking
+    where that claim stamped it (`lease_taken_attempt` is the row's attempt), else the claiming
+    host's `started_at`."""
+    if job.lease_taken_at is not None and job.lease_taken_attempt == job.attempt:
+        return job.lease_taken_at, True
+    return job.started_at, False
 
 
 def quota_seconds(project: Project, default: int | None) -> int | None:
@@ -158,8 +182,9 @@ def ongoing_by(s: Session, project_ids: list[str], *, local: Collection[str], le
                now: datetime | None = None) -> dict[str, float]:
     """The device-seconds each project's unfinished (queued, running) jobs hold so far: their
     earlier attempts' (kept on the row until the job ends), and, of one running on an engine in
-    `local` (those of kind local), its attempt's from its claim to its lease's last renewal by the
-    leases' clock, as recovery would count it (`held_until_lease`, `lease`: ORCH_LEASE_SECONDS).
+    `local` (those of kind local), its attempt's so far by the leases' clock: to `now` while its
+    lease is live, else to its last renewal, as recovery will count it (`held_so_far`, `lease`:
+    ORCH_LEASE_SECONDS).
     Counted whole at every read, never aged: each counts from its job's end once it ends. Read
     through `ix_jobs_project_status` (a project has ORCH_MAX_PENDING_JOBS unfinished jobs at most).
     `now`: the leases' clock now (`Database.now()`); by default `shared_now()`, which is this
@@ -177,7 +202,7 @@ def ongoing_by(s: Session, project_ids: list[str], *, local: Collection[str], le
         # A row stamped ended and unfinished (a cancel's write racing): the ended sum counts it.
         seconds = (row.device_seconds or 0.0) if row.finished_at is None else 0.0
         if row.status == "running" and row.engine in local:
-            seconds += held_until_lease(row, lease, now) or 0.0
+            seconds += held_so_far(row, lease, now) or 0.0
         if seconds:
             held[row.project_id] = held.get(row.project_id, 0.0) + seconds
     return held

@@ -465,7 +465,8 @@ class JobRunner:
         # The device-time quota of a project that sets none of its own (ORCH_PROJECT_LOCAL_SECONDS_PER_DAY;
         # None: none): a fallback onto a local engine is judged against it.
         self.default_local_seconds = default_local_seconds
-        # The leases' length: a running attempt's device time is counted to its lease's last renewal.
+        # The leases' length: a running attempt whose lease has run out counts to its last renewal (read
+        # as the expiry less this where unstamped; `device_time.held_so_far`).
         self.lease = timedelta(seconds=lease_seconds)
         # The storage quota of a project that sets none of its own (ORCH_PROJECT_STORAGE_QUOTA_MB;
         # 0: none): a fallback whose images may take more than the job held is judged against it.

@@ -379,9 +379,10 @@ def check_local_seconds_used_by_project(db: Database) -> None:
     """The 24-hour sum each project's quota is judged against had no series (a dashboard could not
     alert before the quota refused): now `orchestrator_project_local_seconds_used`, read as
     admission reads it (given its reader): the jobs that ended in the window (not one of 25 hours
-    ago), an unfinished job's kept seconds and a running local attempt's so far (held 40 s by the
-    leases' clock). A project without a quota had none (a cost dashboard read only the counter's
-    increase, by scrape times): now every project has one, as the API shows it."""
+    ago), an unfinished job's kept seconds and a running local attempt's so far (claimed 45 s
+    before by the leases' clock, its lease live: counted to now). A project without a quota had
+    none (a cost dashboard read only the counter's increase, by scrape times): now every project
+    has one, as the API shows it."""
     now = utcnow()
     leased = db.now()
     lease = timedelta(seconds=60)
@@ -406,9 +407,11 @@ def check_local_seconds_used_by_project(db: Database) -> None:
 
     types, samples = parse(render(db, engines, device_used=as_admission))
     assert types["orchestrator_project_local_seconds_used"] == "gauge"
-    # The running attempt to its lease's last renewal, 40 s after its claim whenever it is read.
-    assert samples["orchestrator_project_local_seconds_used"] == {labels(project="prj_use_own"): 10.5 + 3.0 + 40.0,
-                                                                  labels(project="prj_use_none"): 7.0}
+    # The running attempt from its claim to now (its lease live), not to its last renewal (40 s).
+    used = samples["orchestrator_project_local_seconds_used"]
+    assert used.keys() == {labels(project="prj_use_own"), labels(project="prj_use_none")}
+    assert used[labels(project="prj_use_own")] == pytest.approx(10.5 + 3.0 + 45.0, abs=3.0)
+    assert used[labels(project="prj_use_none")] == 7.0
     # Knowing no local engine, the running attempt counts nothing; a server default changes no figure.
     _, samples = parse(render(db, engines, default_local_seconds=50))
     assert samples["orchestrator_project_local_seconds_used"] == {labels(project="prj_use_own"): 13.5,

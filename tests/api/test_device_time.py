@@ -681,7 +681,7 @@ def check_a_process_of_another_lease_length_counts_a_running_attempt_alike(make_
 
 def test_a_running_local_attempt_counts_toward_the_quota_as_it_runs(make_settings: SettingsFactory) -> None:
     """Admission counted the seconds of jobs that had ended alone: a project with a quota of 120
-    whose draft had held the device 95 s so far (its process alive, renewing its lease) and whose
+    whose draft had held the device 100 s so far (its process alive, renewing its lease) and whose
     other draft, queued again by a stop, kept 30 s of an earlier attempt, read 0 used and was let
     start more local jobs. Now both count at once, and the project is refused."""
     check_a_running_local_attempt_counts_toward_the_quota(make_settings)
@@ -709,21 +709,23 @@ def check_a_running_local_attempt_counts_toward_the_quota(make_settings: Setting
         project_id = create_project(client, local_seconds_per_day=120)["id"]
         services = services_of(client)
         running_id, _ = running_and_requeued(services, project_id)
+        # Its live lease (renewed 5 s ago) counts to now, not to that renewal.
         used = client.get(f"/v1/projects/{project_id}").json()["local_seconds_used"]
-        assert used == pytest.approx(95.0 + 30.0, abs=0.5)
+        assert used == pytest.approx(100.0 + 30.0, abs=3.0)
         listed = {p["id"]: p for p in client.get("/v1/projects").json()["items"]}
-        assert listed[project_id]["local_seconds_used"] == pytest.approx(used, abs=0.5)
+        assert listed[project_id]["local_seconds_used"] == pytest.approx(used, abs=5.0)
         refused = client.post(f"/v1/projects/{project_id}/drafts", json={"prompt": "more", **SMALL})
         error = assert_error(refused, 429, "device_time_exhausted")
-        assert error["details"]["used_seconds"] == pytest.approx(used, abs=0.5)
+        assert error["details"]["used_seconds"] == pytest.approx(used, abs=5.0)
         # Unfinished, they age out only 24 hours after they end: not sooner than that.
         assert int(refused.headers["Retry-After"]) == 86400, refused.headers
         explained = client.post("/v1/route/explain", json={"stage": "ideation", "project_id": project_id,
                                                            "prompt": "more"})
         assert_error(explained, 429, "device_time_exhausted")
-        # /metrics reads it as admission does: its lease is not renewed meanwhile, so the same sum.
-        assert (f'orchestrator_project_local_seconds_used{{project="{project_id}"}} '
-                f"{used}") in client.get("/metrics").text.splitlines()
+        # /metrics reads it as admission does.
+        line = f'orchestrator_project_local_seconds_used{{project="{project_id}"}} '
+        [shown] = [row for row in client.get("/metrics").text.splitlines() if row.startswith(line)]
+        assert float(shown.removeprefix(line)) == pytest.approx(used, abs=5.0)
         # Ended, the attempt counts its own seconds from its end, once: the sum stays.
         with services.db.transaction() as s:
             s.execute(update(Job).where(col(Job.id) == running_id).values(
@@ -733,6 +735,67 @@ def check_a_running_local_attempt_counts_toward_the_quota(make_settings: Setting
         # Under a larger quota it is let in again.
         assert client.patch(f"/v1/projects/{project_id}", json={"local_seconds_per_day": 126}).status_code == 200
         submit_draft(client, project_id)
+
+
+def claimed_and_never_renewed(services: Services, project_id: str, ago: float = 30.0) -> str:
+    """A draft of the project a live process claimed on Lite `ago` seconds before by the leases'
+    clock (60 s lease), its lease taken then and not renewed since, as a claim stamps it."""
+    job_id = new_id("job")
+    params = {"stage": "ideation", "prompt": "a lighthouse", "negative_prompt": "", "n": 1, "seed": 5,
+              "width": 64, "height": 64, "steps": 2, "tags": {}}
+    with services.db.transaction() as s:
+        claimed = services.db.now() - timedelta(seconds=ago)
+        s.add(Job(id=job_id, project_id=project_id, stage="ideation", engine="lite", model=tiny.NAME,
+                  params=params, status="running", attempt=1, lease_owner="busy-host:1:0",
+                  started_at=utcnow() - timedelta(seconds=ago), lease_taken_at=claimed, lease_taken_attempt=1,
+                  lease_renewed_at=claimed, lease_expires_at=claimed + timedelta(seconds=60)))
+    return job_id
+
+
+def test_a_running_local_attempt_of_a_live_process_counts_to_now_not_to_its_last_renewal(
+        make_settings: SettingsFactory) -> None:
+    """A running attempt counted only up to its lease's last renewal: a draft claimed 30 s before
+    and not yet renewed (a lease of 60 s renews every 20 s; a claim stamps its renewal) read 0, in
+    the project's `local_seconds_used`, /metrics and admission, so a project with a quota of 20
+    was let start more local work while its draft had held the device 30 s. A live lease (its
+    expiry ahead, by the leases' clock) now counts to now."""
+    with client_for(make_settings(run_jobs=False, lease_seconds=60)) as client:
+        project_id = create_project(client, local_seconds_per_day=20)["id"]
+        claimed_and_never_renewed(services_of(client), project_id)
+        used = client.get(f"/v1/projects/{project_id}").json()["local_seconds_used"]
+        assert used == pytest.approx(30.0, abs=5.0)
+        line = f'orchestrator_project_local_seconds_used{{project="{project_id}"}} '
+        [shown] = [row for row in client.get("/metrics").text.splitlines() if row.startswith(line)]
+        assert float(shown.removeprefix(line)) == pytest.approx(30.0, abs=5.0)
+        refused = client.post(f"/v1/projects/{project_id}/drafts", json={"prompt": "more", **SMALL})
+        assert_error(refused, 429, "device_time_exhausted")
+
+
+def test_a_running_local_attempt_whose_lease_ran_out_counts_only_to_its_last_renewal(
+        make_settings: SettingsFactory) -> None:
+    """Read while its job is unfinished, an attempt whose lease has run out (its process dead, not
+    yet recovered) counts what recovery will keep of it, to its last renewal: claimed 100 s
+    before, renewed 30 s after, its 60 s lease out 10 s ago, it holds 30 s whenever it is read."""
+    services = Services.build(make_settings(lease_seconds=60))
+    try:
+        project_id = new_id("prj")
+        with services.db.transaction() as s:
+            s.add(Project(id=project_id, name="dead holder", policy="balanced", local_seconds_per_day=3600))
+        job_id = claimed_and_never_renewed(services, project_id, ago=100.0)
+        with services.db.transaction() as s:
+            row = s.get(Job, job_id)
+            assert row is not None and row.lease_taken_at is not None
+            renewed = row.lease_taken_at + timedelta(seconds=30)
+            s.execute(update(Job).where(col(Job.id) == job_id).values(
+                lease_renewed_at=renewed, lease_expires_at=renewed + timedelta(seconds=60)))
+        with services.db.session() as s:
+            used = services.jobs.device_used(s, [project_id])
+            row = s.get(Job, job_id)
+        assert used[project_id] == pytest.approx(30.0, abs=0.001)
+        assert row is not None
+        assert device_time.held_until_lease(row, services.jobs.lease) == pytest.approx(30.0, abs=0.001)
+    finally:
+        asyncio.run(services.aclose())
 
 
 def test_a_local_job_a_stop_queued_again_counts_its_attempt_once_it_ends(make_settings: SettingsFactory) -> None:
