@@ -11,6 +11,7 @@ torch and diffusers are imported lazily, inside the inference thread, so the API
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import dataclasses
 import enum
@@ -25,6 +26,7 @@ import re
 import tempfile
 import threading
 import time
+import types
 import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -1717,6 +1719,21 @@ def runtime_for(ctx: EngineContext) -> LocalRuntime:
     return runtime
 
 
+def _calls_on_device(function: object) -> bool:
+    """Whether `function`'s code names `on_device` (`Progress.on_device`), in itself, a function
+    nested in it or one it wraps (`functools.wraps`): what can be told of it without running it."""
+    function = getattr(function, "__func__", function)  # a staticmethod's or classmethod's
+    with contextlib.suppress(ValueError):  # a cycle of `__wrapped__`
+        function = inspect.unwrap(function) if callable(function) else function
+    code = getattr(function, "__code__", None)
+    return isinstance(code, types.CodeType) and _names_on_device(code)
+
+
+def _names_on_device(code: types.CodeType) -> bool:
+    return "on_device" in code.co_names or any(
+        isinstance(const, types.CodeType) and _names_on_device(const) for const in code.co_consts)
+
+
 class LocalEngine:
     """What `lite` and `local-hifi` share: the device runtime, a resolved model with its defaults,
     no price (unless metered per device-second) and the size limits of local inference."""
@@ -1732,7 +1749,8 @@ class LocalEngine:
     tells_device_start: ClassVar[bool] = False
     # The methods whose code tells it, of a class that says `tells_device_start = True`: a subclass
     # that overrides none of them (its own, or a mixin's before it) keeps the value, where the class
-    # that said it has every one of them.
+    # that said it has every one of them. One that names none is read as `run`, trusted only where
+    # that `run`'s own code calls `on_device` (not a helper it calls, which a subclass may override).
     device_start_told_by: ClassVar[tuple[str, ...]] = ("run",)
     # Whether its images are only ever RGB (`finite_images`), with no colour profile: a storage
     # quota holds its jobs at 3 bytes a pixel, no profile (`orchestrator.quota.image_bound`).
@@ -1745,8 +1763,17 @@ class LocalEngine:
             return
         # The class whose value it would inherit: where the attribute was said (or set here) last.
         sayer = next(base for base in cls.__mro__[1:] if "tells_device_start" in base.__dict__)
+        # Where its names were said: the sayer's own line, else (a mixin without them) this class's.
+        namer = next(base for base in (sayer.__mro__ if hasattr(sayer, "device_start_told_by") else cls.__mro__)
+                     if "device_start_told_by" in base.__dict__)
         # One that names none is told by `run`, as a class that does not name them.
-        told_by: tuple[str, ...] = getattr(sayer, "device_start_told_by", cls.device_start_told_by) or ("run",)
+        told_by: tuple[str, ...] = namer.__dict__["device_start_told_by"] or ("run",)
+        # Read as told by `run` without naming it, a class whose `run` hands the telling to a helper
+        # passed it to a subclass overriding only that helper, whose attempts then counted 0: such
+        # a class passes it on only where its `run`'s own code tells.
+        unnamed = namer is LocalEngine or not namer.__dict__["device_start_told_by"]
+        if unnamed and not _calls_on_device(inspect.getattr_static(sayer, "run", None)):
+            cls.tells_device_start = False
         # A subclass whose own work never called it counted each failed attempt 0 s, whatever it
         # held: one that overrides a telling method tells only where it says so. One that keeps
         # them (`lite` renamed, or mixed with methods of its own) read False, and counted its load.

@@ -375,8 +375,9 @@ class Engine(Protocol):
     calls `Progress.on_device()` as its work starts, its model loaded, and an attempt of it that
     ends without a result counts its project's device time from there (never called: nothing).
     A subclass of `tiers._local.LocalEngine` inherits it only while it overrides none of the
-    methods that tell it (`device_start_told_by`); one that does, and does not say it again,
-    counts such an attempt from its engine's start.
+    methods that tell it (`device_start_told_by`; `run` where none are named, and then only if
+    `run`'s own code calls `on_device`); one that does, and does not say it again, counts such an
+    attempt from its engine's start.
 
     A remote engine's `Canceled` says what it cost (`charged=`); one that does not (the token's
     own, from `cancel.sleep` or `raise_if_cancelled`) is taken as free only while nothing of the

@@ -91,7 +91,8 @@ def test_a_plugin_s_local_engine_tells_only_where_its_own_class_says_so() -> Non
     class Telling(LocalEngine):
         tells_device_start: ClassVar[bool] = True
 
-        async def run(self, *args: Any) -> Any:
+        async def run(self, req: RenderRequest, progress: Progress, cancel: CancelToken) -> RenderResult:
+            progress.on_device()
             raise NotImplementedError
 
     class KeepsRun(Telling):
@@ -146,7 +147,8 @@ def test_a_class_inherits_telling_only_from_a_class_that_has_the_methods_it_name
         tells_device_start: ClassVar[bool] = True
         device_start_told_by: ClassVar[tuple[str, ...]] = ()
 
-        async def run(self, *args: Any) -> Any:
+        async def run(self, req: RenderRequest, progress: Progress, cancel: CancelToken) -> RenderResult:
+            progress.on_device()
             raise NotImplementedError
 
     class RunsOnItsOwn(NamesNone):
@@ -160,3 +162,58 @@ def test_a_class_inherits_telling_only_from_a_class_that_has_the_methods_it_name
         assert not inherited.tells_device_start, inherited
     # What says it itself, and what keeps every method its sayer names, still tell.
     assert Misspelt.tells_device_start and NamesNone.tells_device_start and KeepsRun.tells_device_start
+
+
+def test_a_class_that_names_no_telling_method_passes_it_on_only_where_its_run_tells() -> None:
+    """A plugin's class that says `tells_device_start = True` and names no telling methods is read
+    as told by `run`; where its `run` hands the telling to a helper, a subclass overriding only that
+    helper (whose work never calls `Progress.on_device`) kept the `run` and read True, so each of
+    its failed attempts counted 0 device-seconds whatever it held. Now such a class passes it on
+    only where its `run`'s own code tells (a function nested in it, or one it wraps, included)."""
+
+    class HandsItOn(LocalEngine):
+        tells_device_start: ClassVar[bool] = True
+
+        async def run(self, req: RenderRequest, progress: Progress, cancel: CancelToken) -> RenderResult:
+            return self._infer(req, progress, cancel)
+
+        def _infer(self, req: RenderRequest, progress: Progress, cancel: CancelToken) -> RenderResult:
+            progress.on_device()
+            raise NotImplementedError
+
+    class OwnInfer(HandsItOn):
+        def _infer(self, req: RenderRequest, progress: Progress, cancel: CancelToken) -> RenderResult:
+            raise NotImplementedError
+
+    class Renamed(HandsItOn):
+        pass
+
+    class TellsInRun(LocalEngine):
+        tells_device_start: ClassVar[bool] = True
+
+        async def run(self, req: RenderRequest, progress: Progress, cancel: CancelToken) -> RenderResult:
+            def work() -> RenderResult:
+                progress.on_device()
+                raise NotImplementedError
+            return work()
+
+    class KeepsTellingRun(TellsInRun):
+        def logged(self) -> str:
+            return "logged"
+
+    class NamesItsHelper(HandsItOn):
+        tells_device_start: ClassVar[bool] = True
+        device_start_told_by: ClassVar[tuple[str, ...]] = ("run", "_infer")
+
+    class KeepsNamedHelper(NamesItsHelper):
+        pass
+
+    class OwnNamedHelper(NamesItsHelper):
+        def _infer(self, req: RenderRequest, progress: Progress, cancel: CancelToken) -> RenderResult:
+            raise NotImplementedError
+
+    # Saying it itself is taken as said; what a subclass inherits is judged by the code it keeps.
+    assert HandsItOn.tells_device_start and TellsInRun.tells_device_start and NamesItsHelper.tells_device_start
+    assert not OwnInfer.tells_device_start and not Renamed.tells_device_start
+    assert KeepsTellingRun.tells_device_start
+    assert KeepsNamedHelper.tells_device_start and not OwnNamedHelper.tells_device_start
