@@ -18,9 +18,11 @@ running attempt whose lease is live (a process renews it while its engine works,
 as long as it renews) counts from its claim to now by that clock; one whose lease has run out (its
 process dead, not yet recovered) as recovery will count it, to the last renewal (`held_so_far`):
 a project cannot start long local jobs one after another while the first still holds the device
-uncounted, nor read a third of a lease short. It counts its model's load, which its end, with the
-engine's own count, may leave out again. Metering charges a success alone: a failure is never
-charged for its seconds.
+uncounted, nor read a third of a lease short. Of an engine that tells its work's start on the
+device, both count from there (`Job.device_began_at`, stamped by the runner as it is told), as its
+end does, and a live one counts nothing while its model loads; of another, from its claim, its
+model's load included, which its end, with the engine's own count, may leave out again. Metering
+charges a success alone: a failure is never charged for its seconds.
 
 A new job is judged when it is routed (`JobService.decide`, for `POST /v1/route/explain` too), and
 again under the project's lock as it is taken (a quota PATCHed meanwhile routes it again): with
@@ -73,6 +75,8 @@ class LeaseStamps(Protocol):
     def lease_taken_attempt(self) -> int | None: ...
     @property
     def lease_renewed_at(self) -> datetime | None: ...
+    @property
+    def device_began_at(self) -> datetime | None: ...
 
 
 def added(seconds: float) -> Any:
@@ -84,8 +88,10 @@ def added(seconds: float) -> Any:
 
 def held_until_lease(job: LeaseStamps, lease: timedelta, now: datetime | None = None) -> float | None:
     """The seconds a local attempt whose process stopped without ending it surely held the device:
-    from its claim's taking of the lease (`lease_taken_at`) to the lease's last renewal
-    (`lease_renewed_at`), never past `now` (default `shared_now()`), all by the clock leases are
+    from its claim's taking of the lease (`lease_taken_at`), or its work's start on the device
+    after it where the runner stamped that (`device_began_at`, of an engine that tells it: its
+    model's load left out), to the lease's last renewal (`lease_renewed_at`), never past `now`
+    (default `shared_now()`), all by the clock leases are
     stamped with: `started_at`, the claiming host's clock, was an hour off the database's on a host
     an hour off. Stamps are taken only where the claim that made them is the row's attempt
     (`lease_taken_attempt`): a release without the columns (a rolling upgrade) claims a job again
@@ -101,22 +107,31 @@ def held_until_lease(job: LeaseStamps, lease: timedelta, now: datetime | None = 
     renewed = (job.lease_renewed_at if stamped and job.lease_renewed_at is not None
                and job.lease_renewed_at >= start else job.lease_expires_at - lease)
     renewed = min(renewed, now or shared_now())
-    return max(0.0, (renewed - start).total_seconds())
+    return max(0.0, (renewed - (_on_device_at(job, start, stamped) or start)).total_seconds())
 
 
-def held_so_far(job: LeaseStamps, lease: timedelta, now: datetime | None = None) -> float | None:
+def held_so_far(job: LeaseStamps, lease: timedelta, now: datetime | None = None, *,
+                tells: bool = False) -> float | None:
     """A running local attempt's seconds so far, as a reader counts it while the job is unfinished
     (admission, a project's read, /metrics): while its lease is live (`lease_expires_at` after
     `now`, the leases' clock, default `shared_now()`: its holder renews it, as recovery judges it),
     from its claim (as `held_until_lease`) to `now` (counted to its last renewal, a draft read 0 two
     seconds in, and every running attempt up to a third of its lease short); once its lease has
     run out (its process dead, or its renewals failing), to its last renewal, as recovery will
-    count it (`held_until_lease`). None as there."""
+    count it (`held_until_lease`). Both from its work's start on the device where the runner
+    stamped it (`device_began_at`); `tells`: its engine tells that start (`telling_engines`), so a
+    live one its claim stamped that has not told it yet (its model loads) counts 0, as its end
+    would. None as there."""
     now = now or shared_now()
     if job.lease_expires_at is None or job.lease_expires_at <= now:
         return held_until_lease(job, lease, now)
-    start, _ = _claimed_at(job)
-    return None if start is None else max(0.0, (now - start).total_seconds())
+    start, stamped = _claimed_at(job)
+    if start is None:
+        return None
+    on_device = _on_device_at(job, start, stamped)
+    if on_device is None and stamped and tells:
+        return 0.0  # its model loads: its end leaves that out too
+    return max(0.0, (now - (on_device or start)).total_seconds())
 
 
 def _claimed_at(job: LeaseStamps) -> tuple[datetime | None, bool]:
@@ -128,6 +143,14 @@ def _claimed_at(job: LeaseStamps) -> tuple[datetime | None, bool]:
     return job.started_at, False
 
 
+def _on_device_at(job: LeaseStamps, claimed: datetime, stamped: bool) -> datetime | None:
+    """When the row's attempt started its work on the device (`device_began_at`), where its claim
+    is stamped (`_claimed_at`) and it is not before it (one an earlier claim left: a release
+    without the column keeps it); None: not told, or not to be taken."""
+    began = job.device_began_at
+    return began if stamped and began is not None and began >= claimed else None
+
+
 def quota_seconds(project: Project, default: int | None) -> int | None:
     """The quota in force: the project's own, else the server's ORCH_PROJECT_LOCAL_SECONDS_PER_DAY
     (`default`); None: no quota."""
@@ -135,12 +158,13 @@ def quota_seconds(project: Project, default: int | None) -> int | None:
 
 
 def used_by(s: Session, project_ids: list[str], *, local: Collection[str], lease: timedelta,
-            now: datetime | None = None, leased_now: datetime | None = None) -> dict[str, float]:
+            now: datetime | None = None, leased_now: datetime | None = None,
+            told: Collection[str] = ()) -> dict[str, float]:
     """The device-seconds each project's local jobs held over the 24 hours before `now` (`ended_by`)
-    and hold so far unended (`ongoing_by`, `local`, `lease` and `leased_now` as there); none for a
-    project without any."""
+    and hold so far unended (`ongoing_by`, `local`, `lease`, `leased_now` and `told` as there);
+    none for a project without any."""
     ended = ended_by(s, project_ids, now)
-    ongoing = ongoing_by(s, project_ids, local=local, lease=lease, now=leased_now)
+    ongoing = ongoing_by(s, project_ids, local=local, lease=lease, now=leased_now, told=told)
     return {project_id: ended.get(project_id, 0.0) + ongoing.get(project_id, 0.0)
             for project_id in sorted(ended.keys() | ongoing.keys())}
 
@@ -176,15 +200,17 @@ class _Unfinished(NamedTuple):
     lease_taken_at: datetime | None
     lease_taken_attempt: int | None
     lease_renewed_at: datetime | None
+    device_began_at: datetime | None
 
 
 def ongoing_by(s: Session, project_ids: list[str], *, local: Collection[str], lease: timedelta,
-               now: datetime | None = None) -> dict[str, float]:
+               now: datetime | None = None, told: Collection[str] = ()) -> dict[str, float]:
     """The device-seconds each project's unfinished (queued, running) jobs hold so far: their
     earlier attempts' (kept on the row until the job ends), and, of one running on an engine in
     `local` (those of kind local), its attempt's so far by the leases' clock: to `now` while its
     lease is live, else to its last renewal, as recovery will count it (`held_so_far`, `lease`:
-    ORCH_LEASE_SECONDS).
+    ORCH_LEASE_SECONDS), from its work's start on the device where stamped; `told`: the engines
+    that tell that start (`telling_engines`), whose attempts count nothing until they do.
     Counted whole at every read, never aged: each counts from its job's end once it ends. Read
     through `ix_jobs_project_status` (a project has ORCH_MAX_PENDING_JOBS unfinished jobs at most).
     `now`: the leases' clock now (`Database.now()`); by default `shared_now()`, which is this
@@ -202,7 +228,7 @@ def ongoing_by(s: Session, project_ids: list[str], *, local: Collection[str], le
         # A row stamped ended and unfinished (a cancel's write racing): the ended sum counts it.
         seconds = (row.device_seconds or 0.0) if row.finished_at is None else 0.0
         if row.status == "running" and row.engine in local:
-            seconds += held_so_far(row, lease, now) or 0.0
+            seconds += held_so_far(row, lease, now, tells=row.engine in told) or 0.0
         if seconds:
             held[row.project_id] = held.get(row.project_id, 0.0) + seconds
     return held
@@ -211,6 +237,13 @@ def ongoing_by(s: Session, project_ids: list[str], *, local: Collection[str], le
 def local_engines(engines: Iterable[Any]) -> frozenset[str]:
     """The names of the engines of kind local among `engines` (a registry)."""
     return frozenset(engine.name for engine in engines if getattr(engine, "kind", None) == "local")
+
+
+def telling_engines(engines: Iterable[Any]) -> frozenset[str]:
+    """The names of the local engines among `engines` (a registry) that tell their work's start on
+    the device (`tells_device_start`): their running attempts count from there (`held_so_far`)."""
+    return frozenset(engine.name for engine in engines if getattr(engine, "kind", None) == "local"
+                     and getattr(engine, "tells_device_start", False))
 
 
 @dataclass(frozen=True)
@@ -255,14 +288,16 @@ def exhausted(device: DeviceTime | None) -> bool:
 
 
 def state(s: Session, project: Project, default: int | None, *, local: Collection[str], lease: timedelta,
-          now: datetime | None = None, leased_now: datetime | None = None) -> DeviceTime | None:
-    """The project's device time (`used_by`, `local`, `lease` and `leased_now` as there), or None
-    where no quota is in force (nothing to judge, so nothing read)."""
+          now: datetime | None = None, leased_now: datetime | None = None,
+          told: Collection[str] = ()) -> DeviceTime | None:
+    """The project's device time (`used_by`, `local`, `lease`, `leased_now` and `told` as there),
+    or None where no quota is in force (nothing to judge, so nothing read)."""
     quota = quota_seconds(project, default)
     if quota is None:
         return None
     now = now or utcnow()
-    ongoing = ongoing_by(s, [project.id], local=local, lease=lease, now=leased_now).get(project.id, 0.0)
+    ongoing = ongoing_by(s, [project.id], local=local, lease=lease, now=leased_now,
+                         told=told).get(project.id, 0.0)
     used = ended_by(s, [project.id], now).get(project.id, 0.0) + ongoing
     if used < quota:
         return DeviceTime(project.id, quota, used, project.local_seconds_per_day is not None)

@@ -873,14 +873,17 @@ class JobService:
         # Running leases judged by the clock they were stamped with, as recovery judges them: the
         # routing, a project's read and /metrics read outside a write transaction, where
         # `shared_now()` is this host's (an hour behind the database's, a running attempt read 0).
+        registry = self.router.registry
         return device_time.state(s, project, self.default_local_seconds,
-                                 local=device_time.local_engines(self.router.registry), lease=self.lease,
-                                 leased_now=self.db.now())
+                                 local=device_time.local_engines(registry), lease=self.lease,
+                                 leased_now=self.db.now(), told=device_time.telling_engines(registry))
 
     def device_used(self, s: Session, project_ids: list[str]) -> dict[str, float]:
         """Each project's device-seconds as admission counts them (`device_time.used_by`)."""
-        return device_time.used_by(s, project_ids, local=device_time.local_engines(self.router.registry),
-                                   lease=self.lease, leased_now=self.db.now())
+        registry = self.router.registry
+        return device_time.used_by(s, project_ids, local=device_time.local_engines(registry),
+                                   lease=self.lease, leased_now=self.db.now(),
+                                   told=device_time.telling_engines(registry))
 
     def cancel_orphan(self, job_id: str) -> bool:
         """Cancel a running job whose worker is gone; False when it is back in the queue (a

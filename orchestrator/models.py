@@ -92,7 +92,7 @@ class Project(SQLModel, table=True):
 # stamp left on a queued job was taken by recovery for a later claim's (`held_until_lease`).
 NO_LEASE: Final[Mapping[str, Any]] = MappingProxyType({
     "lease_owner": None, "lease_expires_at": None, "lease_taken_at": None, "lease_taken_attempt": None,
-    "lease_renewed_at": None})
+    "lease_renewed_at": None, "device_began_at": None})
 
 
 class Job(SQLModel, table=True):
@@ -181,6 +181,12 @@ class Job(SQLModel, table=True):
     # and it is not before `lease_taken_at` (one an earlier claim left). Null: none, or the claim
     # was made by a release before 0038.
     lease_renewed_at: datetime | None = _ts()
+    # When the running attempt's work started on the device, its model loaded, by the leases'
+    # clock: stamped by the runner as a local engine that tells it (`tells_device_start`) does, so
+    # that its seconds so far, like its end's, leave the load out (`device_time.held_so_far`).
+    # Taken only with the claim's stamps (`lease_taken_attempt` the row's attempt) and not before
+    # `lease_taken_at`. Null: not told (yet), an engine that does not tell, or no lease.
+    device_began_at: datetime | None = _ts()
     finished_at: datetime | None = _ts()
     # Where its end is POSTed, as its request asked, instead of its project's `webhook_url`
     # (`orchestrator.webhooks`); null: the project's. Kept on the row: a fallback, a retry of the

@@ -644,7 +644,8 @@ class Scheduler:
                                                       col(Job.engine) == job.engine).values(
                     status="running", attempt=Job.attempt + 1, lease_owner=self.owner,
                     lease_expires_at=leased + self.lease, lease_taken_at=None if move else leased,
-                    lease_taken_attempt=None if move else Job.attempt + 1, lease_renewed_at=leased, error=None,
+                    lease_taken_attempt=None if move else Job.attempt + 1, lease_renewed_at=leased,
+                    device_began_at=None, error=None,
                     # A move starts no engine: told as a start from the row (the new one, or one an
                     # earlier attempt left), a job never sent to the engine it left read on other
                     # processes as having run there. Its end gives the row's back (`_guarded_update`).
@@ -876,9 +877,11 @@ class Scheduler:
             leased = shared_now()
             expires = leased + self.lease
             for claim in claims:
+                # Its start on the device too, where the runner's own write of it failed.
                 result = s.execute(update(Job).where(col(Job.id) == claim.job.id, col(Job.attempt) == claim.attempt,
                                                      col(Job.status) == "running").values(
-                    lease_expires_at=expires, lease_renewed_at=leased))
+                    lease_expires_at=expires, lease_renewed_at=leased,
+                    **self.runner.device_start_values(claim, began, leased)))
                 if changed(result) != 1:
                     lost.append((claim, s.get(Job, claim.job.id)))
                 else:

@@ -31,7 +31,7 @@ from typing import Any, TypeGuard
 from PIL import Image, UnidentifiedImageError
 from sqlalchemy import update
 from sqlalchemy.exc import SQLAlchemyError
-from sqlmodel import Session, col, select
+from sqlmodel import Session, col, func, select
 from typing_extensions import TypeIs
 
 from orchestrator import cache, device_time, events, quota, webhooks
@@ -372,6 +372,9 @@ class JobProgress:
     def on_device(self) -> None:
         if self.claim.device_began is None:  # the first: an engine of several passes may tell each
             self.claim.device_began = time.monotonic()
+            # On the row too, for what reads the attempt while it runs (`Job.device_began_at`);
+            # never from the inference thread, which must not wait for the write lock.
+            self.runner.write_behind(self.runner.write_device_start, self.claim)
 
     def provider_request(self, request_id: str, handle: Mapping[str, Any] | None = None) -> None:
         with self._lock:
@@ -1178,7 +1181,8 @@ class JobRunner:
             # to a local engine once its project's seconds are spent was run there all the same.
             if local:
                 device = device_time.state(s, project, self.default_local_seconds,
-                                           local=device_time.local_engines(self.registry), lease=self.lease)
+                                           local=device_time.local_engines(self.registry), lease=self.lease,
+                                           told=device_time.telling_engines(self.registry))
                 if device is not None and device.exhausted:
                     raise device.error()
             moved = s.get(Job, job.id)
@@ -2096,6 +2100,34 @@ class JobRunner:
             self._progress_outage.failed(exc)
         else:
             self._progress_outage.recovered()
+
+    def tells_device_start(self, engine: str) -> bool:
+        """Whether `engine` is a local engine here that tells its work's start on the device."""
+        return engine in device_time.telling_engines(self.registry)
+
+    def device_start_values(self, claim: Claim, monotonic_now: float, leased: datetime) -> dict[str, Any]:
+        """The values that stamp the claim's start on the device (`Job.device_began_at`) by the
+        leases' clock, `leased` being that clock at `monotonic_now`, where the row has none: {} while
+        it has not started there, or for an engine that does not tell it (its end counts from its
+        engine's start, and so does a reader)."""
+        began = claim.device_began
+        if began is None or not self.tells_device_start(claim.job.engine):
+            return {}
+        at = leased - timedelta(seconds=max(0.0, monotonic_now - began))
+        return {"device_began_at": func.coalesce(col(Job.device_began_at), at)}
+
+    def write_device_start(self, claim: Claim) -> None:
+        """Stamp the claim's start on the device on its row (`device_start_values`); a failure is
+        logged, and the lease's next renewal stamps it (`Scheduler._renew`)."""
+        try:
+            with self.db.transaction() as s:
+                values = self.device_start_values(claim, time.monotonic(), shared_now())
+                if values:
+                    s.execute(update(Job).where(col(Job.id) == claim.job.id, col(Job.attempt) == claim.attempt,
+                                                col(Job.status) == "running").values(**values))
+        except SQLAlchemyError as exc:
+            log.warning("job %s: stamping its work's start on the device failed (its lease's renewal stamps it): %s",
+                        claim.job.id, exc)
 
     def save_provider_request(self, claim: Claim, work: dict[str, Any]) -> None:
         """Save what a provider accepted, so that a crash can find it again; waits out a database

@@ -688,8 +688,9 @@ def test_a_running_local_attempt_counts_toward_the_quota_as_it_runs(make_setting
 
 
 def running_and_requeued(services: Services, project_id: str) -> tuple[str, str]:
-    """A draft of the project running on Lite for 100 s by the leases' clock, its lease (60 s) last
-    renewed 5 s ago by a live process, and one queued again holding 30 s of an earlier attempt."""
+    """A draft of the project running on Lite for 100 s by the leases' clock, on the device since its
+    claim (its model loaded), its lease (60 s) last renewed 5 s ago by a live process, and one
+    queued again holding 30 s of an earlier attempt."""
     running_id, queued_id = new_id("job"), new_id("job")
     params = {"stage": "ideation", "prompt": "a lighthouse", "negative_prompt": "", "n": 1, "seed": 5,
               "width": 64, "height": 64, "steps": 2, "tags": {}}
@@ -698,7 +699,8 @@ def running_and_requeued(services: Services, project_id: str) -> tuple[str, str]
         s.add(Job(id=running_id, project_id=project_id, stage="ideation", engine="lite", model=tiny.NAME,
                   params=params, status="running", attempt=1, lease_owner="busy-host:1:0",
                   started_at=utcnow() - timedelta(seconds=100), lease_taken_at=now - timedelta(seconds=100),
-                  lease_taken_attempt=1, lease_expires_at=now - timedelta(seconds=5) + timedelta(seconds=60)))
+                  lease_taken_attempt=1, lease_expires_at=now - timedelta(seconds=5) + timedelta(seconds=60),
+                  device_began_at=now - timedelta(seconds=100)))
         s.add(Job(id=queued_id, project_id=project_id, stage="ideation", engine="lite", model=tiny.NAME,
                   params=params, status="queued", attempt=1, device_seconds=30.0))
     return running_id, queued_id
@@ -739,7 +741,8 @@ def check_a_running_local_attempt_counts_toward_the_quota(make_settings: Setting
 
 def claimed_and_never_renewed(services: Services, project_id: str, ago: float = 30.0) -> str:
     """A draft of the project a live process claimed on Lite `ago` seconds before by the leases'
-    clock (60 s lease), its lease taken then and not renewed since, as a claim stamps it."""
+    clock (60 s lease), its lease taken then and not renewed since, as a claim stamps it, its work
+    on the device from then (its model loaded)."""
     job_id = new_id("job")
     params = {"stage": "ideation", "prompt": "a lighthouse", "negative_prompt": "", "n": 1, "seed": 5,
               "width": 64, "height": 64, "steps": 2, "tags": {}}
@@ -748,7 +751,7 @@ def claimed_and_never_renewed(services: Services, project_id: str, ago: float = 
         s.add(Job(id=job_id, project_id=project_id, stage="ideation", engine="lite", model=tiny.NAME,
                   params=params, status="running", attempt=1, lease_owner="busy-host:1:0",
                   started_at=utcnow() - timedelta(seconds=ago), lease_taken_at=claimed, lease_taken_attempt=1,
-                  lease_renewed_at=claimed, lease_expires_at=claimed + timedelta(seconds=60)))
+                  lease_renewed_at=claimed, lease_expires_at=claimed + timedelta(seconds=60), device_began_at=claimed))
     return job_id
 
 
@@ -794,6 +797,135 @@ def test_a_running_local_attempt_whose_lease_ran_out_counts_only_to_its_last_ren
         assert used[project_id] == pytest.approx(30.0, abs=0.001)
         assert row is not None
         assert device_time.held_until_lease(row, services.jobs.lease) == pytest.approx(30.0, abs=0.001)
+    finally:
+        asyncio.run(services.aclose())
+
+
+class HeldOnDevice(SlowDevice):
+    """The engine's progress, told on: its work holds the device until `hold` is set."""
+
+    def __init__(self, told: Progress, hold: threading.Event) -> None:
+        super().__init__(told)
+        self.hold = hold
+
+    def on_device(self) -> None:
+        self.told.on_device()
+        assert self.hold.wait(60)  # on the inference thread, as the device's work is
+
+
+def test_a_running_local_attempt_counts_from_its_work_s_start_on_the_device_not_its_claim(
+        make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A running attempt on Lite counted from its claim, its model's load included, where its end
+    leaves the load out: a draft whose model took 1 s to load read that second in
+    `local_seconds_used` while it loaded (and kept counting it while it ran), which its end then
+    took out again. Now the runner stamps its work's start on the device, and a reader counts it
+    from there: nothing while its model loads."""
+    with client_for(make_settings(lease_seconds=60)) as client:
+        project_id = create_project(client, local_seconds_per_day=3600)["id"]
+        services = services_of(client)
+        release = threading.Event()
+        runtime = services.registry.get("lite").runtime  # type: ignore[attr-defined]
+        loaded = runtime.text2img
+
+        def held_load(model: str) -> Any:
+            assert release.wait(60)
+            return loaded(model)
+
+        monkeypatch.setattr(runtime, "text2img", held_load)
+        engine = services.registry.get("lite")
+        run, hold = engine.run, threading.Event()
+
+        async def held_on_device(request: RenderRequest, progress: Progress, cancel: CancelToken) -> Any:
+            return await run(request, HeldOnDevice(progress, hold), cancel)
+
+        monkeypatch.setattr(engine, "run", held_on_device)
+        job = submit_draft(client, project_id, steps=2)
+        deadline = time.monotonic() + 30
+        while wait_row(services, job["id"]).status != "running":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(1.0)  # its model loading meanwhile: what was counted
+        assert client.get(f"/v1/projects/{project_id}").json()["local_seconds_used"] == 0.0
+        release.set()
+        while (row := wait_row(services, job["id"])).device_began_at is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        used = client.get(f"/v1/projects/{project_id}").json()["local_seconds_used"]
+        with services.db.session():
+            now = services.db.now()
+        assert row.lease_taken_at is not None and row.lease_taken_at + timedelta(seconds=1) <= row.device_began_at
+        # From its start on the device to now: the load's second left out.
+        assert used <= (now - row.device_began_at).total_seconds() + 0.01
+        assert used < (now - row.lease_taken_at).total_seconds() - 0.9
+        hold.set()
+        assert wait_for_job(client, job["id"])["status"] == "succeeded"
+
+
+def wait_row(services: Services, job_id: str) -> Job:
+    with services.db.session() as s:
+        row = s.get(Job, job_id)
+    assert row is not None
+    return row
+
+
+def test_a_running_attempt_s_start_on_the_device_is_read_only_with_its_claim_s_stamps() -> None:
+    """What a reader counts of a running attempt of an engine that tells its start on the device:
+    from there where its claim stamped it (`device_began_at`); nothing while it has not (its model
+    loads, or the stamp is an earlier claim's); from its claim where the claim stamped nothing (a
+    release without the columns); and, once its lease has run out, from there to its last renewal,
+    as recovery counts it. An engine that does not tell counts from its claim."""
+    now = utcnow()
+    claimed = now - timedelta(seconds=100)
+    live: dict[str, Any] = {"attempt": 2, "started_at": claimed, "lease_taken_at": claimed, "lease_taken_attempt": 2,
+                            "lease_renewed_at": now - timedelta(seconds=5),
+                            "lease_expires_at": now + timedelta(seconds=55)}
+    on_device = {**live, "device_began_at": now - timedelta(seconds=40)}
+
+    def held(tells: bool = True, **row: Any) -> float | None:
+        job = Job(project_id="prj_x", stage="ideation", engine="lite", **row)
+        return device_time.held_so_far(job, timedelta(seconds=60), now, tells=tells)
+
+    assert held(**on_device) == pytest.approx(40.0)
+    assert held(**live) == 0.0
+    assert held(tells=False, **live) == pytest.approx(100.0)
+    # An earlier claim's stamp (a release without the column left it) is none of this one's.
+    assert held(**{**on_device, "device_began_at": claimed - timedelta(seconds=1)}) == 0.0
+    # Claimed by a release without the claim's stamps: from its start, as before.
+    assert held(**{**on_device, "lease_taken_attempt": 1}) == pytest.approx(100.0)
+    dead = {**on_device, "lease_renewed_at": now - timedelta(seconds=70),
+            "lease_expires_at": now - timedelta(seconds=10)}
+    # Its last renewal 30 s after its claim, before its work started on the device (60 s after): 0.
+    assert held(**dead) == 0.0
+    assert held(**{**dead, "device_began_at": claimed + timedelta(seconds=10)}) == pytest.approx(20.0)
+    assert held(**{**live, "lease_renewed_at": now - timedelta(seconds=70),
+                   "lease_expires_at": now - timedelta(seconds=10)}) == pytest.approx(30.0)
+
+
+def test_a_lease_s_renewal_stamps_the_start_on_the_device_the_runner_s_own_write_missed(
+        make_settings: SettingsFactory) -> None:
+    """The runner stamps an attempt's start on the device as the engine tells it, off the inference
+    thread; where that write failed (a database away for a moment), the lease's next renewal
+    stamps it, and leaves a stamp there as it is."""
+    services = Services.build(make_settings(lease_seconds=60))
+    try:
+        project_id = new_id("prj")
+        with services.db.transaction() as s:
+            s.add(Project(id=project_id, name="renewals", policy="balanced", local_seconds_per_day=3600))
+        body = DraftCreate(prompt="a lighthouse", n=1, width=64, height=64, steps=1)
+        job_id = services.jobs.submit(lambda: services.jobs.prepare_draft(project_id, body), body, engine=None,
+                                      max_credits=None, idempotency_key=None, scope="test")[0].id
+        [(claim, _lane)] = services.scheduler._claim_ready({})
+        assert claim.job.id == job_id and claim.job.engine == "lite"
+        services.scheduler._renew([claim])
+        assert wait_row(services, job_id).device_began_at is None  # not told yet: its model loads
+        claim.device_began = time.monotonic() - 5.0  # told 5 s ago; its own write never landed
+        services.scheduler._renew([claim])
+        row = wait_row(services, job_id)
+        assert row.device_began_at is not None and row.lease_renewed_at is not None
+        assert (row.lease_renewed_at - row.device_began_at).total_seconds() == pytest.approx(5.0, abs=0.5)
+        stamped = row.device_began_at
+        services.scheduler._renew([claim])
+        assert wait_row(services, job_id).device_began_at == stamped
     finally:
         asyncio.run(services.aclose())
 
