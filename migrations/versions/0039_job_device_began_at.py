@@ -8,7 +8,7 @@ runner now stamps the time it is told (and each lease renewal stamps it where th
 a reader counts such an attempt from there, and nothing while its model loads. Dropped, as the lease
 is, whenever the job goes back to the queue or ends.
 
-Revision ID: 0046
+Revision ID: 0039
 Revises: 0038
 Create Date: 2026-12-07 21:00:00.000000
 """
@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = '0046'
+revision: str = '0039'
 down_revision: str | None = '0038'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
