@@ -23,6 +23,7 @@ from sqlalchemy.exc import DatabaseError
 
 from orchestrator import __version__
 from orchestrator.control_characters import CONTROL_CHARACTER
+from orchestrator.entry import release_stop
 from orchestrator.errors import first_line
 
 if TYPE_CHECKING:
@@ -143,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     # another's migration or in its own, which is one transaction) ended it with 143, without a word.
     previous = signal.signal(signal.SIGTERM, _stop_before_start)
     try:
+        release_stop()  # one held back through the console script's imports is told here
         return _main(given)
     except _StoppedBeforeStart:
         if command == "worker":

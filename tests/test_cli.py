@@ -34,7 +34,7 @@ from PIL import Image
 from orchestrator import __version__
 from orchestrator import check as check_module
 from orchestrator import demo as demo_module
-from orchestrator.cli import _bound, _log_to_data_dir, main
+from orchestrator.cli import START_STOPPED, _bound, _log_to_data_dir, main
 from orchestrator.db import upgrade
 from orchestrator.server import free_port
 from orchestrator.services import Services, Stopped, startup_problems
@@ -2124,6 +2124,16 @@ def test_the_command_takes_a_supervisor_s_signals_before_its_imports(tmp_path: P
     """The command's imports take half a second: a reload (SIGHUP) in it ended a starting `serve`
     or `worker` (129), a stop (SIGTERM) a starting worker (143), and a Ctrl-C any command with an
     import's traceback, killed by SIGINT, where README promises one line and 130."""
+    done = _signaled_as_the_command_imports(tmp_path, argv, sent)
+    assert done.returncode == code, done.stderr
+    assert "Traceback" not in done.stderr
+    if sent == "SIGINT":
+        assert done.stderr == "orchestrator: interrupted\n"
+
+
+def _signaled_as_the_command_imports(tmp_path: Path, argv: list[str], sent: str) -> subprocess.CompletedProcess[str]:
+    """The console script's entry run with `argv`, `sent` to it as it imports `orchestrator.cli`
+    (httpx, pydantic, SQLAlchemy: half a second), from inside the import, as a supervisor's would come."""
     script = ("import builtins, os, signal, sys\n"
               "real = builtins.__import__\n"
               "def importing(name, *args, **kwargs):\n"
@@ -2136,12 +2146,22 @@ def test_the_command_takes_a_supervisor_s_signals_before_its_imports(tmp_path: P
               "raise SystemExit(main())\n")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
            "ORCH_DATA_DIR": str(tmp_path / "data")}
-    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=60)
-    assert done.returncode == code, done.stderr
-    assert "Traceback" not in done.stderr
-    if sent == "SIGINT":
-        assert done.stderr == "orchestrator: interrupted\n"
+
+
+@pytest.mark.parametrize(("argv", "told"), [(["serve", "--port", "x"], "terminated; " + START_STOPPED),
+                                            (["migrate"], "terminated"),
+                                            (["check"], "terminated"),
+                                            (["demo", "--size", "x"], "terminated")])
+def test_a_stop_as_the_command_imports_is_told_in_a_line(tmp_path: Path, argv: list[str], told: str) -> None:
+    """A supervisor's SIGTERM (a `timeout`'s, a CI's cancel) while the command imports its modules,
+    before anything of its own runs: a silent 143, where a stop a moment later said in a line that
+    the start was stopped. It still ends as killed by SIGTERM (143), as the command would have."""
+    done = _signaled_as_the_command_imports(tmp_path, argv, "SIGTERM")
+    assert done.returncode == -signal.SIGTERM, done.stderr
+    assert done.stderr == f"orchestrator: {told}\n"
+    assert not (tmp_path / "data").exists()  # nothing of the command ran
 
 
 @pytest.mark.parametrize(("status", "body", "content_type", "told"), [
