@@ -598,7 +598,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         settings = settings.model_copy(update={"run_jobs": False})
     _log_what_it_uses(settings)
     # uvicorn takes SIGTERM and SIGINT once the app is built, and raises them again once it has
-    # stopped: SIGTERM's default (put in place by `Server.capture_signals`) then ends the process,
+    # stopped: SIGTERM's default (put in place by `Server.run`) then ends the process,
     # a Ctrl-C is returned. Until then either is the start's stop: a SIGTERM told by `main`, a
     # Ctrl-C raised from here (while the app was built, which writes nothing) and told by `_run`.
     try:

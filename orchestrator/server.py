@@ -110,32 +110,65 @@ class Server(uvicorn.Server):
                                         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS, **options))  # type: ignore[arg-type]
         self.app = app
         self.interrupted = False  # a Ctrl-C (SIGINT) stopped it
+        self._taken: dict[int, Any] | None = None  # the signals' handlers before `_take_signals`
         access = logging.getLogger("uvicorn.access")  # configured by the `Config` made above
         if not any(isinstance(f, _MaskSecrets) for f in access.filters):
             access.addFilter(_MaskSecrets())
 
+    def run(self, sockets: list[socket.socket] | None = None) -> None:
+        """uvicorn's, with SIGINT and SIGTERM taken before its event loop is made. Left to the
+        loop's start (`capture_signals`, inside the served coroutine), a Ctrl-C just before found
+        asyncio's own SIGINT handler, which cancels the main task: the start ended with a
+        `CancelledError` traceback (exit 1, or 130 after a traceback from the app's start-up)."""
+        if threading.current_thread() is not threading.main_thread():
+            super().run(sockets=sockets)
+            return
+        self._taken = self._take_signals()
+        try:
+            super().run(sockets=sockets)
+        finally:
+            self._give_signals_back()  # where the served coroutine did not (it never ran)
+        # As uvicorn: the signals that stopped it are raised again, the last first, the loop closed.
+        for captured in reversed(self._captured_signals):
+            signal.raise_signal(captured)
+
     @contextmanager
     def capture_signals(self) -> Iterator[None]:
-        """uvicorn's, with SIGTERM's default as the handler it puts back once stopped, so that the
-        SIGTERM it raises again then ends the process (143). Until uvicorn takes it here, the
-        command's own handler tells a stop during the start (the app being built) in a line; it
-        was SIGTERM's default from before the app was built, a silent 143. That handler is handed
-        straight to uvicorn's (a SIGTERM as they change hands is the one's or the other's): with
-        the default put in place between them, a thread that does not block SIGTERM (a library's,
-        OpenBLAS's) took one sent then, and the default ended the process without a word."""
+        """uvicorn's, for the served coroutine: the signals `run` took are given back once it is
+        done, so that a Ctrl-C while the loop closes (a thread it waits for) ends that wait, as
+        it did. Awaited on its own (`serve()`, not `run`), it takes them itself meanwhile."""
         if threading.current_thread() is not threading.main_thread():
             with super().capture_signals():
                 yield
             return
-        originals = {sig: signal.signal(sig, self.handle_exit) for sig in uvicorn.server.HANDLED_SIGNALS}
+        if self._taken is not None:  # by `run`
+            try:
+                yield
+            finally:
+                self._give_signals_back()
+            return
+        self._taken = self._take_signals()
         try:
             yield
         finally:
-            for sig, handler in originals.items():
-                signal.signal(sig, signal.SIG_DFL if sig == signal.SIGTERM else handler)
-        # As uvicorn: the signals that stopped it are raised again, the last first.
+            self._give_signals_back()
         for captured in reversed(self._captured_signals):
             signal.raise_signal(captured)
+
+    def _take_signals(self) -> dict[int, Any]:
+        """Our `handle_exit` for uvicorn's signals; what each had. The command's own SIGTERM
+        handler (it tells a stop during the start, the app being built) is handed straight to it
+        (a SIGTERM as they change hands is the one's or the other's): with the default put in
+        place between them, a thread that does not block SIGTERM (a library's, OpenBLAS's) took
+        one sent then, and the default ended the process without a word."""
+        return {sig: signal.signal(sig, self.handle_exit) for sig in uvicorn.server.HANDLED_SIGNALS}
+
+    def _give_signals_back(self) -> None:
+        """What each signal had, but SIGTERM's default, so that the SIGTERM raised again once
+        stopped ends the process (143); once only."""
+        taken, self._taken = self._taken, None
+        for sig, handler in (taken or {}).items():
+            signal.signal(sig, signal.SIG_DFL if sig == signal.SIGTERM else handler)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         again = self.should_exit
@@ -229,9 +262,8 @@ def serve(settings: Settings, *, host: str, port: int, log_level: str) -> Stoppe
         if (failure := startup_failure(server.app)) is not None:
             raise failure from None  # told in a line by the command, with its exit status
         raise
-    # Not only the KeyboardInterrupt: the raised signal reaches asyncio.run's own SIGINT handler,
-    # which cancels a task that may be ending anyway; once, on a loaded machine, the process
-    # exited 0 after a Ctrl-C.
+    # Not only the KeyboardInterrupt: `handle_exit` knows of the Ctrl-C too (when asyncio.run's own
+    # SIGINT handler took the raised signal, once, on a loaded machine, the process exited 0 after one).
     return Stopped(signal.SIGINT if interrupted or server.interrupted else None, server.device_busy)
 
 

@@ -2360,6 +2360,48 @@ def test_serve_told_to_stop_as_uvicorn_takes_the_signals_is_not_ended_silently(m
     assert "Traceback" not in done.stderr, done.stderr
 
 
+@pytest.mark.parametrize("moment", ["first step", "handed"])
+def test_a_ctrl_c_as_uvicorn_starts_its_loop_ends_serve_cleanly(make_settings: SettingsFactory, tmp_path: Path,
+                                                                 moment: str) -> None:
+    """A Ctrl-C just as uvicorn starts its event loop: asyncio.run had put its own SIGINT handler in
+    place (uvicorn took SIGINT only in the served coroutine), which cancels the main task. Sent as
+    SIGINT changed hands there, the start ended with a `CancelledError` traceback and exit 1; at the
+    served coroutine's first step, with the app start-up's `CancelledError` logged as a traceback."""
+    settings = make_settings()
+    env = {**os.environ, "ORCH_DATA_DIR": str(settings.data_dir), "ORCH_CACHE_DIR": str(settings.cache_dir),
+           "ORCH_LITE_MODEL": "builtin:tiny-sd", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    reached = tmp_path / "reached"
+    code = ("import os, signal, sys, uvicorn.server, orchestrator.cli as cli\n"
+            "def ctrl_c():\n"
+            "    if not os.path.exists(" + repr(str(reached)) + "):\n"
+            "        open(" + repr(str(reached)) + ", 'w').close()\n"
+            "        os.kill(os.getpid(), signal.SIGINT)\n")
+    if moment == "first step":
+        code += ("served = uvicorn.server.Server.serve\n"
+                 "async def serve(self, sockets=None):\n"
+                 "    ctrl_c()\n"
+                 "    await served(self, sockets)\n"
+                 "uvicorn.server.Server.serve = serve\n")
+    else:  # the first time SIGINT's handler is put in place as uvicorn runs (asyncio's own, or ours)
+        code += ("real = signal.signal\n"
+                 "def handing(signum, handler):\n"
+                 "    old = real(signum, handler)\n"
+                 "    if signum == signal.SIGINT and sys._getframe(1).f_globals['__name__'] in (\n"
+                 "            'asyncio.runners', 'orchestrator.server', 'uvicorn.server'):\n"
+                 "        ctrl_c()\n"
+                 "    return old\n"
+                 "signal.signal = handing\n")
+    code += f"raise SystemExit(cli.main(['serve', '--port', '{free_port()}']))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert reached.exists(), done.stderr  # the Ctrl-C came at that moment
+    assert done.returncode == 130, done.stderr
+    assert "Traceback" not in done.stderr and "CancelledError" not in done.stderr, done.stderr
+    said = [line for line in done.stderr.splitlines() if line.startswith("orchestrator: ")]
+    assert said == ["orchestrator: interrupted"], done.stderr
+
+
 def test_a_ctrl_c_as_the_service_that_ran_ends_is_not_told_as_the_start_s_stop(make_settings: SettingsFactory,
                                                                                  tmp_path: Path) -> None:
     """A second Ctrl-C as `serve` ends, its service stopped by the first: it was told as "the start
