@@ -23,6 +23,7 @@ from sqlalchemy.exc import DatabaseError
 
 from orchestrator import __version__
 from orchestrator.control_characters import CONTROL_CHARACTER
+from orchestrator.entry import interrupted as _interrupted
 from orchestrator.entry import release_stop
 from orchestrator.errors import first_line
 
@@ -45,15 +46,6 @@ def _port(text: str) -> int:
         # The socket layer would take it modulo 65536 and listen elsewhere without a word.
         raise argparse.ArgumentTypeError(f"{port} is not a TCP port (1-65535)")
     return port
-
-
-def _interrupted(detail: str = "") -> int:
-    """Ctrl-C's line; `detail`, what was done about it (the demo's jobs canceled). The command has
-    stopped: another Ctrl-C in its last moments raised a KeyboardInterrupt nobody caught, and the
-    process ended killed by SIGINT, not with 130 (seen once for serve's double Ctrl-C, in CI)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    print("orchestrator: interrupted" + (f"; {detail}" if detail else ""), file=sys.stderr)
-    return 130
 
 
 class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
@@ -132,6 +124,15 @@ def _end_as_signaled(signum: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _stopped_main(argv)
+    except KeyboardInterrupt:
+        # A second Ctrl-C as the command's own `except KeyboardInterrupt` began to tell the first,
+        # before it ignored SIGINT, escaped it: a traceback of both, killed by SIGINT.
+        return _interrupted()
+
+
+def _stopped_main(argv: list[str] | None) -> int:
     given = sys.argv[1:] if argv is None else argv
     command = next((arg for arg in given if not arg.startswith("-")), None)
     if command in ("serve", "worker"):

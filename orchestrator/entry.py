@@ -34,7 +34,25 @@ def _stopped_meanwhile() -> bool:
     return bool(_held) and signal.SIGTERM in signal.sigpending()
 
 
+def interrupted(detail: str = "") -> int:
+    """Ctrl-C's line; `detail`, what was done about it (the demo's jobs canceled). The command has
+    stopped: another Ctrl-C in its last moments raised a KeyboardInterrupt nobody caught, and the
+    process ended killed by SIGINT, not with 130 (seen once for serve's double Ctrl-C, in CI)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    print("orchestrator: interrupted" + (f"; {detail}" if detail else ""), file=sys.stderr)
+    return 130
+
+
 def main() -> int:
+    try:
+        return _main()
+    except KeyboardInterrupt:
+        # A second Ctrl-C as the command's own `except KeyboardInterrupt` began to tell the first,
+        # before it ignored SIGINT, escaped it: a traceback of both, killed by SIGINT.
+        return interrupted()
+
+
+def _main() -> int:
     given = sys.argv[1:]
     command = next((arg for arg in given if not arg.startswith("-")), None)
     if command in ("serve", "worker"):
@@ -45,9 +63,7 @@ def main() -> int:
     except KeyboardInterrupt:
         # Ctrl-C in those imports: README's one line and 130, as `cli.main` says it (an import's
         # traceback, and a process killed by SIGINT, before).
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        print("orchestrator: interrupted", file=sys.stderr)
-        return 130
+        return interrupted()
     if command not in ("serve", "worker"):  # theirs is taken, with the start's line, by `cli.main`
         if _stopped_meanwhile():
             # Nothing of the command ran: said, and ended as the stop would have ended it (143).

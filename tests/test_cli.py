@@ -2164,6 +2164,46 @@ def test_a_stop_as_the_command_imports_is_told_in_a_line(tmp_path: Path, argv: l
     assert not (tmp_path / "data").exists()  # nothing of the command ran
 
 
+@pytest.mark.parametrize("first", ["as it imports", "as it runs"])
+def test_a_second_ctrl_c_as_the_first_is_told_still_ends_in_one_line(tmp_path: Path, first: str) -> None:
+    """A second Ctrl-C as the command's `except KeyboardInterrupt` began to tell the first, before
+    it ignored SIGINT: it escaped that block, with a traceback of both, and the process ended
+    killed by SIGINT, where README promises one line and 130."""
+    # The first Ctrl-C as the console script imports `orchestrator.cli`, or as `check` runs; the
+    # second from inside the first call that asks to ignore SIGINT (the command telling the first),
+    # before it takes effect.
+    script = ("import builtins, os, signal, sys\n"
+              "real_import, real_signal = builtins.__import__, signal.signal\n"
+              "sent = []\n"
+              "def ctrl_c():\n"
+              "    sent.append(1)\n"
+              "    os.kill(os.getpid(), signal.SIGINT)\n"
+              "def importing(name, *args, **kwargs):\n"
+              f"    if name == 'orchestrator.cli' and {first == 'as it imports'} and not sent:\n"
+              "        ctrl_c()\n"
+              "    module = real_import(name, *args, **kwargs)\n"
+              f"    if name == 'orchestrator.cli' and {first == 'as it runs'} and not sent:\n"
+              "        def check(**kwargs):\n"
+              "            ctrl_c()\n"
+              "        sys.modules['orchestrator.cli']._check = check\n"
+              "    return module\n"
+              "def handing(signum, handler):\n"
+              "    if signum == signal.SIGINT and handler == signal.SIG_IGN and len(sent) == 1:\n"
+              "        ctrl_c()\n"
+              "    return real_signal(signum, handler)\n"
+              "builtins.__import__ = importing\n"
+              "signal.signal = handing\n"
+              "sys.argv = ['orchestrator', 'check']\n"
+              "from orchestrator.entry import main\n"
+              "raise SystemExit(main())\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+           "ORCH_DATA_DIR": str(tmp_path / "data")}
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 130, done.stderr
+    assert done.stderr == "orchestrator: interrupted\n"
+
+
 @pytest.mark.parametrize(("status", "body", "content_type", "told"), [
     (200, b"<html>\n<body>It works!</body>\n</html>", "text/html", "lists no lite engine (JSONDecodeError)"),
     (200, b'{"ok": true}', "application/json", "lists no lite engine (TypeError)"),
