@@ -320,12 +320,13 @@ class JobProgress:
         if preview is not None and (not isinstance(preview, Image.Image) or preview.mode not in PREVIEW_MODES):
             # A mode PNG cannot hold (CMYK) failed the preview's every read.
             preview = preview.convert("RGB") if isinstance(preview, Image.Image) else None
-        if preview is not None:
-            self.runner.previews[job_id] = Preview(preview)
+        shown = Preview.of(preview) if preview is not None else None  # shrunk; None when empty
+        if shown is not None:
+            self.runner.previews[job_id] = shown
             if self.claim.cancel.cancelled:  # since the look above: the job's end may have cleared it
                 self.runner.previews.pop(job_id, None)
                 return
-        self.runner.bus.publish(job_id, "progress", events.progress(job_id, step, total, preview=preview is not None))
+        self.runner.bus.publish(job_id, "progress", events.progress(job_id, step, total, preview=shown is not None))
         self.claim.job.progress_step, self.claim.job.progress_total = step, total
         try:
             loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()

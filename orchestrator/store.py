@@ -855,12 +855,25 @@ class Preview:
     """A running job's latest step preview, encoded to PNG once, when first asked for: clients
     polling `GET /v1/jobs/{id}/preview` (and the write of its file) share one encode per step, where
     each GET encoded it again (a 512 px preview costs tens of ms of a worker thread). Asked from
-    the API's threads and the write behind the engine at once: the second waits for the first's."""
+    the API's threads and the write behind the engine at once: the second waits for the first's.
+
+    Shrunk (`preview_sized`) as it is made, when the engine publishes it: kept whole until its first
+    encode, a plugin's 8192x8192 preview held 192 MiB per running job until the next step replaced
+    it, where 512x512 holds 768 KiB."""
 
     def __init__(self, image: Image.Image) -> None:
-        self.image = image
+        if 0 in image.size:
+            raise ValueError(f"an empty preview ({image.width}x{image.height}) is no preview: see `Preview.of`")
+        self.image = preview_sized(image)
         self._png: bytes | None = None
         self._lock = threading.Lock()
+
+    @classmethod
+    def of(cls, image: Image.Image) -> Preview | None:
+        """The preview of `image`, or None for an empty one (0xN, Nx0): a plugin's, which failed
+        every read of the job's preview (PNG holds no empty image) while its `progress` event named
+        it. Dropped, the step is told without a preview."""
+        return None if 0 in image.size else cls(image)
 
     def png(self) -> bytes:
         with self._lock:

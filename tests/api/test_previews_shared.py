@@ -45,6 +45,7 @@ ENGINE = "fake-preview"
 ENGINES = f"{ENGINE}=tests.api.test_previews_shared:factory"
 STEPPED_ENGINES = "fake-stepped=tests.api.test_previews_shared:stepped_factory"
 LARGE_ENGINES = "fake-large=tests.api.test_previews_shared:large_factory"
+EMPTY_ENGINES = "fake-empty=tests.api.test_previews_shared:empty_factory"
 STEPS = 4
 
 
@@ -139,6 +140,19 @@ class LargeEngine(SteppedEngine):
 
 def large_factory(ctx: EngineContext) -> LargeEngine:
     return LargeEngine()
+
+
+class EmptyEngine(SteppedEngine):
+    """A plugin whose step previews are empty images: 0x512 at step 1, 512x0 at step 2."""
+
+    name = "fake-empty"
+
+    def preview(self, step: int) -> Image.Image:
+        return Image.new("RGB", (0, 512) if step == 1 else (512, 0))
+
+
+def empty_factory(ctx: EngineContext) -> EmptyEngine:
+    return EmptyEngine()
 
 
 def preview_of(step: int) -> Image.Image:
@@ -355,6 +369,68 @@ def test_a_plugin_s_full_size_preview_is_shrunk_as_a_local_engine_s_is(make_sett
             large.go.release(2)
             running.join(30)
         assert row(services, job_id).status == "succeeded"
+
+
+def test_a_plugin_s_full_size_preview_is_held_shrunk_from_the_step_that_publishes_it(
+        make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Shrunk only when first encoded (a GET, or the write behind the engine, at most once a
+    # second), the plugin's whole 2048x1000 preview was held until its next step: 6,144,000 bytes
+    # per running job here, 201,326,592 (192 MiB) for an 8192x8192 one. Held at 512x250 now.
+    monkeypatch.setattr(runner_module, "PROGRESS_WRITE_INTERVAL", 3600.0)  # no write behind encodes it
+    app = create_app(make_settings(run_jobs=False, engines=LARGE_ENGINES))
+    with TestClient(app):
+        services: Services = app.state.services
+        job_id = add_job(services, engine="fake-large")
+        [(claim, _lane)] = services.scheduler._claim_ready({})
+        engine = services.registry.get("fake-large")
+        assert isinstance(engine, ThirdParty) and isinstance(engine.wrapped, LargeEngine)
+        large = engine.wrapped
+        running = threading.Thread(target=asyncio.run, args=(services.runner.run(claim),))
+        running.start()
+        try:
+            assert large.at.get(timeout=30) == 1
+            held = services.runner.previews[job_id].image  # nobody has asked for it yet
+            assert held.size == (512, 250)
+            assert held.width * held.height * len(held.getbands()) == 384_000
+        finally:
+            large.go.release(2)
+            running.join(30)
+        assert row(services, job_id).status == "succeeded"
+
+
+def test_an_empty_preview_is_dropped_and_its_step_told_without_one(make_settings: SettingsFactory) -> None:
+    # A plugin's 0x512 preview was kept and named by the step's event: every GET of the preview
+    # failed with a 500 (PNG holds no empty image), and so did each write of its file.
+    app = create_app(make_settings(run_jobs=False, engines=EMPTY_ENGINES))
+    with TestClient(app) as client:
+        services: Services = app.state.services
+        told: list[dict[str, Any]] = []
+        publish = services.bus.publish
+
+        def recorded(job_id: str, type_: str, data: dict[str, Any], **kwargs: Any) -> None:
+            if type_ == "progress":
+                told.append(data)
+            publish(job_id, type_, data, **kwargs)
+
+        services.bus.publish = recorded  # type: ignore[method-assign]
+        job_id = add_job(services, engine="fake-empty")
+        [(claim, _lane)] = services.scheduler._claim_ready({})
+        engine = services.registry.get("fake-empty")
+        assert isinstance(engine, ThirdParty) and isinstance(engine.wrapped, EmptyEngine)
+        empty = engine.wrapped
+        running = threading.Thread(target=asyncio.run, args=(services.runner.run(claim),))
+        running.start()
+        try:
+            for step in (1, 2):
+                assert empty.at.get(timeout=30) == step
+                assert_error(client.get(f"/v1/jobs/{job_id}/preview"), 404, "not_found")
+                assert job_id not in services.runner.previews
+                empty.go.release()
+        finally:
+            empty.go.release(2)
+            running.join(30)
+        assert row(services, job_id).status == "succeeded"
+    assert told[:2] == [{"step": 1, "total": STEPS, "fraction": 0.25}, {"step": 2, "total": STEPS, "fraction": 0.5}]
 
 
 def test_a_preview_is_encoded_once_when_asked_for_from_threads_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
