@@ -1814,9 +1814,16 @@ class JobRunner:
             for image, record in zip(images, records, strict=True):
                 encoded.append(self._encoder.submit(encode_png, image, record))
             index = {future: i for i, future in enumerate(encoded)}
+            # One put for the same bytes twice (a plugin's images alike, seed and all): the second
+            # put found the first's file and touched it, and the job's discard then took it for
+            # another job's (touched since) and left it, an orphan until the hourly sweep.
+            handed: dict[bytes, concurrent.futures.Future[tuple[Put, bytes]]] = {}
             for future in concurrent.futures.as_completed(encoded):
                 if future.exception() is None:
-                    puts[index[future]] = self._hand_to_store(future.result())
+                    data = future.result()
+                    if data not in handed:
+                        handed[data] = self._hand_to_store(data)
+                    puts[index[future]] = handed[data]
         except RuntimeError as exc:
             # Closed, or a thread the system would not start ("can't start new thread"): the
             # puts handed out already still run, and are waited for and discarded below. Raised
@@ -1847,7 +1854,7 @@ class JobRunner:
                 return s.exec(select(Asset.id).where(col(Asset.sha256) == sha256,
                                                      col(Asset.deleted_at).is_(None)).limit(1)).first() is not None
 
-        for put, _ in written:
+        for put in dict.fromkeys(put for put, _ in written):  # a put the job's images share, once
             self.store.discard(put, named)
 
     def _finish_success(self, claim: Claim, result: RenderResult, records: list[dict[str, Any]],

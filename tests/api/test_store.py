@@ -1149,3 +1149,75 @@ def test_a_job_whose_puts_fail_is_failed_with_its_first_image_s_error_whichever_
     assert job["status"] == "failed"
     assert job["error"]["message"].startswith(
         "the images were made but could not be stored: OSError: No space left on device"), job["error"]
+
+
+class TwiceEngine:
+    """A plugin that makes the same image twice (its seed reported for both, so their files are
+    byte-identical) and a third of another seed: n=3."""
+
+    name = "fake-twice"
+    kind = "local"
+    stages = frozenset({"ideation"})
+
+    def __init__(self) -> None:
+        from tiers.base import Capabilities
+
+        self.capabilities = Capabilities(seeds=True)
+
+    @property
+    def model(self) -> str:
+        return "fake-twice-1"
+
+    def availability(self) -> tuple[bool, str | None]:
+        return True, None
+
+    def prices(self) -> dict[str, Any]:
+        return {}
+
+    def estimate(self, req: Any) -> int:
+        return 0
+
+    async def run(self, req: Any, progress: Any, cancel: Any) -> Any:
+        from tiers.base import RenderedImage, RenderResult
+
+        same = Image.new("RGB", (req.width, req.height), (10, 20, 30))
+        return RenderResult(images=[RenderedImage(same, 5), RenderedImage(same.copy(), 5),
+                                    RenderedImage(Image.new("RGB", (req.width, req.height)), 6)], model=self.model)
+
+    async def aclose(self) -> None:
+        pass
+
+
+def twice_factory(ctx: Any) -> TwiceEngine:
+    return TwiceEngine()
+
+
+def test_a_failed_job_that_made_the_same_image_twice_leaves_no_file(
+        make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its two puts of the same bytes: the first wrote the file, the second found it and touched it,
+    so the job's discard took the file for another job's (touched since its put) and kept it, an
+    orphan until the hourly sweep (and one more toward the sweep's alarm)."""
+    from tests.api.test_workers import PARAMS, add_job, row
+
+    real_put = ArtifactStore.put_file
+    one_at_a_time = threading.Lock()  # the second put of the bytes finds the first's file
+
+    def put(self: ArtifactStore, data: bytes) -> Put:
+        with one_at_a_time:
+            if read_record(data)["seed"] == 6:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real_put(self, data)
+
+    monkeypatch.setattr(ArtifactStore, "put_file", put)
+    settings = make_settings(engines="fake-twice=tests.api.test_store:twice_factory")
+    services = Services.build(settings)
+    try:
+        job_id = add_job(services, engine="fake-twice", params={**PARAMS, "n": 3})
+        [(claim, _lane)] = services.scheduler._claim_ready({})
+        asyncio.run(services.runner.run(claim))
+        job = row(services, job_id)
+        assert job.status == "failed" and job.error is not None
+        assert "No space left on device" in job.error["message"]
+    finally:
+        asyncio.run(services.aclose())
+    assert sorted(path.name for path in settings.assets_dir.glob("*/*")) == []
