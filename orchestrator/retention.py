@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Collection
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
-from sqlalchemy import tuple_, update
+from sqlalchemy import or_, tuple_, update
 from sqlalchemy.orm import aliased
 from sqlmodel import Session, col, select
 from sqlmodel.sql.expression import Select, SelectOfScalar
@@ -105,3 +106,37 @@ def expire_drafts(db: Database, days: int, *, batch: int = RETENTION_BATCH, paus
         after = found[-1][0], found[-1][1]
         if stop.wait(pause):
             return deleted
+
+
+# How far a file's time may be from its job's row's times and still be taken as made while the job
+# ran: the file's time is the storing host's, the row's the database's (or the claiming host's).
+CRASH_CLOCK_SLACK = timedelta(seconds=60)
+
+
+def made_by_jobs(s: Session, found: list[tuple[str, dict[str, Any] | None, float]]) -> set[str]:
+    """The sha256s of `found` files (sha256, generation record, modification time) that no row
+    names and a job of this database was making when they were written: its engine, stage, source
+    and prompt are the record's, it had been created and had not finished then, and it is not a
+    success without any asset row (whose rows are what is lost: a database that lost them is not
+    this store's whole record). Those are a crash's (a process killed as it stored them, its job
+    ended or run again since), which the foreign-database guard does not count
+    (`orchestrator.store.unexplained_orphans`). The record names no job (it holds what made the
+    image, so that the same request makes the same bytes): the job is found by what it asked."""
+    made: set[str] = set()
+    for sha, record, written in found:
+        if not record or not all(isinstance(record.get(key), str) for key in ("engine", "stage", "prompt")):
+            continue
+        parent = record.get("parent_id")
+        at = datetime.fromtimestamp(written, UTC)
+        jobs = s.exec(select(Job.id, Job.status, Job.params).where(
+            col(Job.engine) == record["engine"], col(Job.stage) == record["stage"],
+            col(Job.source_asset_id) == parent if isinstance(parent, str) else col(Job.source_asset_id).is_(None),
+            col(Job.created_at) <= at + CRASH_CLOCK_SLACK,
+            or_(col(Job.finished_at).is_(None), col(Job.finished_at) >= at - CRASH_CLOCK_SLACK)))
+        for job_id, status, params in jobs:
+            if not isinstance(params, dict) or params.get("prompt") != record["prompt"]:
+                continue
+            if status != "succeeded" or s.exec(select(Asset.id).where(col(Asset.job_id) == job_id).limit(1)).first():
+                made.add(sha)
+                break
+    return made

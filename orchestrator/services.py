@@ -39,7 +39,7 @@ from orchestrator.outage import Outage
 from orchestrator.policy_versions import PolicyVersions
 from orchestrator.prices import load_price_overrides, unread_prices
 from orchestrator.queue import Scheduler
-from orchestrator.retention import expire_drafts
+from orchestrator.retention import expire_drafts, made_by_jobs
 from orchestrator.routing import Router, policy_warnings
 from orchestrator.runner import JobRunner
 from orchestrator.settings import CONFIG_FILE_VARIABLE, Settings, control_character_problem, source_of
@@ -685,9 +685,13 @@ class Services:
             # Every asset deleted (and its file swept): no file is named, a crash's orphan included.
             emptied = s.exec(select(Asset.id).limit(1)).first() is not None and \
                 s.exec(select(Asset.id).where(col(Asset.deleted_at).is_(None)).limit(1)).first() is None
+        def crashed(found: list[tuple[str, dict[str, Any] | None, float]]) -> set[str]:
+            with self.db.session() as s:
+                return made_by_jobs(s, found)
+
         return self.store.sweep_orphans(lambda shas: named(shas, False), older_than,
                                         deleted=lambda shas: named(shas, True), emptied=emptied,
-                                        stop=self.sweeps_stop)
+                                        stop=self.sweeps_stop, crashed=crashed)
 
     def expire_drafts(self) -> int:
         """With ORCH_DRAFT_RETENTION_DAYS, delete the drafts older than that which nothing descends

@@ -1221,3 +1221,58 @@ def test_a_failed_job_that_made_the_same_image_twice_leaves_no_file(
     finally:
         asyncio.run(services.aclose())
     assert sorted(path.name for path in settings.assets_dir.glob("*/*")) == []
+
+
+def test_a_crash_s_orphans_of_this_database_s_jobs_do_not_stop_the_sweep_nor_make_check_call_it_foreign(
+        make_settings: SettingsFactory) -> None:
+    """22 images of a job killed as it stored them, and 3 files a dead sweep set aside, in a store of
+    26: more than ORPHAN_ALARM_FILES and ORPHAN_ALARM_SHARE of it, they stopped every sweep ("is it
+    the database this data dir belongs to?") and `check` called the database foreign, until moved
+    out by hand. Files that are no crash's (a succeeded job's whose rows are lost) still stop it."""
+    from datetime import timedelta
+
+    from orchestrator import check as check_module
+    from tests.api.test_workers import PARAMS, add_job, row
+
+    settings = make_settings()
+    services = Services.build(settings)
+    try:
+        store = services.store
+        lived: dict[str, Any] = {"created_at": utcnow() - timedelta(hours=3),
+                                 "finished_at": utcnow() - timedelta(hours=1)}
+        killed = add_job(services, status="failed", **lived)
+        lost = add_job(services, status="succeeded", params={**PARAMS, "prompt": "rows lost"}, **lived)
+
+        def image(seed: int, prompt: str) -> Path:
+            record = {"stage": "ideation", "engine": "lite", "prompt": prompt, "seed": seed, "parent_id": None}
+            path = store.path_for(store.put(encode_png(Image.new("RGB", (8, 8), (seed, 0, 0)), record)))
+            age(path)  # written two hours ago, while both jobs ran
+            return path
+
+        named = image(100, "a lighthouse")
+        job = row(services, killed)
+        with services.db.transaction() as s:
+            s.add(Asset(id=new_id("ast"), project_id=job.project_id, job_id=killed, index=0, stage="ideation",
+                        engine="lite", model="m", prompt="a lighthouse", negative_prompt="", seed=100, width=8,
+                        height=8, sha256=named.stem, record={}))
+        crashed = [image(seed, "a lighthouse") for seed in range(22)]
+        aside = []
+        for seed in range(3):
+            path = image(200 + seed, "set aside")
+            aside.append(path.with_name(f".gc-{path.stem}-0a1b2c3d.png"))
+            os.rename(path, aside[-1])
+        foreign = [image(seed, "rows lost") for seed in range(22)]
+        with pytest.raises(SweepRefused, match="22 of the 48 files"):
+            services.sweep_asset_files()
+        assert all(path.exists() for path in [named, *crashed, *aside, *foreign])
+        engine = check_module.read_only_engine(settings.resolved_database_url)
+        assert check_module.check_store(engine, store).foreign
+        for path in foreign:  # the operator moves them out
+            path.unlink()
+        report = check_module.check_store(engine, store)
+        assert (report.unnamed, report.unexplained, report.foreign) == (25, 0, False)
+        assert services.sweep_asset_files() == 25
+        assert [path.name for path in store.root.glob("*/*.png")] == [named.name]
+        assert lost  # its job stays, its files' rows lost
+    finally:
+        asyncio.run(services.aclose())
