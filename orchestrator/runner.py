@@ -302,7 +302,7 @@ class JobProgress:
         self._saving_done: asyncio.Future[None] | None = None  # the save out behind the event loop
 
     def step(self, step: int, total: int, preview: Image.Image | None = None) -> None:
-        if self.claim.cancel.cancelled:
+        if self._over():
             # The job is ending, or has ended while its inference thread finishes a step: a preview
             # kept or written now would outlive it.
             return
@@ -323,7 +323,7 @@ class JobProgress:
         shown = Preview.of(preview) if preview is not None else None  # shrunk; None when empty
         if shown is not None:
             self.runner.previews[job_id] = shown
-            if self.claim.cancel.cancelled:  # since the look above: the job's end may have cleared it
+            if self._over():  # since the look above: the job's end may have cleared it
                 self.runner.previews.pop(job_id, None)
                 return
         self.runner.bus.publish(job_id, "progress", events.progress(job_id, step, total, preview=shown is not None))
@@ -345,6 +345,13 @@ class JobProgress:
             self.runner.write_behind(self._write_behind, step, total)
         else:
             loop.run_in_executor(None, self._write_behind, step, total)
+
+    def _over(self) -> bool:
+        """Whether the render is over: canceled, or its engine returned or raised. A plugin's own
+        thread that told a step after its render returned (its job succeeded, nothing canceled)
+        kept a preview nothing removed again: held by the process for good, and served as the
+        finished job's."""
+        return self.claim.cancel.cancelled or self.claim.engine_ended is not None
 
     def _write(self, step: int, total: int) -> None:
         latest = self.runner.previews.get(self.claim.job.id)

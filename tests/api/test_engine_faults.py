@@ -863,8 +863,8 @@ def test_a_step_count_past_what_the_row_holds_is_scaled_to_it() -> None:
             told.append(data)
 
     runner = type("Runner", (), {"bus": Bus(), "previews": {}})()
-    claim = type("Claim", (), {"cancel": CancelToken(), "job": Job(id="job_1", project_id="prj_1", stage="bridge",
-                                                                     engine="fake-paid")})()
+    claim = type("Claim", (), {"cancel": CancelToken(), "engine_ended": None,
+                               "job": Job(id="job_1", project_id="prj_1", stage="bridge", engine="fake-paid")})()
     progress = JobProgress(runner, claim)
     progress.step(int(1.5e9), int(3e9))
     assert (told[-1]["step"], told[-1]["total"]) == (MAX_STEPS // 2, MAX_STEPS)

@@ -46,6 +46,7 @@ ENGINES = f"{ENGINE}=tests.api.test_previews_shared:factory"
 STEPPED_ENGINES = "fake-stepped=tests.api.test_previews_shared:stepped_factory"
 LARGE_ENGINES = "fake-large=tests.api.test_previews_shared:large_factory"
 EMPTY_ENGINES = "fake-empty=tests.api.test_previews_shared:empty_factory"
+LATE_ENGINES = "fake-late=tests.api.test_previews_shared:late_factory"
 STEPS = 4
 
 
@@ -153,6 +154,32 @@ class EmptyEngine(SteppedEngine):
 
 def empty_factory(ctx: EngineContext) -> EmptyEngine:
     return EmptyEngine()
+
+
+class LateEngine(PreviewEngine):
+    """A plugin whose own thread tells a step, with its preview, once `late` is set: after its
+    render has returned."""
+
+    name = "fake-late"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.late = threading.Event()
+        self.told = threading.Event()
+
+    def _denoise(self, req: RenderRequest, progress: Progress, cancel: CancelToken) -> RenderResult:
+        def tell() -> None:
+            if self.late.wait(30):
+                progress.step(2, STEPS, preview_of(2))
+                self.told.set()
+
+        threading.Thread(target=tell, daemon=True).start()
+        return RenderResult(images=[RenderedImage(Image.new("RGB", (req.width, req.height)), req.seed)],
+                            model=self.model)
+
+
+def late_factory(ctx: EngineContext) -> LateEngine:
+    return LateEngine()
 
 
 def preview_of(step: int) -> Image.Image:
@@ -431,6 +458,27 @@ def test_an_empty_preview_is_dropped_and_its_step_told_without_one(make_settings
             running.join(30)
         assert row(services, job_id).status == "succeeded"
     assert told[:2] == [{"step": 1, "total": STEPS, "fraction": 0.25}, {"step": 2, "total": STEPS, "fraction": 0.5}]
+
+
+def test_a_step_told_after_the_engine_returned_keeps_no_preview(make_settings: SettingsFactory) -> None:
+    # A plugin's thread that told a step once its render had returned (its job succeeded, no cancel
+    # set) put a preview in the runner's map that nothing removed again: held by the process for
+    # good, one per such job (up to 192 MiB for an 8192x8192 preview, before it was shrunk), and
+    # served by GET /v1/jobs/{id}/preview for the finished job.
+    app = create_app(make_settings(run_jobs=False, engines=LATE_ENGINES))
+    with TestClient(app) as client:
+        services: Services = app.state.services
+        job_id = add_job(services, engine="fake-late")
+        [(claim, _lane)] = services.scheduler._claim_ready({})
+        engine = services.registry.get("fake-late")
+        assert isinstance(engine, ThirdParty) and isinstance(engine.wrapped, LateEngine)
+        late = engine.wrapped
+        asyncio.run(services.runner.run(claim))
+        assert row(services, job_id).status == "succeeded"
+        late.late.set()
+        assert late.told.wait(30)
+        assert job_id not in services.runner.previews
+        assert_error(client.get(f"/v1/jobs/{job_id}/preview"), 404, "not_found")
 
 
 def test_a_preview_is_encoded_once_when_asked_for_from_threads_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
