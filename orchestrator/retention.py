@@ -121,22 +121,38 @@ def made_by_jobs(s: Session, found: list[tuple[str, dict[str, Any] | None, float
     this store's whole record). Those are a crash's (a process killed as it stored them, its job
     ended or run again since), which the foreign-database guard does not count
     (`orchestrator.store.unexplained_orphans`). The record names no job (it holds what made the
-    image, so that the same request makes the same bytes): the job is found by what it asked."""
+    image, so that the same request makes the same bytes): the job is found by what it asked.
+    One query for the jobs that lived while the files were written (the caller gives files
+    written close together), the rest matched here."""
+    records = [(sha, record, written) for sha, record, written in found if record
+               and all(isinstance(record.get(key), str) for key in ("engine", "stage", "prompt"))]
+    if not records:
+        return set()
+    first = datetime.fromtimestamp(min(written for _, _, written in records), UTC) - CRASH_CLOCK_SLACK
+    last = datetime.fromtimestamp(max(written for _, _, written in records), UTC) + CRASH_CLOCK_SLACK
+    engines = {str(record["engine"]) for _, record, _ in records}
+    lived: dict[tuple[str, str, str | None, str], list[tuple[str, str, datetime, datetime | None]]] = {}
+    for job in s.exec(select(Job).where(col(Job.engine).in_(engines), col(Job.created_at) <= last,
+                                        or_(col(Job.finished_at).is_(None), col(Job.finished_at) >= first))):
+        prompt = job.params.get("prompt") if isinstance(job.params, dict) else None
+        if isinstance(prompt, str):
+            lived.setdefault((job.engine, job.stage, job.source_asset_id, prompt), []).append(
+                (job.id, job.status, job.created_at, job.finished_at))
+    has_rows: dict[str, bool] = {}
+
+    def kept_rows(job_id: str) -> bool:
+        if job_id not in has_rows:
+            has_rows[job_id] = s.exec(select(Asset.id).where(col(Asset.job_id) == job_id).limit(1)).first() is not None
+        return has_rows[job_id]
+
     made: set[str] = set()
-    for sha, record, written in found:
-        if not record or not all(isinstance(record.get(key), str) for key in ("engine", "stage", "prompt")):
-            continue
+    for sha, record, written in records:
         parent = record.get("parent_id")
         at = datetime.fromtimestamp(written, UTC)
-        jobs = s.exec(select(Job.id, Job.status, Job.params).where(
-            col(Job.engine) == record["engine"], col(Job.stage) == record["stage"],
-            col(Job.source_asset_id) == parent if isinstance(parent, str) else col(Job.source_asset_id).is_(None),
-            col(Job.created_at) <= at + CRASH_CLOCK_SLACK,
-            or_(col(Job.finished_at).is_(None), col(Job.finished_at) >= at - CRASH_CLOCK_SLACK)))
-        for job_id, status, params in jobs:
-            if not isinstance(params, dict) or params.get("prompt") != record["prompt"]:
-                continue
-            if status != "succeeded" or s.exec(select(Asset.id).where(col(Asset.job_id) == job_id).limit(1)).first():
+        key = (record["engine"], record["stage"], parent if isinstance(parent, str) else None, record["prompt"])
+        for job_id, status, created, finished in lived.get(key, []):
+            during = created <= at + CRASH_CLOCK_SLACK and (finished is None or finished >= at - CRASH_CLOCK_SLACK)
+            if during and (status != "succeeded" or kept_rows(job_id)):
                 made.add(sha)
                 break
     return made

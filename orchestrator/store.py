@@ -138,17 +138,21 @@ def unexplained_orphans(orphans: list[Path], files: int, crashed: CrashedJobs | 
     if crashed is None:
         return len(home)
     alarm = max(ORPHAN_ALARM_FILES, files * ORPHAN_ALARM_SHARE)
+    dated: list[tuple[float, str, Path]] = []
+    for path in home:
+        sha = stored_sha(path)
+        try:
+            written = path.stat().st_mtime
+        except OSError:  # gone meanwhile: nothing to weigh
+            continue
+        if sha is not None:
+            dated.append((written, sha, path))
+    # Oldest first, so that each batch spans a short while and `crashed` asks for the few jobs
+    # that lived then, not for every job of the database.
+    dated.sort()
     left = 0
-    for start in range(0, len(home), ORPHAN_BATCH):
-        found: list[tuple[str, dict[str, Any] | None, float]] = []
-        for path in home[start:start + ORPHAN_BATCH]:
-            sha = stored_sha(path)
-            try:
-                written = path.stat().st_mtime
-            except OSError:  # gone meanwhile: nothing to weigh
-                continue
-            if sha is not None:
-                found.append((sha, file_record(path), written))
+    for start in range(0, len(dated), ORPHAN_BATCH):
+        found = [(sha, file_record(path), written) for written, sha, path in dated[start:start + ORPHAN_BATCH]]
         made = set(crashed(found))
         left += sum(1 for sha, _, _ in found if sha not in made)
         if left > alarm:
