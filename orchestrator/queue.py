@@ -41,11 +41,12 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import col, select
 
 from orchestrator import device_time, webhooks
+from orchestrator.adopt import Adoption
 from orchestrator.clock import shared_now, utcnow
 from orchestrator.db import Database, changed, commit_in_doubt, transient
 from orchestrator.errors import Canceled, Interrupted, OrchestratorError, first_line
 from orchestrator.events import EventBus, on_loop, woken
-from orchestrator.follow import tell_end
+from orchestrator.follow import catch_up, tell_end
 from orchestrator.jobs import render_request
 from orchestrator.ledger import Ledger
 from orchestrator.models import NO_LEASE, Job
@@ -1073,6 +1074,11 @@ class Scheduler:
 
     def _recover_one(self, job: Job) -> tuple[str, dict[str, Any] | None] | None:
         """How the job was recovered (and the error it ended with), or None when it was not."""
+        # Its images made, billed and stored before its process died: adopted, whatever else recovery
+        # would have done (a paid job failed as possibly billed, a free one run again for nothing).
+        adoption = Adoption.of(job, self.runner.store.intact) if job.stored_images else None
+        if adoption is not None:
+            return self._adopt(job, adoption)
         engine = self.registry.get(job.engine) if self.has_engine(job.engine) else None
         local = engine is not None and engine.kind == "local"
         # Work a queueing provider accepted is followed again rather than written off (the runner
@@ -1143,13 +1149,9 @@ class Scheduler:
         held = device_time.held_until_lease(job, self.lease, self.db.now()) if local else None
         if held is not None:
             values["device_seconds"] = device_time.added(held)
+        values["stored_images"] = None  # none of them found whole (`Adoption.of`): nothing to adopt later
         with self.db.transaction() as s:
-            # The lease it was judged orphaned on, too: read before the write lock was ours, and
-            # its holder, alive, may have renewed it since (taken from a live worker, a paid job was
-            # failed "interrupted" and its image thrown away).
-            stmt = update(Job).where(col(Job.id) == job.id, col(Job.attempt) == job.attempt,
-                                     col(Job.status) == "running", _same(col(Job.lease_owner), job.lease_owner),
-                                     _same(col(Job.lease_expires_at), job.lease_expires_at))
+            stmt = _orphaned_on(job)
             if outcome != "canceled":
                 # A cancel asked since the read wins: the next sweep ends the job canceled.
                 stmt = stmt.where(col(Job.cancel_requested_at).is_(None))
@@ -1177,6 +1179,46 @@ class Scheduler:
         with contextlib.suppress(OSError):
             self.runner.preview_files.remove(job.id)
         return outcome, values.get("error")
+
+
+    def _adopt(self, job: Job, adoption: Adoption) -> tuple[str, dict[str, Any] | None] | None:
+        """End the job with the images its dead attempt stored (`orchestrator.adopt`): its rows, its
+        end and its charge in one transaction, which its guarded update lets happen once."""
+        values = adoption.values()
+        with self.db.transaction() as s:
+            stmt = _orphaned_on(job)
+            if job.cancel_requested_at is None:
+                # A cancel asked since the read: the next sweep adopts them for a canceled job.
+                stmt = stmt.where(col(Job.cancel_requested_at).is_(None))
+            if changed(s.execute(stmt.values(**values))) != 1:
+                return None
+            asset_ids = adoption.write(s, self.ledger)
+        log.warning("recovered job %s (%s): adopted the %d image(s) its dead process stored; %s", job.id,
+                    job.engine, len(asset_ids), adoption.status)
+        with contextlib.suppress(OSError):
+            self.runner.preview_files.remove(job.id)
+        loop = self._loop or self.bus.loop
+        if loop is not None:
+            with self.db.session() as s:
+                ended = s.get(Job, job.id)
+            if ended is not None:
+                loop.call_soon_threadsafe(self._tell_adopted, ended, asset_ids)
+        return "adopted", None
+
+    def _tell_adopted(self, job: Job, asset_ids: list[str]) -> None:
+        """A stream this process has of the job is told its assets and end, as a follower tells them."""
+        if self.bus.view(job.id) is not None:
+            catch_up(self.bus, job, asset_ids)
+
+
+def _orphaned_on(job: Job) -> Any:
+    """The update of the job while it is still as recovery read it: the same attempt, running, and
+    the lease it was judged orphaned on (read before the write lock was ours, its holder, alive,
+    may have renewed it since: taken from a live worker, a paid job was failed "interrupted" and
+    its image thrown away)."""
+    return update(Job).where(col(Job.id) == job.id, col(Job.attempt) == job.attempt, col(Job.status) == "running",
+                             _same(col(Job.lease_owner), job.lease_owner),
+                             _same(col(Job.lease_expires_at), job.lease_expires_at))
 
 
 # What recovery knows of a job left running: its lease ran out without an end, whether its process

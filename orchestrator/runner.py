@@ -34,7 +34,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import Session, col, func, select
 from typing_extensions import TypeIs
 
-from orchestrator import cache, device_time, events, quota, webhooks
+from orchestrator import adopt, cache, device_time, events, quota, webhooks
 from orchestrator.cache import cache_key, cached_copies
 from orchestrator.clock import shared_now, utcnow
 from orchestrator.db import Database, changed, commit_in_doubt, disk_full, transient
@@ -1781,6 +1781,8 @@ class JobRunner:
         # PNG encoding (zlib) releases the GIL: n images encode and fsync in parallel.
         pngs = self._store_pngs(job, [r.image for r in result.images], records)
         try:
+            if self.registry.get(job.engine).kind == "remote":
+                self._keep_for_recovery(claim, result, records, pngs)
             return self._finish_success(claim, result, records, pngs, seconds)
         except BaseException:
             # Canceled meanwhile (its 202 wins), taken over, or never recorded: no row names what
@@ -1788,6 +1790,31 @@ class JobRunner:
             # take the database for another store's, and to remove nothing more.
             self._discard(pngs)
             raise
+
+    def _keep_for_recovery(self, claim: Claim, result: RenderResult, records: list[dict[str, Any]],
+                           pngs: list[tuple[Put, bytes]]) -> None:
+        """Commit what this attempt stored on the job's row (`orchestrator.adopt`), before the rows
+        naming the files: a remote engine's images are billed, and a process that dies before its
+        final write leaves them to recovery to adopt, not to the orphan sweep. Best effort: with the
+        database away, the final write waits for it anyway, and only a crash meanwhile loses them."""
+        job = claim.job
+        key = None
+        if job.cache_key and not claim.inherited:
+            key = cache_key(job.engine, self.registry.get(job.engine).model, job.params)  # as `_succeed_in`
+        accepted = _accepted_values(claim.accepted)["provider_request_id"] if claim.accepted else None
+        stored = adopt.stored_images(
+            claim.attempt, model=result.model, cost=result.cost_millicredits, cost_unread=unread_note(result),
+            provider_request_id=result.provider_request_id or accepted, cache_key=key,
+            images=[{"sha256": put.sha256, "bytes": len(data), "seed": rendered.seed, "width": rendered.image.width,
+                     "height": rendered.image.height, "record": record}
+                    for rendered, record, (put, data) in zip(result.images, records, pngs, strict=True)])
+        try:
+            with self.db.transaction() as s:
+                s.execute(update(Job).where(col(Job.id) == job.id, col(Job.attempt) == claim.attempt,
+                                            col(Job.status) == "running").values(stored_images=stored))
+        except SQLAlchemyError as exc:
+            log.warning("job %s: what it stored could not be recorded for a recovery (%s); its end is recorded next",
+                        job.id, first_line(exc))
 
     def _records(self, job: Job, result: RenderResult, *, note: str | None = None) -> list[dict[str, Any]]:
         """Each image's record (`_record`) with its size, and `note` when one is given."""
@@ -1906,7 +1933,7 @@ class JobRunner:
                              **held, progress_step=job.progress_total or 1,
                              progress_total=job.progress_total or 1, model=result.model, **accepted,
                              # The column's size: n ids of a many-call job may be longer.
-                             provider_request_id=(request_id or "")[:500] or None,
+                             provider_request_id=(request_id or "")[:500] or None, stored_images=None,
                              attempts=job.with_attempt("succeeded"))
         _add_assets(s, rows)
         webhooks.job_ended(s, claim.job.id, claim.job.project_id, "succeeded")
@@ -2008,7 +2035,8 @@ class JobRunner:
             self._guarded_update(s, claim, status=status, finished_at=utcnow(), error=error.to_dict(),
                                  **NO_LEASE, progress_step=job.progress_step,
                                  progress_total=job.progress_total, **accepted, **held,
-                                 **unstarted_values, attempts=job.with_attempt(status, error.to_dict()))
+                                 **unstarted_values, stored_images=None,
+                                 attempts=job.with_attempt(status, error.to_dict()))
             _add_assets(s, rows)
             self.ledger.settle_failure(s, job, bill)
             webhooks.job_ended(s, claim.job.id, claim.job.project_id, status)

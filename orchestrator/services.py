@@ -21,7 +21,7 @@ from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SAWarning, SQLAlche
 from sqlalchemy.util import asbool
 from sqlmodel import col, select
 
-from orchestrator import idempotency, identity, quota
+from orchestrator import adopt, idempotency, identity, quota
 from orchestrator.api.serialize import job_public
 from orchestrator.bells import bell_for
 from orchestrator.db import Database, reach, shown_url, sqlite_file
@@ -679,7 +679,10 @@ class Services:
         def named(shas: list[str], deleted: bool) -> set[str]:
             with self.db.session() as s:
                 gone = col(Asset.deleted_at).is_not(None) if deleted else col(Asset.deleted_at).is_(None)
-                return set(s.exec(select(Asset.sha256).where(col(Asset.sha256).in_(shas), gone).distinct()))
+                found = set(s.exec(select(Asset.sha256).where(col(Asset.sha256).in_(shas), gone).distinct()))
+                # The files a running job stored before its process died, which its recovery adopts
+                # (`orchestrator.adopt`): no row names them yet, and none may take them first.
+                return found if deleted else found | adopt.pending(s, shas)
 
         with self.db.session() as s:
             # Every asset deleted (and its file swept): no file is named, a crash's orphan included.
