@@ -39,6 +39,7 @@ from sqlalchemy.orm import aliased
 from sqlalchemy.pool import QueuePool
 from sqlmodel import Session, col, select
 
+from orchestrator import adopt
 from orchestrator.db import foreign_tables, postgres_connect_args, sqlite_file
 from orchestrator.errors import NotFound
 from orchestrator.events import TERMINAL
@@ -581,7 +582,9 @@ def _unnamed(engine: Engine, store: ArtifactStore) -> tuple[int, int, list[str],
                           if (not path.name.startswith(".") or path.name.startswith(".gc-"))
                           and (sha := stored_sha(path)) is not None and _regular(path)):
         with Session(engine) as s:
-            named = set(s.exec(select(Asset.sha256).where(col(Asset.sha256).in_({sha for sha, _ in batch}))))
+            shas = {sha for sha, _ in batch}
+            # With those a running job stored for its recovery to adopt (`orchestrator.adopt`): paid for.
+            named = set(s.exec(select(Asset.sha256).where(col(Asset.sha256).in_(shas)))) | adopt.pending(s, shas)
             running = s.exec(select(Job.id).where(col(Job.status) == "running").limit(1)).first() is not None
         unnamed_here = [path for sha, path in batch if sha not in named]
         if running:

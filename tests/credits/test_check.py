@@ -401,3 +401,36 @@ def test_a_job_that_starts_as_the_store_is_listed_has_its_young_files_counted_in
     monkeypatch.setattr(Path, "glob", claimed_as_listed)
     report = check.check_store(check.read_only_engine(str(sqlite_db.engine.url)), store)
     assert (report.files, report.unnamed, report.in_flight, report.unnamed_paths) == (3, 0, 2, [])
+
+
+def test_the_files_a_dead_paid_job_stored_for_its_recovery_are_not_listed_to_move_out(
+        sqlite_db: Database, tmp_path: Path) -> None:
+    """A process killed between a paid job's files and their rows leaves them on the job's row for
+    its recovery to adopt (`orchestrator.adopt`): listed among the files no asset names, the check
+    told the operator to move out of the store images that were paid for and about to be kept."""
+    import os
+    import time
+
+    from orchestrator.adopt import stored_images
+    from orchestrator.models import Asset, Job, Project
+    from orchestrator.store import ArtifactStore
+
+    store = ArtifactStore(tmp_path / "assets")
+    named, adoptable, orphan = (store.put(data) for data in (b"a named image", b"a paid image", b"an orphan"))
+    hours_ago = time.time() - 2 * 3600
+    for sha in (named, adoptable, orphan):
+        os.utime(store.path_for(sha), (hours_ago, hours_ago))  # past the sweep's grace: a crash's leftovers
+    with sqlite_db.transaction() as s:
+        s.add(Project(id="prj_dead", name="dead", policy="balanced"))
+        s.flush()
+        s.add(Job(id="job_done", project_id="prj_dead", stage="ideation", engine="lite", status="succeeded"))
+        s.add(Job(id="job_dead", project_id="prj_dead", stage="bridge", engine="fake-paid", status="running",
+                  attempt=1, stored_images=stored_images(
+                      1, model="fake-1", cost=None, cost_unread=None, provider_request_id=None, cache_key=None,
+                      images=[{"sha256": adoptable, "bytes": 12, "seed": 1, "width": 8, "height": 8,
+                               "record": {"prompt": "p"}}])))
+        s.flush()
+        s.add(Asset(id="ast_done", project_id="prj_dead", job_id="job_done", stage="ideation", engine="lite",
+                    model="m", prompt="p", width=64, height=64, sha256=named))
+    report = check.check_store(check.read_only_engine(str(sqlite_db.engine.url)), store)
+    assert (report.files, report.unnamed, report.unnamed_paths) == (3, 1, [str(store.path_for(orphan))])
