@@ -6,15 +6,17 @@ charge. A process that died in between left a job `running` whose files no row n
 failed it `interrupted`, captured its estimate unreconciled, and the orphan sweep later removed its
 files, so the studio paid for images it never got.
 
-So between the two the runner commits what it stored on the job's row (`Job.stored_images`, see
-`stored_images`): each file's sha256, size and generation record, and what the engine said of its
-cost. The PNG's own record holds only what made the image, never a job id (identical requests
-give byte-identical, shared files), so the row is what ties the files to the job and its attempt.
-Recovery of that attempt (`Adoption.of`) checks each file against its sha256 and commits the rows
-the runner would have, ends the job as the runner would have (`succeeded`; `canceled` with the
-images when a cancel was asked; `failed` `interrupted` with those found whole when some were lost
-since) and settles its hold once through the ledger, with the cost the engine reported. The orphan
-sweep leaves every file a running job's row names (`pending`), so it cannot take them first.
+So once the images are encoded, before the first file is written, the runner commits what it is
+about to store on the job's row (`Job.stored_images`, see `stored_images`): each file's sha256,
+size and generation record, and what the engine said of its cost. The PNG's own record holds only
+what made the image, never a job id (identical requests give byte-identical, shared files), so the
+row is what ties the files to the job and its attempt.
+Recovery of that attempt (`Adoption.of`) checks each file against its sha256 (a crash as they were
+written leaves some, or none: then the job is recovered as before) and commits the rows the runner
+would have, ends the job as the runner would have (`succeeded`; `canceled` with the images when a
+cancel was asked; `failed` `interrupted` with those found whole when some were lost since) and
+settles its hold once through the ledger, with the cost the engine reported. The orphan sweep
+leaves every file a running job's row names (`pending`), so it cannot take them first.
 """
 
 from __future__ import annotations

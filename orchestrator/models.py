@@ -160,8 +160,8 @@ class Job(SQLModel, table=True):
     # engines that announce their sends (`tiers.base.billable_send`), cleared just before the first
     # one leaves. Recovery runs such an attempt again instead of charging it as possibly billed.
     unsent_attempt: int | None = None
-    # The images a running attempt of a remote engine has stored, before the rows naming them
-    # commit (`orchestrator.adopt`): {"attempt", "model", "cost_millicredits", "cost_unread",
+    # The images a running attempt of a remote engine is storing, committed before their files and
+    # the rows naming them (`orchestrator.adopt`): {"attempt", "model", "cost_millicredits", "cost_unread",
     # "provider_request_id", "cache_key", "images": [{"sha256", "bytes", "seed", "width", "height",
     # "record"}]}. Made and billed: a recovery of that attempt adopts them, and the orphan sweep
     # leaves the files a running job's row names. Null once the job ends.

@@ -13,6 +13,8 @@ import asyncio
 import concurrent.futures
 import contextlib
 import errno
+import functools
+import hashlib
 import io
 import json
 import logging
@@ -1779,10 +1781,12 @@ class JobRunner:
         self._raise_if_user_canceled(claim)
         records = self._records(job, result)
         # PNG encoding (zlib) releases the GIL: n images encode and fsync in parallel.
-        pngs = self._store_pngs(job, [r.image for r in result.images], records)
+        # A remote engine's images are billed: what will be stored is on the job's row before any
+        # file is, for a recovery to adopt whatever of it a crash leaves in the store.
+        keep = (functools.partial(self._keep_for_recovery, claim, result, records)
+                if self.registry.get(job.engine).kind == "remote" else None)
+        pngs = self._store_pngs(job, [r.image for r in result.images], records, before_puts=keep)
         try:
-            if self.registry.get(job.engine).kind == "remote":
-                self._keep_for_recovery(claim, result, records, pngs)
             return self._finish_success(claim, result, records, pngs, seconds)
         except BaseException:
             # Canceled meanwhile (its 202 wins), taken over, or never recorded: no row names what
@@ -1792,11 +1796,12 @@ class JobRunner:
             raise
 
     def _keep_for_recovery(self, claim: Claim, result: RenderResult, records: list[dict[str, Any]],
-                           pngs: list[tuple[Put, bytes]]) -> None:
-        """Commit what this attempt stored on the job's row (`orchestrator.adopt`), before the rows
-        naming the files: a remote engine's images are billed, and a process that dies before its
-        final write leaves them to recovery to adopt, not to the orphan sweep. Best effort: with the
-        database away, the final write waits for it anyway, and only a crash meanwhile loses them."""
+                           encoded: list[bytes]) -> None:
+        """Commit what this attempt is about to store on the job's row (`orchestrator.adopt`), before
+        its files and the rows naming them: a remote engine's images are billed, and a process that
+        dies before its final write leaves them to recovery to adopt, not to the orphan sweep. Best
+        effort: with the database away, the final write waits for it anyway, and only a crash
+        meanwhile loses them."""
         job = claim.job
         key = None
         if job.cache_key and not claim.inherited:
@@ -1805,9 +1810,9 @@ class JobRunner:
         stored = adopt.stored_images(
             claim.attempt, model=result.model, cost=result.cost_millicredits, cost_unread=unread_note(result),
             provider_request_id=result.provider_request_id or accepted, cache_key=key,
-            images=[{"sha256": put.sha256, "bytes": len(data), "seed": rendered.seed, "width": rendered.image.width,
-                     "height": rendered.image.height, "record": record}
-                    for rendered, record, (put, data) in zip(result.images, records, pngs, strict=True)])
+            images=[{"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), "seed": rendered.seed,
+                     "width": rendered.image.width, "height": rendered.image.height, "record": record}
+                    for rendered, record, data in zip(result.images, records, encoded, strict=True)])
         try:
             with self.db.transaction() as s:
                 s.execute(update(Job).where(col(Job.id) == job.id, col(Job.attempt) == claim.attempt,
@@ -1834,13 +1839,14 @@ class JobRunner:
             records.append(record)
         return records
 
-    def _store_pngs(self, job: Job, images: list[Image.Image],
-                    records: list[dict[str, Any]]) -> list[tuple[Put, bytes]]:
+    def _store_pngs(self, job: Job, images: list[Image.Image], records: list[dict[str, Any]], *,
+                    before_puts: Callable[[list[bytes]], None] | None = None) -> list[tuple[Put, bytes]]:
         """Each image encoded and stored (what its put did, its bytes), in the images' order. Encoded
         on the PNG threads (zlib releases the GIL), each one is handed to a store thread of its own
         as soon as it is ready (see `STORE_THREADS`), so the job's fsyncs are waited for together.
         Every put has returned, its file and its rename fsynced, before this does: the rows naming
-        them commit next. When one fails, what the others wrote is discarded."""
+        them commit next. When one fails, what the others wrote is discarded. `before_puts` gets
+        every image's bytes once all are encoded, before the first put (which then waits for it)."""
         encoded: list[concurrent.futures.Future[bytes]] = []
         puts: dict[int, concurrent.futures.Future[tuple[Put, bytes]]] = {}
         refused: RuntimeError | None = None
@@ -1848,6 +1854,10 @@ class JobRunner:
             for image, record in zip(images, records, strict=True):
                 encoded.append(self._encoder.submit(encode_png, image, record))
             index = {future: i for i, future in enumerate(encoded)}
+            if before_puts is not None:
+                concurrent.futures.wait(encoded)
+                if all(future.exception() is None for future in encoded):  # else the failure is raised below
+                    before_puts([future.result() for future in encoded])
             # One put for the same bytes twice (a plugin's images alike, seed and all): the second
             # put found the first's file and touched it, and the job's discard then took it for
             # another job's (touched since) and left it, an orphan until the hourly sweep.

@@ -1,11 +1,12 @@
-"""jobs.stored_images: the images a running attempt of a remote engine stored, before their rows
+"""jobs.stored_images: the images a running attempt of a remote engine stores, before their rows
 
 A paid job whose process died after its image files were written (and fsynced) but before the
 transaction naming them committed was failed `interrupted` at recovery, its estimate captured
 unreconciled and its files swept as orphans: the studio paid for images it never got. The runner
-now commits what it stored (each file's sha256 and record, the engine's reported cost) on the row
-first; recovery adopts those files (rows, the job's end, its charge settled once) and the orphan
-sweep leaves the files a running job's row names. Null: nothing stored yet, or nothing to adopt.
+now commits what it is about to store (each file's sha256 and record, the engine's reported cost)
+on the row before the first file; recovery adopts those files (rows, the job's end, its charge
+settled once) and the orphan sweep leaves the files a running job's row names. Null: nothing
+stored yet, or nothing to adopt.
 
 Revision ID: 0043
 Revises: 0038

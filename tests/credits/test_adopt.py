@@ -44,13 +44,28 @@ JobRunner._finish_success = die
 """
 
 
-class DyingService(Service):
-    """`Service`, with `DIE_BEFORE_THE_ROWS` run first."""
+# Or as the store thread has written (fsynced, renamed) the job's image, before anything else.
+DIE_AFTER_THE_PUT = """
+import os, signal
+from orchestrator.runner import JobRunner
 
-    def __init__(self, env: dict[str, str], cwd: Path, log: Path) -> None:
+put = JobRunner._store_png
+
+def die(self, data):
+    put(self, data)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+JobRunner._store_png = die
+"""
+
+
+class DyingService(Service):
+    """`Service`, with `dying` (`DIE_BEFORE_THE_ROWS`, `DIE_AFTER_THE_PUT`) run first."""
+
+    def __init__(self, env: dict[str, str], cwd: Path, log: Path, dying: str) -> None:
         self.log = open(log, "wb")  # noqa: SIM115 (closed by stop/kill)
         try:
-            self.process, self.url = launch_server(env, cwd, self.log, DIE_BEFORE_THE_ROWS)
+            self.process, self.url = launch_server(env, cwd, self.log, dying)
         except BaseException:
             self.log.close()
             raise
@@ -60,17 +75,19 @@ def store_files(data_dir: Path) -> set[str]:
     return {path.stem for path in (data_dir / "assets").glob("*/*.png")}
 
 
-@pytest.mark.parametrize("swept_first", [False, True], ids=["recovered", "swept-then-recovered"])
+@pytest.mark.parametrize(("dying", "swept_first"), [(DIE_BEFORE_THE_ROWS, False), (DIE_BEFORE_THE_ROWS, True),
+                                                    (DIE_AFTER_THE_PUT, False)],
+                         ids=["recovered", "swept-then-recovered", "killed-as-the-file-was-written"])
 def test_a_paid_job_killed_between_its_files_and_its_rows_keeps_its_images(
         service_env: dict[str, str], tmp_path: Path, paid_settings_for: Callable[..., Settings],
-        services: list[Service], swept_first: bool) -> None:
+        services: list[Service], dying: str, swept_first: bool) -> None:
     data_dir = Path(service_env["ORCH_DATA_DIR"])
     settings = paid_settings_for(data_dir)
     with serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30.0) as client:
         project_id, asset_id = project_with_draft(client, {"limit": 100, "period": "month"})
     before = store_files(data_dir)
 
-    services.append(DyingService(service_env, tmp_path, tmp_path / "first.log"))
+    services.append(DyingService(service_env, tmp_path, tmp_path / "first.log", dying))
     with httpx.Client(base_url=services[0].url, timeout=30.0) as client:
         # The provider reports what it charged (7 credits of the 10 held).
         job_id = promote_ok(client, asset_id, tags={"cost": "7"})["id"]
