@@ -1180,7 +1180,6 @@ class Scheduler:
             self.runner.preview_files.remove(job.id)
         return outcome, values.get("error")
 
-
     def _adopt(self, job: Job, adoption: Adoption) -> tuple[str, dict[str, Any] | None] | None:
         """End the job with the images its dead attempt stored (`orchestrator.adopt`): its rows, its
         end and its charge in one transaction, which its guarded update lets happen once."""

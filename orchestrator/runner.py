@@ -1818,8 +1818,8 @@ class JobRunner:
                 s.execute(update(Job).where(col(Job.id) == job.id, col(Job.attempt) == claim.attempt,
                                             col(Job.status) == "running").values(stored_images=stored))
         except SQLAlchemyError as exc:
-            log.warning("job %s: what it stored could not be recorded for a recovery (%s); its end is recorded next",
-                        job.id, first_line(exc))
+            log.warning("job %s: what it is about to store could not be recorded for a recovery (%s); its end is "
+                        "recorded next", job.id, first_line(exc))
 
     def _records(self, job: Job, result: RenderResult, *, note: str | None = None) -> list[dict[str, Any]]:
         """Each image's record (`_record`) with its size, and `note` when one is given."""
