@@ -82,7 +82,12 @@ def test_a_paid_job_killed_between_its_files_and_its_rows_keeps_its_images(
         service_env: dict[str, str], tmp_path: Path, paid_settings_for: Callable[..., Settings],
         services: list[Service], dying: str, swept_first: bool) -> None:
     data_dir = Path(service_env["ORCH_DATA_DIR"])
-    settings = paid_settings_for(data_dir)
+    check_adopted(service_env, tmp_path, paid_settings_for(data_dir), services, dying, swept_first)
+
+
+def check_adopted(service_env: dict[str, str], tmp_path: Path, settings: Settings, services: list[Service],
+                  dying: str, swept_first: bool) -> None:
+    data_dir = settings.data_dir
     with serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30.0) as client:
         project_id, asset_id = project_with_draft(client, {"limit": 100, "period": "month"})
     before = store_files(data_dir)

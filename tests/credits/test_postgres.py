@@ -107,6 +107,7 @@ from tests.api.test_webhooks import check_a_succeeded_draft_is_posted_once_signe
 from tests.conftest import isolate, random_runs
 from tests.credits import PRICE, assert_settled_once, get_json, ledger, project_with_draft, promote_ok
 from tests.credits.conftest import ENGINES, POLICY, Service
+from tests.credits.test_adopt import DIE_BEFORE_THE_ROWS, check_adopted
 from tests.credits.test_budget import check_budget_race
 from tests.credits.test_check import check_ledger_findings, check_storage_findings
 from tests.credits.test_random_outcomes import KILL_SEEDS, SEEDS, kill_in_the_mix, run_the_mix
@@ -1588,3 +1589,11 @@ def test_serve_stopped_during_its_migration_says_so_and_leaves_a_whole_revision_
     from tests.test_cli import check_a_start_stopped_mid_migration
 
     check_a_start_stopped_mid_migration(postgres_url, tmp_path / "data", tiny_cache_dir, tmp_path, stop)
+
+
+def test_a_paid_job_killed_between_its_files_and_its_rows_keeps_its_images_on_postgres(
+        service_env: dict[str, str], tmp_path: Path, paid_settings_for: Callable[..., Settings],
+        services: list[Service], postgres_url: str) -> None:
+    settings = paid_settings_for(Path(service_env["ORCH_DATA_DIR"]), database_url=postgres_url)
+    check_adopted({**service_env, "ORCH_DATABASE_URL": postgres_url}, tmp_path, settings, services,
+                  DIE_BEFORE_THE_ROWS, swept_first=True)
