@@ -8,8 +8,8 @@ on the row before the first file; recovery adopts those files (rows, the job's e
 settled once) and the orphan sweep leaves the files a running job's row names. Null: nothing
 stored yet, or nothing to adopt.
 
-Revision ID: 0043
-Revises: 0038
+Revision ID: 0040
+Revises: 0039
 Create Date: 2026-12-07 21:00:00.000000
 """
 
@@ -20,8 +20,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = '0043'
-down_revision: str | None = '0038'
+revision: str = '0040'
+down_revision: str | None = '0039'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
