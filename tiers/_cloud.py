@@ -214,9 +214,6 @@ def failed_follows(failures: list[EngineError], asked: Asked, made: int, noun: s
     (`EngineError.unbilled`) is not counted."""
     billable = [failure for failure in failures if not failure.work_unbilled]
     error = (billable or failures)[0]
-    if error.charged == "yes" and any(failure.charged != "yes" for failure in billable):
-        # One known billed (Stability's filtered image) says nothing of another's (an expired upscale).
-        error.charged = "unknown"
     follows_billed(asked, made, failures)
     if len(failures) > 1 or made:
         error.message = f"{len(failures)} of {asked.n} {noun} failed, {made} made; the first: {error.message}"[:500]

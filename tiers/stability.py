@@ -533,9 +533,6 @@ class StabilityEngine(CloudEngine):
                         out -= 1
                         if out or any(not failure.work_unbilled for failure in failures):
                             canceled.charged = "unknown"  # the rest may have billed: not known
-                    elif canceled.charged == "yes" and (out > 1 or any(not f.work_unbilled for f in failures)):
-                        # Made filtered (billed, counted in `out`), with others that may have billed.
-                        canceled.charged = "unknown"
                     follows_billed(asked, len(images), failures, out)
                     raise canceled from None
                 except Canceled:
@@ -706,10 +703,6 @@ class StabilityEngine(CloudEngine):
             # not: the hold is released, as when that answer was read before the cancel.
             if isinstance(failed, EngineError) and failed.work_unbilled:
                 canceled.unbilled()
-            # One saying it was made and billed (CONTENT_FILTERED, its image blurred and not kept):
-            # charged as made, as when read before the cancel, not captured for reconciliation.
-            elif isinstance(failed, EngineError) and failed.charged == "yes":
-                canceled.charged = "yes"
             return canceled
         image, seed, reason = answered
         finish_reasons.append(reason)
@@ -737,12 +730,9 @@ class StabilityEngine(CloudEngine):
         body = {} if _image_bytes(response) else json_object(response, self.name)
         reason = str(body.get("finish_reason") or response.headers.get("finish-reason") or "SUCCESS")
         if FILTERED in (reason, response.headers.get("finish-reason")):
-            # A 2xx with its image made, blurred (providers.md lists the reason with a success's
-            # headers, and treats it as `content_filtered`): the generation ran and is billed, as
-            # Stability bills all but failures, which are its 4xx and 5xx. Charged as made (the
-            # estimate's share, as a success is), not captured for a person to reconcile.
-            raise ContentFiltered(f"{self.name}: the output was content filtered (a blurred image, billed)",
-                                  details={"engine": self.name, "reason": FILTERED}, charged="yes")
+            # The provider made (and may bill) a blurred image.
+            raise ContentFiltered(f"{self.name}: the output was content filtered",
+                                  details={"engine": self.name, "reason": FILTERED}, charged="unknown")
         if FAILED in (reason, response.headers.get("finish-reason")):
             # Whatever came with it (an image, or none), the generation failed, and Stability bills
             # no failed generation (providers.md): an image so answered was stored and its hold
