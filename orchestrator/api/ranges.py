@@ -22,19 +22,18 @@ _RANGE_SPEC = re.compile(r"([0-9]+)-([0-9]*)|-([0-9]+)", re.ASCII)
 _BEYOND_DIGITS = 18
 
 
-def _number(digits: str) -> tuple[int, int]:
-    """`digits` as a key that orders numbers of any length (its significant digits' count, then
-    the number, read only when short enough to be read)."""
+def _number(digits: str) -> tuple[int, str]:
+    """`digits` as a key that orders numbers of any length: its significant digits' count, then
+    those digits, which order as the numbers do among numbers as long (two of 20 digits read as
+    one key made `bytes=<20 nines>-<a smaller 20>` a 416, where a last before the first is ignored)."""
     significant = digits.lstrip("0")
-    if len(significant) > _BEYOND_DIGITS:
-        return len(significant), 0
-    return len(significant), int(significant or "0")
+    return len(significant), significant
 
 
 def _position(digits: str, size: int) -> int:
     """`digits` as a byte position, `size` or more read as `size`."""
-    places, value = _number(digits)
-    return size if places > _BEYOND_DIGITS else min(value, size)
+    places, significant = _number(digits)
+    return size if places > _BEYOND_DIGITS else min(int(significant or "0"), size)
 
 
 def byte_range(ranges: list[str], if_range: list[str], etag: str, size: int) -> tuple[int, int] | None:

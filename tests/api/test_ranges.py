@@ -45,6 +45,7 @@ MIB = 2**20
     ([], [ETAG], None),  # If-Range without Range: nothing to do
     (["bytes=5-2"], [], None),  # last before first: invalid, ignored
     (["bytes=" + "9" * 40 + "-" + "9" * 39], [], None),  # so too with numbers too long to read
+    (["bytes=" + "9" * 20 + "-" + "1" + "0" * 19], [], None),  # as long as each other, and too long to read
     (["bytes=a-b"], [], None),
     (["bytes=1-2-3"], [], None),
     (["bytes=\u0661-\u0662"], [], None),  # Arabic-Indic digits are no digits of HTTP
