@@ -60,11 +60,14 @@ def byte_range(ranges: list[str], if_range: list[str], etag: str, size: int) -> 
         return None
     first, last, suffix = spec.groups()
     if suffix is not None:
-        length = _position(suffix, size)
-        if length == 0:
+        if _number(suffix)[0] == 0:
             raise RangeNotSatisfiable(f"the range 'bytes={specs[0][:60]}' asks for no bytes; the image has {size}",
                                       size=size)
-        return size - length, size - 1
+        if size == 0:
+            # Satisfiable (14.1.1: of no bytes, a suffix of some is), yet no Content-Range can
+            # name a byte of it: sent whole, as an ignored Range is.
+            return None
+        return size - _position(suffix, size), size - 1
     if last and _number(last) < _number(first):  # 14.1.1: invalid, so the header is ignored
         return None
     start = _position(first, size)

@@ -77,6 +77,16 @@ def test_a_range_with_no_byte_of_the_image(ranges: list[str]) -> None:
     assert raised.value.size == 1000 and raised.value.status == 416 and len(raised.value.message) < 200
 
 
+def test_an_empty_image_s_suffix_range_is_answered_whole() -> None:
+    """RFC 9110 14.1.1: of a representation of no bytes, a suffix range of one or more is the one
+    satisfiable range; no Content-Range can name its bytes, so it is answered whole (200), never 416."""
+    assert byte_range(["bytes=-5"], [], ETAG, 0) is None
+    for unsatisfiable in (["bytes=0-"], ["bytes=-0"], ["bytes=0-0"]):
+        with pytest.raises(RangeNotSatisfiable) as raised:
+            byte_range(unsatisfiable, [], ETAG, 0)
+        assert raised.value.size == 0, unsatisfiable
+
+
 def _image(client: TestClient, **size: Any) -> tuple[Services, str, bytes]:
     """The client's service, and the id and bytes of a draft of its own."""
     services: Services = client.app.state.services  # type: ignore[attr-defined]
