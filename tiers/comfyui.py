@@ -813,9 +813,14 @@ class ComfyUIEngine(SelfHostedEngine):
                 # Not parsed by then: the prompt was left rendering for nobody. Deleted from the
                 # pending list just before, a prompt the queue still names is the one running, which
                 # a search of the raw bytes finds in milliseconds where the parse took seconds. Only
-                # an id as long as a uuid (ours, ComfyUI's): a short one ("9") may be a node's.
-                if deleted and len(prompt_id) >= UUID_HEX and f'"{prompt_id}"'.encode() in queue.content:
-                    await self._cleanup("POST", "/interrupt", json={"prompt_id": prompt_id})
+                # an id as long as a uuid (ours, ComfyUI's): a short one ("9") may be a node's. The
+                # queue is read again for it: the answer above is CLEANUP_TIMEOUT old, and the prompt
+                # may have ended since and another's begun, which a server that predates targeted
+                # interrupts (it ignores `prompt_id`) stopped instead.
+                if deleted and len(prompt_id) >= UUID_HEX:
+                    now = await self._cleanup("GET", "/queue")
+                    if now.status_code == 200 and f'"{prompt_id}"'.encode() in now.content:
+                        await self._cleanup("POST", "/interrupt", json={"prompt_id": prompt_id})
                 return
             running = body.get("queue_running") if isinstance(body, dict) else None
             if isinstance(running, list) and any(

@@ -1496,3 +1496,47 @@ async def test_a_cancel_does_not_wait_for_the_parse_of_the_queue_it_reads_to_dro
     assert parsing.is_set() and info.value.charged == "no"
     # Deleted, and interrupted only where the queue names it (another's render is left alone).
     assert dropped(routes) == ([prompt_id], [prompt_id] if case == "ours-running" else [])
+
+
+@respx.mock
+async def test_an_interrupt_a_late_parse_decides_goes_by_a_fresh_look_at_the_queue(
+        engine: ComfyUIEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Where the queue's parse runs past CLEANUP_TIMEOUT, its bytes decide the interrupt: they were
+    # read that long before it went out, and our prompt may have ended meanwhile and another's
+    # begun, which a server that predates targeted interrupts (it ignores `prompt_id` and stops
+    # whatever runs) stopped instead. The queue is looked at again, its bytes searched at once.
+    import tiers.comfyui
+    from tiers._http import answer_json as real
+
+    monkeypatch.setattr(tiers.comfyui, "CLEANUP_TIMEOUT", 0.2)
+    routes = mock_server()
+    ours = routes["queue_state"].side_effect
+    assert callable(ours)
+
+    looks_since_the_delete: list[httpx.Request] = []
+
+    def ended_after_the_look(request: httpx.Request) -> httpx.Response:
+        if routes["queue"].call_count:
+            looks_since_the_delete.append(request)
+        if len(looks_since_the_delete) > 1:  # ours ended after the first look: another's runs
+            another = [[1, "someone-else", {}, {}, ["9"]]]
+            return httpx.Response(200, json={"queue_running": another, "queue_pending": []})
+        running = ours(request)
+        assert isinstance(running, httpx.Response)
+        return running
+
+    routes["queue_state"].side_effect = ended_after_the_look
+    release = threading.Event()
+
+    def slow(answer: httpx.Response) -> Any:
+        if answer.request.url.path == "/queue":
+            release.wait(timeout=30)
+        return real(answer)
+
+    monkeypatch.setattr(tiers.comfyui, "answer_json", slow)
+    try:
+        await asyncio.wait_for(cancel_while_polling(engine, routes), 10)
+    finally:
+        release.set()
+    prompt_id = json.loads(routes["prompt"].calls.last.request.content)["prompt_id"]
+    assert dropped(routes) == ([prompt_id], [])  # deleted; ended by the interrupt's time: another's left alone
