@@ -10,8 +10,9 @@ expecting either, or one that appends to a URL), the last one silently won and t
 quietly not the one asked for. Checked by a dependency of the `/v1` routers, after auth: only the
 route's own parameters (a cache-buster nobody reads may repeat), and an unknown path stays a 404.
 Parameters a route does not read are let through (cache-busters, tracking), except one that
-reads as a misspelling of the route's own (`?state=queued`, `?Status=`, `?projectid=`): its list
-would be the unfiltered one, without a word.
+reads as a misspelling of the route's own (`?state=queued`, `?Status=`, `?projectid=`, `?project=`),
+or as the name another list of the API gives the same bound (`/v1/spend?since=`): its list would be
+the unfiltered one, without a word.
 """
 
 from __future__ import annotations
@@ -72,15 +73,28 @@ def single_valued_query(request: Request) -> None:
                                  details={"parameter": given[:100], "known": sorted(names)}, loc=("query", given[:100]))
 
 
+# The API bounds a list's time by two pairs of names: `/v1/spend` by `from`/`to`, the webhook
+# deliveries' lists by `since`/`until`. A client that takes one route's words to the other got its
+# bound ignored: `/v1/spend?since=...` answered the all-time total.
+_SAME_MEANING = {"since": "from", "until": "to", "from": "since", "to": "until"}
+
+
 def _near_misses(given: str, names: set[str]) -> list[str]:
     """The route's parameters `given` misspells: the same but for case, dashes or underscores
-    (`Status`, `projectid`), or one typo away (`state`, `lmit`, `ordre`) from a name of 4 letters
-    or more. Further than that is another word (`tag`, `parent_id`, `start`), let through. Both sides
-    are folded: a camel-case name (`lastEventId`) has case variants and typos too."""
+    (`Status`, `projectid`), one typo away (`state`, `lmit`, `ordre`) from a name of 4 letters
+    or more, the name short of its last word (`project` for `project_id`, `group` for `group_by`),
+    or the API's name for the same bound on its other lists (`since` for `from`). Further than that
+    is another word (`tag`, `parent_id`, `start`), let through. Both sides are folded: a camel-case
+    name (`lastEventId`) has case variants and typos too."""
     folded = given.lower().replace("-", "_")
     same = [name for name in names if folded.replace("_", "") == name.lower().replace("_", "")]
     if same:
         return same
+    shortened = [name for name in names if "_" in name and folded == name.lower().rsplit("_", 1)[0]]
+    if shortened:
+        return shortened
+    if (other := _SAME_MEANING.get(folded)) in names:
+        return [other]
     return sorted(name for name in names if len(name) >= 4 and _one_typo(folded, name.lower()))
 
 

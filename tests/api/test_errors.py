@@ -505,6 +505,29 @@ def test_a_misspelled_parameter_is_refused(shared_server: httpx.Client, query: s
         assert shared_server.get(f"/v1/jobs?{other}").status_code == 200, other
 
 
+@pytest.mark.parametrize(("path", "query", "meant"), [
+    ("/v1/jobs", "project=x", "'project_id'"),
+    ("/v1/spend", "group=engine", "'group_by'"),
+    ("/v1/spend", "since=2026-12-01T00:00:00Z", "'from'"),
+    ("/v1/spend", "until=2026-12-01T00:00:00Z", "'to'"),
+    ("/v1/webhooks/deliveries", "project=x", "'project_id'"),
+    ("/v1/projects/{project}/webhook-deliveries", "from=2026-12-01T00:00:00Z", "'since'"),
+    ("/v1/projects/{project}/webhook-deliveries", "to=2026-12-01T00:00:00Z", "'until'"),
+    ("/v1/projects/{project}/webhook-deliveries", "job=x", "'job_id'")])
+def test_a_parameter_named_as_the_api_names_it_elsewhere_is_refused(
+        shared_server: httpx.Client, project: str, path: str, query: str, meant: str) -> None:
+    # `GET /v1/spend?since=...` answered the all-time total, as if no bound had been asked for: the
+    # webhook deliveries' lists bound their time with `since`/`until`, spend with `from`/`to`. And
+    # `?project=` (the route's `project_id` short of its `_id`) listed every project's jobs.
+    error = assert_error(shared_server.get(f"{path.format(project=project)}?{query}"), 422, "invalid_request")
+    assert error["message"].endswith(f"did you mean {meant}?"), error["message"]
+    assert error["details"]["errors"][0]["loc"] == ["query", query.partition("=")[0]]
+    # The right names still answer.
+    right = {"'project_id'": f"project_id={project}", "'group_by'": "group_by=engine", "'job_id'": ""}
+    fixed = right.get(meant, f"{meant.strip(chr(39))}={query.partition('=')[2]}")
+    assert shared_server.get(f"{path.format(project=project)}?{fixed}").status_code == 200
+
+
 @pytest.mark.parametrize("query", ["lastEventID=x", "lasteventid=x", "LastEventId=x", "last_event_id=x",
                                    "lastEventI=x"])
 def test_a_misspelled_camel_case_parameter_is_refused(shared_server: httpx.Client, query: str) -> None:
