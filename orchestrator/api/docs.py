@@ -80,8 +80,10 @@ JOB_503 = ROUTING_503.replace(
     "images of new jobs (`storage_full`, with `details.free_mb` and `details.min_free_mb`)")
 # The sentence of a route that reads query parameters.
 QUERY_422 = ("A query parameter is not valid (`invalid_request`): not one of its values or out of its range, a "
-             "`cursor` that is no page's `next_cursor`, a parameter given twice, or one misspelt (`?state=`, "
-             "`?Status=`: refused rather than ignored); `details.errors` gives its `loc` (`[\"query\", \"limit\"]`).")
+             "`cursor` that is no page's `next_cursor`, a parameter given twice, one misspelt (`?state=`, "
+             "`?Status=`, `?project=`), named as another list names it (`/v1/spend?since=` for `from`), or a filter "
+             "of another list that this one does not take (`/v1/spend?stage=`): refused rather than ignored; "
+             "`details.errors` gives its `loc` (`[\"query\", \"limit\"]`).")
 # Added by `app.py` to the 403 of every route that changes something (`CrossSiteGuard`).
 FOREIGN_PAGE_403 = ("A web page of an origin not in ORCH_CORS_ORIGINS sent this request from a browser, without a "
                     "bearer key (`forbidden`).")

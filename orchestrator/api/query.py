@@ -11,8 +11,9 @@ quietly not the one asked for. Checked by a dependency of the `/v1` routers, aft
 route's own parameters (a cache-buster nobody reads may repeat), and an unknown path stays a 404.
 Parameters a route does not read are let through (cache-busters, tracking), except one that
 reads as a misspelling of the route's own (`?state=queued`, `?Status=`, `?projectid=`, `?project=`),
-or as the name another list of the API gives the same bound (`/v1/spend?since=`): its list would be
-the unfiltered one, without a word.
+or as the name another list of the API gives the same bound (`/v1/spend?since=`), or that is a
+filter another list of the API takes (`/v1/spend?engine=`): its list would be the unfiltered one,
+without a word.
 """
 
 from __future__ import annotations
@@ -71,12 +72,38 @@ def single_valued_query(request: Request) -> None:
             raise InvalidRequest(f"unknown query parameter '{given[:100]}'; did you mean "
                                  f"{' or '.join(repr(name) for name in meant)}?",
                                  details={"parameter": given[:100], "known": sorted(names)}, loc=("query", given[:100]))
+        # Only on the routes that read a query (the lists, a preview, a stream), whose 422 says so.
+        if names and given not in names and given in _filters_of_the_api(request):
+            raise InvalidRequest(f"query parameter '{given}' is a filter of other lists of the API; "
+                                 f"{request.url.path[:200]} does not filter by it "
+                                 f"(its parameters: {', '.join(sorted(names)) or 'none'})",
+                                 details={"parameter": given, "known": sorted(names)}, loc=("query", given))
 
 
 # The API bounds a list's time by two pairs of names: `/v1/spend` by `from`/`to`, the webhook
 # deliveries' lists by `since`/`until`. A client that takes one route's words to the other got its
 # bound ignored: `/v1/spend?since=...` answered the all-time total.
 _SAME_MEANING = {"since": "from", "until": "to", "from": "since", "to": "until"}
+
+
+# Words of the API's query strings whose loss leaves an answer that reads as the one asked for:
+# not the paging, a format or a stream's resume, which change what comes back visibly.
+_NOT_FILTERS = frozenset({"limit", "cursor", "order", "format", "lastEventId", "step"})
+
+
+def _filters_of_the_api(request: Request) -> frozenset[str]:
+    """Every filter some `/v1` route reads (`engine`, `stage`, `job_id`, `since`, ...). Sent to a
+    route that reads none of it, it was dropped without a word: `/v1/spend?engine=lite` answered
+    every engine's total, a project's assets `?engine=lite` every asset."""
+    state = request.app.state
+    found: frozenset[str] | None = getattr(state, "query_filters", None)
+    if found is None:
+        # Read from the OpenAPI document (built once): included routers are not listed as routes.
+        names = {param["name"] for path, operations in request.app.openapi()["paths"].items()
+                 if path.startswith("/v1/") for operation in operations.values()
+                 for param in operation.get("parameters", ()) if param.get("in") == "query"}
+        found = state.query_filters = frozenset(names - _NOT_FILTERS)
+    return found
 
 
 def _near_misses(given: str, names: set[str]) -> list[str]:

@@ -528,6 +528,28 @@ def test_a_parameter_named_as_the_api_names_it_elsewhere_is_refused(
     assert shared_server.get(f"{path.format(project=project)}?{fixed}").status_code == 200
 
 
+@pytest.mark.parametrize(("path", "query"), [
+    ("/v1/spend", "engine=lite"), ("/v1/spend", "stage=bridge"), ("/v1/spend", "status=succeeded"),
+    ("/v1/projects/{project}/assets", "engine=lite"), ("/v1/projects/{project}/assets", "job_id=x"),
+    ("/v1/projects/{project}/ledger", "job_id=x"), ("/v1/projects/{project}/ledger", "engine=lite"),
+    ("/v1/projects/{project}/ledger", "since=2026-12-01T00:00:00Z"), ("/v1/projects", "status=queued"),
+    ("/v1/policies", "engine=lite")])
+def test_a_filter_of_another_list_is_refused(shared_server: httpx.Client, project: str, path: str,
+                                             query: str) -> None:
+    # `GET /v1/spend?engine=lite` answered every engine's total, and a project's assets
+    # `?engine=lite` every asset: a filter the API takes on another list (`/v1/jobs?engine=`),
+    # not on this one, was dropped without a word, and the answer read as the filtered one.
+    name = query.partition("=")[0]
+    error = assert_error(shared_server.get(f"{path.format(project=project)}?{query}"), 422, "invalid_request")
+    assert f"'{name}'" in error["message"] and "does not filter" in error["message"], error["message"]
+    assert error["details"]["parameter"] == name
+    assert error["details"]["errors"][0]["loc"] == ["query", name]
+    # A route's own filter, and what no route of the API reads (a cache-buster), still answer.
+    own = {"job_id": "/v1/projects/{project}/webhook-deliveries", "since": "/v1/webhooks/deliveries"}
+    assert shared_server.get(f"{own.get(name, '/v1/jobs').format(project=project)}?{query}").status_code in (200, 404)
+    assert shared_server.get(f"{path.format(project=project)}?_=1&kind=grant").status_code == 200
+
+
 @pytest.mark.parametrize("query", ["lastEventID=x", "lasteventid=x", "LastEventId=x", "last_event_id=x",
                                    "lastEventI=x"])
 def test_a_misspelled_camel_case_parameter_is_refused(shared_server: httpx.Client, query: str) -> None:
