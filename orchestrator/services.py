@@ -459,6 +459,7 @@ class Services:
         store = ArtifactStore(settings.assets_dir)
         identity.bind(db, store)  # before anything is stored or swept: WrongStore when the pair is not one install
         store.sweep_temp()
+        store.make_shards()
         bus = EventBus()
         overrides = load_price_overrides(settings)
         for told in unread_prices(settings, overrides):

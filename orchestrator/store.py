@@ -475,6 +475,27 @@ class ArtifactStore:
         # was refused as "no such asset content", every new one failing its job.
         return self.root / sha256[:2] / f"{sha256}.png"
 
+    def make_shards(self) -> int:
+        """Make the shard folders (`path_for`'s `ab/`) that are missing, with one fsync of the root
+        for them all; how many were made. Called as a service starts: made as their first images
+        came, a new store's puts each paid a second folder fsync (the root's, for the new name)
+        until all 256 were there. Best effort: where one cannot be made (a read-only store, a name
+        taken), its first put makes it or fails, as it did before."""
+        made = 0
+        for shard in range(256):
+            try:
+                (self.root / f"{shard:02x}").mkdir()
+            except FileExistsError:  # made, or a link an operator put there (another disk)
+                continue
+            except OSError as exc:
+                log.warning("the asset store's shard folders cannot be made ahead (%s): each is made with "
+                            "its first image", exc.strerror or exc)
+                break
+            made += 1
+        if made:
+            _fsync_dir(self.root)
+        return made
+
     def put(self, data: bytes) -> str:
         """Store bytes atomically; return their sha256. The same bytes twice make one file, whose
         modification time the second `put` renews."""
