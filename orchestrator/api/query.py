@@ -12,7 +12,7 @@ route's own parameters (a cache-buster nobody reads may repeat), and an unknown 
 Parameters a route does not read are let through (cache-busters, tracking), except one that
 reads as a misspelling of the route's own (`?state=queued`, `?Status=`, `?projectid=`, `?project=`),
 or as the name another list of the API gives the same bound (`/v1/spend?since=`), or that is a
-filter another list of the API takes (`/v1/spend?engine=`): its list would be the unfiltered one,
+filter another list of the API takes (`/v1/spend?engine=`, `?Engine=`): its list would be the unfiltered one,
 without a word.
 """
 
@@ -73,11 +73,13 @@ def single_valued_query(request: Request) -> None:
                                  f"{' or '.join(repr(name) for name in meant)}?",
                                  details={"parameter": given[:100], "known": sorted(names)}, loc=("query", given[:100]))
         # Only on the routes that read a query (the lists, a preview, a stream), whose 422 says so.
-        if names and given not in names and given in _filters_of_the_api(request):
-            raise InvalidRequest(f"query parameter '{given}' is a filter of other lists of the API; "
+        # Folded as a misspelling of the route's own is (`?Engine=`, `?job-id=`, `?jobId=`).
+        if names and given not in names and (meant_filter := _filters_of_the_api(request).get(_folded(given))):
+            told = f"'{given[:100]}'" + ("" if given == meant_filter else f" (read as '{meant_filter}')")
+            raise InvalidRequest(f"query parameter {told} is a filter of other lists of the API; "
                                  f"{request.url.path[:200]} does not filter by it "
                                  f"(its parameters: {', '.join(sorted(names)) or 'none'})",
-                                 details={"parameter": given, "known": sorted(names)}, loc=("query", given))
+                                 details={"parameter": given[:100], "known": sorted(names)}, loc=("query", given[:100]))
 
 
 # The API bounds a list's time by two pairs of names: `/v1/spend` by `from`/`to`, the webhook
@@ -91,18 +93,23 @@ _SAME_MEANING = {"since": "from", "until": "to", "from": "since", "to": "until"}
 _NOT_FILTERS = frozenset({"limit", "cursor", "order", "format", "lastEventId", "step"})
 
 
-def _filters_of_the_api(request: Request) -> frozenset[str]:
-    """Every filter some `/v1` route reads (`engine`, `stage`, `job_id`, `since`, ...). Sent to a
-    route that reads none of it, it was dropped without a word: `/v1/spend?engine=lite` answered
-    every engine's total, a project's assets `?engine=lite` every asset."""
+def _folded(name: str) -> str:
+    """A parameter's name as its misspellings by case, dashes or underscores all read."""
+    return name.lower().replace("-", "").replace("_", "")
+
+
+def _filters_of_the_api(request: Request) -> dict[str, str]:
+    """Every filter some `/v1` route reads (`engine`, `stage`, `job_id`, `since`, ...), by its
+    folded name. Sent to a route that reads none of it, it was dropped without a word:
+    `/v1/spend?engine=lite` answered every engine's total, a project's assets `?engine=lite` every asset."""
     state = request.app.state
-    found: frozenset[str] | None = getattr(state, "query_filters", None)
+    found: dict[str, str] | None = getattr(state, "query_filters", None)
     if found is None:
         # Read from the OpenAPI document (built once): included routers are not listed as routes.
         names = {param["name"] for path, operations in request.app.openapi()["paths"].items()
                  if path.startswith("/v1/") for operation in operations.values()
                  for param in operation.get("parameters", ()) if param.get("in") == "query"}
-        found = state.query_filters = frozenset(names - _NOT_FILTERS)
+        found = state.query_filters = {_folded(name): name for name in sorted(names - _NOT_FILTERS)}
     return found
 
 
@@ -114,7 +121,7 @@ def _near_misses(given: str, names: set[str]) -> list[str]:
     is another word (`tag`, `parent_id`, `start`), let through. Both sides are folded: a camel-case
     name (`lastEventId`) has case variants and typos too."""
     folded = given.lower().replace("-", "_")
-    same = [name for name in names if folded.replace("_", "") == name.lower().replace("_", "")]
+    same = [name for name in names if _folded(given) == _folded(name)]
     if same:
         return same
     shortened = [name for name in names if "_" in name and folded == name.lower().rsplit("_", 1)[0]]

@@ -550,6 +550,24 @@ def test_a_filter_of_another_list_is_refused(shared_server: httpx.Client, projec
     assert shared_server.get(f"{path.format(project=project)}?_=1&kind=grant").status_code == 200
 
 
+@pytest.mark.parametrize(("path", "query", "filter_name"), [
+    ("/v1/spend", "Engine=lite", "engine"), ("/v1/spend", "STAGE=bridge", "stage"),
+    ("/v1/projects/{project}/assets", "job-id=x", "job_id"), ("/v1/projects/{project}/assets", "jobId=x", "job_id"),
+    ("/v1/projects/{project}/ledger", "Since=2026-12-01T00:00:00Z", "since"),
+    ("/v1/projects", "Status=queued", "status")])
+def test_a_filter_of_another_list_is_refused_whatever_its_case(shared_server: httpx.Client, project: str, path: str,
+                                                               query: str, filter_name: str) -> None:
+    # `?engine=lite` on /v1/spend was a 422 and `?Engine=lite` every engine's total (200): the
+    # filters of other lists were compared as written, while a misspelling of the route's own by case,
+    # a dash or an underscore (`?Status=`, `?projectid=`) is refused.
+    given = query.partition("=")[0]
+    error = assert_error(shared_server.get(f"{path.format(project=project)}?{query}"), 422, "invalid_request")
+    assert f"'{given}'" in error["message"] and f"'{filter_name}'" in error["message"], error["message"]
+    assert "does not filter" in error["message"], error["message"]
+    assert error["details"]["parameter"] == given
+    assert error["details"]["errors"][0]["loc"] == ["query", given]
+
+
 @pytest.mark.parametrize("query", ["lastEventID=x", "lasteventid=x", "LastEventId=x", "last_event_id=x",
                                    "lastEventI=x"])
 def test_a_misspelled_camel_case_parameter_is_refused(shared_server: httpx.Client, query: str) -> None:
