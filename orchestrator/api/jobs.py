@@ -199,8 +199,9 @@ def _finished(services: Services, job_id: str) -> bool:
                 f"`retry: {RETRY_MS}` (no event): a browser's EventSource reconnects {RETRY_MS} ms after a drop.")},
                        204: {"description": "Last-Event-ID is the terminal event: nothing more will come."},
                        **with_query(404, 429, said={
-                           422: "The query parameter `lastEventId` is given more than once, or one reads as its "
-                                "misspelling (`?lastEventID=`: refused rather than ignored) (`invalid_request`); "
+                           422: "The query parameter `lastEventId` is given more than once, one reads as its "
+                                "misspelling (`?lastEventID=`), or one is a filter of another list that the stream "
+                                "does not take (`?status=`): refused rather than ignored (`invalid_request`); "
                                 "`details.errors` gives its `loc` (`[\"query\", \"lastEventId\"]`).",
                            404: "No such job (`not_found`).",
                            429: "This project key already has ORCH_MAX_STREAMS_PER_KEY event streams open on this "

@@ -803,3 +803,14 @@ def test_the_document_is_serialized_once_not_at_each_request(make_settings: Sett
         assert head.status_code == 200 and head.content == b""
         assert head.headers["content-length"] == str(len(first.content))
     assert documents == []
+
+
+def test_every_route_reading_a_query_documents_its_refusal_of_another_list_s_filter(spec: dict[str, Any]) -> None:
+    # `GET /v1/jobs/{id}/events?status=succeeded` is a 422 (`status` is a filter of /v1/jobs, not of
+    # the stream), and its 422 said only that `lastEventId` given twice or misspelt is refused.
+    for path, operations in spec["paths"].items():
+        for method, operation in operations.items():
+            if not any(param["in"] == "query" for param in operation.get("parameters", ())):
+                continue
+            told = operation["responses"]["422"]["description"]
+            assert "a filter of another list" in told, (method, path, told)
