@@ -1770,9 +1770,12 @@ class LocalEngine:
         told_by: tuple[str, ...] = namer.__dict__["device_start_told_by"] or ("run",)
         # Read as told by `run` without naming it, a class whose `run` hands the telling to a helper
         # passed it to a subclass overriding only that helper, whose attempts then counted 0: such
-        # a class passes it on only where its `run`'s own code tells.
+        # a class passes it on only where its `run`'s own code tells. Only a sayer of True: a False
+        # set on a class that never said it (a mixin deriving from LocalEngine) hid `lite`'s True
+        # from a class mixing it before `lite`.
         unnamed = namer is LocalEngine or not namer.__dict__["device_start_told_by"]
-        if unnamed and not _calls_on_device(inspect.getattr_static(sayer, "run", None)):
+        if (sayer.__dict__["tells_device_start"] and unnamed
+                and not _calls_on_device(inspect.getattr_static(sayer, "run", None))):
             cls.tells_device_start = False
         # A subclass whose own work never called it counted each failed attempt 0 s, whatever it
         # held: one that overrides a telling method tells only where it says so. One that keeps

@@ -217,3 +217,35 @@ def test_a_class_that_names_no_telling_method_passes_it_on_only_where_its_run_te
     assert not OwnInfer.tells_device_start and not Renamed.tells_device_start
     assert KeepsTellingRun.tells_device_start
     assert KeepsNamedHelper.tells_device_start and not OwnNamedHelper.tells_device_start
+
+
+def test_a_mixin_that_is_a_local_engine_itself_leaves_lite_telling() -> None:
+    """A mixin written as a `LocalEngine` subclass (for its typing, or a helper of its own) that
+    says nothing of telling, mixed before `lite`, took `lite`'s telling away: reading `run` as its
+    telling method, it found no `run` of its own calling `on_device` and set False on itself, and a
+    class mixing it before `lite` inherited that False, so its failed attempts (and its running
+    ones, read while they ran) counted its model's load. A class that never said it passes nothing
+    on; `lite`, mixed with it, tells as it did."""
+
+    class Helpers(LocalEngine):
+        def logged(self) -> str:
+            return "logged"
+
+    class MixedLite(Helpers, LiteEngine):
+        name = "mixed-lite"
+
+    class MixedHifi(Helpers, LocalHifiEngine):
+        name = "mixed-hifi"
+
+    assert not Helpers.tells_device_start
+    assert MixedLite.tells_device_start and MixedHifi.tells_device_start
+    # What overrides a telling method through such a mixin still does not tell.
+
+    class OwnGenerateHelpers(LocalEngine):
+        def _generate(self, req: RenderRequest, progress: Progress, cancel: CancelToken) -> RenderResult:
+            raise NotImplementedError
+
+    class OverLite(OwnGenerateHelpers, LiteEngine):
+        name = "over-lite"
+
+    assert not OverLite.tells_device_start
