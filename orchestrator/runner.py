@@ -2167,6 +2167,12 @@ class JobRunner:
         if began is None or not self.tells_device_start(claim.job.engine):
             return {}
         at = leased - timedelta(seconds=max(0.0, monotonic_now - began))
+        # Never before its own claim's stamp: a reader takes such a stamp for an earlier claim's and
+        # counts the attempt 0 while it runs; the leases' clock stepped back between the claim and
+        # this write put it there.
+        claimed = claim.job.lease_taken_at if claim.job.lease_taken_attempt == claim.attempt else None
+        if claimed is not None:
+            at = max(at, claimed)
         return {"device_began_at": func.coalesce(col(Job.device_began_at), at)}
 
     def write_device_start(self, claim: Claim) -> None:

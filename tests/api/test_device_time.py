@@ -916,6 +916,11 @@ def test_a_lease_s_renewal_stamps_the_start_on_the_device_the_runner_s_own_write
                                       max_credits=None, idempotency_key=None, scope="test")[0].id
         [(claim, _lane)] = services.scheduler._claim_ready({})
         assert claim.job.id == job_id and claim.job.engine == "lite"
+        # Claimed 10 s ago (its model loading since), on the row as in the claim's own copy.
+        assert claim.job.lease_taken_at is not None
+        claim.job.lease_taken_at -= timedelta(seconds=10)
+        with services.db.transaction() as s:
+            s.execute(update(Job).where(col(Job.id) == job_id).values(lease_taken_at=claim.job.lease_taken_at))
         services.scheduler._renew([claim])
         assert wait_row(services, job_id).device_began_at is None  # not told yet: its model loads
         claim.device_began = time.monotonic() - 5.0  # told 5 s ago; its own write never landed
@@ -926,6 +931,37 @@ def test_a_lease_s_renewal_stamps_the_start_on_the_device_the_runner_s_own_write
         stamped = row.device_began_at
         services.scheduler._renew([claim])
         assert wait_row(services, job_id).device_began_at == stamped
+    finally:
+        asyncio.run(services.aclose())
+
+
+def test_a_start_on_the_device_stamped_by_a_clock_stepped_back_is_not_taken_for_an_earlier_claim_s(
+        make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The runner stamps an attempt's start on the device by the leases' clock as it writes, less
+    the monotonic seconds since it was told; a clock stepped back between the claim and that write
+    (here by 2 s, as its model loaded) stamped it before the claim's `lease_taken_at`, which
+    a reader takes for an earlier claim's stamp: the live attempt then read 0 for as long as it
+    ran, 10 s on the device included. A stamp is never before its own claim's."""
+    services = Services.build(make_settings(lease_seconds=60))
+    try:
+        project_id = new_id("prj")
+        with services.db.transaction() as s:
+            s.add(Project(id=project_id, name="stepped", policy="balanced", local_seconds_per_day=3600))
+        body = DraftCreate(prompt="a lighthouse", n=1, width=64, height=64, steps=1)
+        job_id = services.jobs.submit(lambda: services.jobs.prepare_draft(project_id, body), body, engine=None,
+                                      max_credits=None, idempotency_key=None, scope="test")[0].id
+        [(claim, _lane)] = services.scheduler._claim_ready({})
+        assert claim.job.id == job_id and claim.job.engine == "lite"
+        real = time.time_ns
+        monkeypatch.setattr("orchestrator.clock._host_us", lambda: real() // 1000 - 2_000_000)
+        claim.device_began = time.monotonic()  # told now, its model loaded
+        services.runner.write_device_start(claim)
+        row = wait_row(services, job_id)
+        assert row.lease_taken_at is not None and row.device_began_at is not None
+        assert row.device_began_at >= row.lease_taken_at
+        read = device_time.held_so_far(row, timedelta(seconds=60), row.lease_taken_at + timedelta(seconds=11),
+                                       tells=True)
+        assert read is not None and read >= 10.0
     finally:
         asyncio.run(services.aclose())
 
