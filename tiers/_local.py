@@ -1722,10 +1722,15 @@ def runtime_for(ctx: EngineContext) -> LocalRuntime:
 def _calls_on_device(function: object) -> bool:
     """Whether `function`'s code names `on_device` (`Progress.on_device`), in itself, a function
     nested in it or one it wraps (`functools.wraps`): what can be told of it without running it."""
-    function = getattr(function, "__func__", function)  # a staticmethod's or classmethod's
-    with contextlib.suppress(ValueError):  # a cycle of `__wrapped__`
-        function = inspect.unwrap(function) if callable(function) else function
-    code = getattr(function, "__code__", None)
+    # Read as a class is made: whatever its attributes raise (a lazy proxy outside its context)
+    # must not fail that, so it reads as not telling.
+    try:
+        function = getattr(function, "__func__", function)  # a staticmethod's or classmethod's
+        with contextlib.suppress(ValueError):  # a cycle of `__wrapped__`
+            function = inspect.unwrap(function) if callable(function) else function
+        code = getattr(function, "__code__", None)
+    except Exception:
+        return False
     return isinstance(code, types.CodeType) and _names_on_device(code)
 
 

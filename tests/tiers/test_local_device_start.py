@@ -249,3 +249,29 @@ def test_a_mixin_that_is_a_local_engine_itself_leaves_lite_telling() -> None:
         name = "over-lite"
 
     assert not OverLite.tells_device_start
+
+
+class _LazyProxy:
+    """A stand-in that forwards every attribute to an object bound later (as lazy proxies do),
+    raising outside the context that binds it."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise RuntimeError(f"{name}: read outside the context that binds this proxy")
+
+    def __call__(self, *args: Any) -> Any:
+        raise NotImplementedError
+
+
+def test_reading_whether_run_tells_never_fails_a_class_s_creation() -> None:
+    """Whether a class's `run` calls `on_device` is read from its code as the class is made; a
+    `run` whose attribute lookups raise other than AttributeError (a lazy proxy read outside its
+    context) failed the class's creation with that error. Such a `run` is read as not telling."""
+
+    class Proxied(LocalEngine):
+        tells_device_start: ClassVar[bool] = True
+        run = _LazyProxy()
+
+    class UnderProxied(Proxied):
+        pass
+
+    assert Proxied.tells_device_start and not UnderProxied.tells_device_start
