@@ -1778,7 +1778,11 @@ class LocalEngine:
         # a class passes it on only where its `run`'s own code tells. Only a sayer of True: a False
         # set on a class that never said it (a mixin deriving from LocalEngine) hid `lite`'s True
         # from a class mixing it before `lite`.
-        unnamed = namer is LocalEngine or not namer.__dict__["device_start_told_by"]
+        # Names a class above the sayer said describe that class's `run`: a sayer that replaced it
+        # (a `lite` whose own `run` hands the work to a helper of its own) is read as naming none.
+        replaced = (namer is not sayer
+                    and inspect.getattr_static(sayer, "run", None) is not inspect.getattr_static(namer, "run", None))
+        unnamed = namer is LocalEngine or not namer.__dict__["device_start_told_by"] or replaced
         if (sayer.__dict__["tells_device_start"] and unnamed
                 and not _calls_on_device(inspect.getattr_static(sayer, "run", None))):
             cls.tells_device_start = False

@@ -275,3 +275,39 @@ def test_reading_whether_run_tells_never_fails_a_class_s_creation() -> None:
         pass
 
     assert Proxied.tells_device_start and not UnderProxied.tells_device_start
+
+
+def test_a_lite_subclass_whose_own_run_hands_the_telling_to_a_helper_passes_it_on_only_where_run_tells() -> None:
+    """A subclass of `lite` that replaces its `run` with one handing the work to a helper of its
+    own that tells, and says `tells_device_start = True` again as it must, kept `lite`'s names
+    (`run`, `_on_device`, `_generate`): a subclass of it overriding only that helper, whose work
+    never calls `Progress.on_device`, kept all three and read True, so its failed attempts counted
+    0 device-seconds. `lite`'s names describe `lite`'s `run`, not one that replaced it: such a
+    class passes it on only where its own `run`'s code tells, as a class naming none."""
+
+    class OwnRun(LiteEngine):
+        tells_device_start: ClassVar[bool] = True
+
+        async def run(self, req: RenderRequest, progress: Progress, cancel: CancelToken) -> RenderResult:
+            return await self._on_device(self._infer, req, progress, cancel)
+
+        def _infer(self, req: RenderRequest, progress: Progress, cancel: CancelToken) -> RenderResult:
+            progress.on_device()
+            raise NotImplementedError
+
+    class OwnInfer(OwnRun):
+        def _infer(self, req: RenderRequest, progress: Progress, cancel: CancelToken) -> RenderResult:
+            raise NotImplementedError
+
+    class TellingRun(LiteEngine):
+        tells_device_start: ClassVar[bool] = True
+
+        async def run(self, req: RenderRequest, progress: Progress, cancel: CancelToken) -> RenderResult:
+            progress.on_device()
+            raise NotImplementedError
+
+    class KeepsTellingRun(TellingRun):
+        pass
+
+    assert OwnRun.tells_device_start and not OwnInfer.tells_device_start
+    assert KeepsTellingRun.tells_device_start
