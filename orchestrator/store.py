@@ -21,6 +21,7 @@ process runs.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import io
@@ -109,6 +110,12 @@ ORPHAN_ALARM_SHARE = 0.05
 # its modification time) -> the sha256s a crash of a job of this database explains
 # (`orchestrator.retention.made_by_jobs`).
 CrashedJobs = Callable[[list[tuple[str, dict[str, Any] | None, float]]], Collection[str]]
+
+
+# How often a put looks for its file and writes one (`ArtifactStore.put_file`).
+PUT_TRIES = 4
+# What `os.link` raises where a filesystem has no hard links (vfat, some FUSE and SMB mounts).
+NO_HARD_LINKS = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK})
 
 
 class SweepRefused(Exception):
@@ -505,6 +512,17 @@ class ArtifactStore:
         """`put`, saying whether this call made the file (see `Put.made`)."""
         sha = hashlib.sha256(data).hexdigest()
         path = self.path_for(sha)
+        for _ in range(PUT_TRIES - 1):
+            put = self._put_once(sha, path, data)
+            if put is not None:
+                return put
+        # Another put's file landed after each look, and was gone again at the next (a sweep):
+        # written over, as a found file that could not be read is, taken for no file of its own.
+        self.write_atomic(path, data)
+        return Put(sha, None)
+
+    def _put_once(self, sha: str, path: Path, data: bytes) -> Put | None:
+        """`put_file`'s one look and write; None when another put's file landed between them."""
         try:
             # Compared whole, not by size: a flipped bit keeps the size. Only a repeated image
             # (a seed made again) pays this read, never of a FIFO in its place (it held the job).
@@ -512,7 +530,8 @@ class ArtifactStore:
                 seen = os.fstat(f.fileno()).st_mtime_ns
                 same = f.read() == data
         except FileNotFoundError:
-            return Put(sha, self.write_atomic(path, data))
+            made = self.write_new(path, data)
+            return None if made is None else Put(sha, made)
         except OSError as exc:
             # Cannot be read (a restore with the wrong owner or mode, a bad sector, a folder in
             # its place): the bytes in hand replace it, so the new row and the earlier ones that
@@ -546,7 +565,8 @@ class ArtifactStore:
             # for the same reason. Where none can be written (a read-only mount), the file serves.
             self._replace_or_keep(path, data)
             return Put(sha, None)
-        return Put(sha, self.write_atomic(path, data))
+        made = self.write_new(path, data)
+        return None if made is None else Put(sha, made)
 
     def _replace_or_keep(self, path: Path, data: bytes) -> None:
         """`data` written over `path`; where nothing can be written, the file there is kept."""
@@ -563,6 +583,38 @@ class ArtifactStore:
         except OSError:
             if not path.is_file():
                 raise
+
+    @staticmethod
+    def write_new(path: Path, data: bytes) -> tuple[int, int] | None:
+        """`write_atomic` where no file is: None, leaving the file there, where one is. Two puts
+        of the same bytes that both found none both wrote, the later rename replacing the
+        earlier's file: that put's `made` then named the file another put's row was about to name,
+        and its job's `discard` removed it. Linked into place, only the put that made the name
+        takes the file for its own; the other finds it there (as `put_file`'s look would have).
+        A filesystem without hard links has the file renamed into place, as before."""
+        if not path.parent.is_dir():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _fsync_dir(path.parent.parent)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".png")
+        try:
+            os.fchmod(fd, FILE_MODE)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+                written = os.fstat(f.fileno())
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return None
+            except OSError as exc:
+                if exc.errno not in NO_HARD_LINKS:
+                    raise
+                os.replace(tmp, path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        _fsync_dir(path.parent)
+        return written.st_ino, written.st_mtime_ns
 
     @staticmethod
     def write_atomic(path: Path, data: bytes) -> tuple[int, int]:

@@ -110,7 +110,7 @@ def test_a_put_makes_the_rename_durable_before_it_returns(tmp_path: Path, monkey
     # bytes under the temporary one. A new shard's own name is made durable too.
     store = ArtifactStore(tmp_path / "assets")
     synced: list[str] = []
-    real_fsync, real_replace = os.fsync, os.replace
+    real_fsync, real_replace, real_link = os.fsync, os.replace, os.link
 
     def fsync(fd: int) -> None:
         path = Path(os.readlink(f"/proc/self/fd/{fd}"))
@@ -121,8 +121,13 @@ def test_a_put_makes_the_rename_durable_before_it_returns(tmp_path: Path, monkey
         synced.append("rename")
         real_replace(src, dst)
 
+    def link(src: Any, dst: Any) -> None:  # a new file is linked into place (`write_new`)
+        synced.append("rename")
+        real_link(src, dst)
+
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(os, "link", link)
     sha = store.put(b"first")
     assert synced == ["dir assets", "file", "rename", f"dir {sha[:2]}"]
 
@@ -1023,6 +1028,61 @@ def test_discard_removes_only_the_file_its_put_made_and_no_row_names(tmp_path: P
     put = store.put_file(b"not known")  # nothing is removed on a guess
     assert not store.discard(put, away) and store.path_for(put.sha256).exists()
     assert not list(store.root.glob("*/.gc-*"))
+
+
+def test_a_failed_job_s_discard_keeps_the_file_another_job_stored_the_same_image_in_at_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two jobs store the same image at once (an identical request, seed and all): both look and
+    find no file, B writes its own, then A's write replaces it. B's row is about to name the file;
+    A then fails (a put of another of its images: no room) and discards its put. A's file looked
+    like one only A made and no row named yet: the discard removed it, and B's row committed
+    naming a file that was gone."""
+    from orchestrator import store as store_module
+
+    store = ArtifactStore(tmp_path / "assets")
+    data = encode_png(Image.new("RGB", (8, 8), (1, 2, 3)), {"stage": "ideation", "prompt": "twice", "seed": 1})
+    looked = threading.Barrier(2)
+    b_stored = threading.Event()
+    first_look = threading.local()
+    real_open = store_module.open_regular
+
+    def open_regular(path: Path, **kwargs: Any) -> BinaryIO:
+        try:
+            return real_open(path, **kwargs)
+        finally:
+            if not getattr(first_look, "done", False):  # both look before either writes
+                first_look.done = True
+                looked.wait(10)
+                if threading.current_thread().name == "A":
+                    assert b_stored.wait(10)  # and B's write lands first
+
+    monkeypatch.setattr(store_module, "open_regular", open_regular)
+    puts: dict[str, Put] = {}
+
+    def put(name: str) -> None:
+        puts[name] = store.put_file(data)
+        if name == "B":
+            b_stored.set()
+
+    threads = [threading.Thread(target=put, args=(name,), name=name) for name in ("A", "B")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    monkeypatch.undo()
+    assert set(puts) == {"A", "B"}
+    store.discard(puts["A"], lambda _: False)  # B's row is not committed yet
+    assert store.get(puts["B"].sha256) == data  # what B's row is about to name
+    assert not list(store.root.glob("*/.tmp-*"))
+    # A filesystem without hard links: the file is renamed into place, as before.
+
+    def no_links(src: Any, dst: Any) -> None:
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    alone = store.put_file(b"on a filesystem without hard links")
+    assert alone.made is not None and store.get(alone.sha256) == b"on a filesystem without hard links"
+    assert not list(store.root.glob("*/.tmp-*"))
 
 
 def test_a_cache_hit_s_copies_are_stamped_by_the_clock_ids_take(monkeypatch: pytest.MonkeyPatch) -> None:
