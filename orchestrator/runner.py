@@ -319,10 +319,16 @@ class JobProgress:
         step = min(max(counted[0], 0), total) if total else 0
         if total > MAX_STEPS:  # bytes of a download, say: told on the scale the row can hold
             step, total = step * MAX_STEPS // total, MAX_STEPS
-        if preview is not None and (not isinstance(preview, Image.Image) or preview.mode not in PREVIEW_MODES):
-            # A mode PNG cannot hold (CMYK) failed the preview's every read.
-            preview = preview.convert("RGB") if isinstance(preview, Image.Image) else None
-        shown = Preview.of(preview) if preview is not None else None  # shrunk; None when empty
+        try:
+            if preview is not None and (not isinstance(preview, Image.Image) or preview.mode not in PREVIEW_MODES):
+                # A mode PNG cannot hold (CMYK) failed the preview's every read.
+                preview = preview.convert("RGB") if isinstance(preview, Image.Image) else None
+            shown = Preview.of(preview) if preview is not None else None  # shrunk; None when empty
+        except Exception as exc:  # the plugin's pixels (a file cut short, opened lazily): Pillow raises any kind
+            # Read here, on the engine's thread: raised into the engine, it failed the render for
+            # a preview, which is only ever shown. The step is told without one.
+            log.debug("job %s: step %s's preview cannot be read (%s); told without it", job_id, step, exc)
+            shown = None
         if shown is not None:
             self.runner.previews[job_id] = shown
             if self._over():  # since the look above: the job's end may have cleared it

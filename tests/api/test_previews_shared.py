@@ -182,6 +182,24 @@ def late_factory(ctx: EngineContext) -> LateEngine:
     return LateEngine()
 
 
+class BrokenEngine(SteppedEngine):
+    """A plugin whose step 1 preview cannot be read (a 1024x1024 PNG cut short, opened lazily, as
+    `Image.open` of a file it is still writing would be); step 2's is whole."""
+
+    name = "fake-broken"
+
+    def preview(self, step: int) -> Image.Image:
+        if step != 1:
+            return preview_of(step)
+        buf = io.BytesIO()
+        Image.effect_noise((1024, 1024), 50).convert("RGB").save(buf, format="PNG")
+        return Image.open(io.BytesIO(buf.getvalue()[:len(buf.getvalue()) // 2]))
+
+
+def broken_factory(ctx: EngineContext) -> BrokenEngine:
+    return BrokenEngine()
+
+
 def preview_of(step: int) -> Image.Image:
     return Image.new("RGB", (8, 8), (step * 50, 0, 0))
 
@@ -458,6 +476,44 @@ def test_an_empty_preview_is_dropped_and_its_step_told_without_one(make_settings
             running.join(30)
         assert row(services, job_id).status == "succeeded"
     assert told[:2] == [{"step": 1, "total": STEPS, "fraction": 0.25}, {"step": 2, "total": STEPS, "fraction": 0.5}]
+
+
+def test_a_preview_that_cannot_be_read_is_dropped_and_the_render_goes_on(make_settings: SettingsFactory) -> None:
+    # Shrunk on the engine's thread as it is told (it was shrunk when first read, by a GET or the
+    # write behind), a plugin's unreadable preview raised out of `progress.step` into the plugin:
+    # its render failed ("image file is truncated") for a preview, which is only ever shown.
+    app = create_app(make_settings(run_jobs=False, engines="fake-broken=tests.api.test_previews_shared:broken_factory"))
+    with TestClient(app) as client:
+        services: Services = app.state.services
+        told: list[dict[str, Any]] = []
+        publish = services.bus.publish
+
+        def recorded(job_id: str, type_: str, data: dict[str, Any], **kwargs: Any) -> None:
+            if type_ == "progress":
+                told.append(data)
+            publish(job_id, type_, data, **kwargs)
+
+        services.bus.publish = recorded  # type: ignore[method-assign]
+        job_id = add_job(services, engine="fake-broken")
+        [(claim, _lane)] = services.scheduler._claim_ready({})
+        engine = services.registry.get("fake-broken")
+        assert isinstance(engine, ThirdParty) and isinstance(engine.wrapped, BrokenEngine)
+        broken = engine.wrapped
+        running = threading.Thread(target=asyncio.run, args=(services.runner.run(claim),))
+        running.start()
+        try:
+            assert broken.at.get(timeout=30) == 1
+            assert_error(client.get(f"/v1/jobs/{job_id}/preview"), 404, "not_found")
+            broken.go.release()
+            assert broken.at.get(timeout=30) == 2
+            assert client.get(f"/v1/jobs/{job_id}/preview").status_code == 200
+        finally:
+            broken.go.release(2)
+            running.join(30)
+        job = row(services, job_id)
+        assert job.status == "succeeded", job.error
+    assert told[0] == {"step": 1, "total": STEPS, "fraction": 0.25}
+    assert told[1]["step"] == 2 and "preview_url" in told[1]
 
 
 def test_a_step_told_after_the_engine_returned_keeps_no_preview(make_settings: SettingsFactory) -> None:
