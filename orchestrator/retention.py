@@ -20,6 +20,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import or_, tuple_, update
+from sqlalchemy import select as sa_select
 from sqlalchemy.orm import aliased
 from sqlmodel import Session, col, select
 from sqlmodel.sql.expression import Select, SelectOfScalar
@@ -131,13 +132,20 @@ def made_by_jobs(s: Session, found: list[tuple[str, dict[str, Any] | None, float
     first = datetime.fromtimestamp(min(written for _, _, written in records), UTC) - CRASH_CLOCK_SLACK
     last = datetime.fromtimestamp(max(written for _, _, written in records), UTC) + CRASH_CLOCK_SLACK
     engines = {str(record["engine"]) for _, record, _ in records}
+    prompts = {str(record["prompt"]) for _, record, _ in records}
     lived: dict[tuple[str, str, str | None, str], list[tuple[str, str, datetime, datetime | None]]] = {}
-    for job in s.exec(select(Job).where(col(Job.engine).in_(engines), col(Job.created_at) <= last,
-                                        or_(col(Job.finished_at).is_(None), col(Job.finished_at) >= first))):
-        prompt = job.params.get("prompt") if isinstance(job.params, dict) else None
+    # The prompts asked in the query, and only the columns matched: a batch whose files lie a year
+    # apart fetched every job of that year, whole (50,000 of them: 245 MiB and 25 s for two files).
+    # SQLAlchemy's select, run as Core on the session's connection: SQLModel's types a select of
+    # four columns at most.
+    for job_id, engine, stage, source, params, status, created, finished in s.connection().execute(
+            sa_select(col(Job.id), col(Job.engine), col(Job.stage), col(Job.source_asset_id), col(Job.params),
+                      col(Job.status), col(Job.created_at), col(Job.finished_at)).where(
+                col(Job.engine).in_(engines), col(Job.params)["prompt"].as_string().in_(prompts),
+                col(Job.created_at) <= last, or_(col(Job.finished_at).is_(None), col(Job.finished_at) >= first))):
+        prompt = params.get("prompt") if isinstance(params, dict) else None
         if isinstance(prompt, str):
-            lived.setdefault((job.engine, job.stage, job.source_asset_id, prompt), []).append(
-                (job.id, job.status, job.created_at, job.finished_at))
+            lived.setdefault((engine, stage, source, prompt), []).append((job_id, status, created, finished))
     has_rows: dict[str, bool] = {}
 
     def kept_rows(job_id: str) -> bool:
