@@ -320,6 +320,10 @@ class JobProgress:
         if total > MAX_STEPS:  # bytes of a download, say: told on the scale the row can hold
             step, total = step * MAX_STEPS // total, MAX_STEPS
         try:
+            if isinstance(preview, Image.Image) and preview.mode.startswith("I;16"):
+                # 16 bits a sample, scaled to 8: converted as they were, every sample above 255
+                # was cut to it, and a mid-gray preview was shown white.
+                preview = preview.convert("I").point(lambda value: value * (1 / 256)).convert("L")
             if preview is not None and (not isinstance(preview, Image.Image) or preview.mode not in PREVIEW_MODES):
                 # A mode PNG cannot hold (CMYK) failed the preview's every read.
                 preview = preview.convert("RGB") if isinstance(preview, Image.Image) else None

@@ -200,6 +200,19 @@ def broken_factory(ctx: EngineContext) -> BrokenEngine:
     return BrokenEngine()
 
 
+class DeepEngine(SteppedEngine):
+    """A plugin whose step previews are 16-bit grayscale (mode I;16), mid-gray: 30000 of 65535."""
+
+    name = "fake-deep"
+
+    def preview(self, step: int) -> Image.Image:
+        return Image.new("I;16", (1024, 1024), 30000)
+
+
+def deep_factory(ctx: EngineContext) -> DeepEngine:
+    return DeepEngine()
+
+
 def preview_of(step: int) -> Image.Image:
     return Image.new("RGB", (8, 8), (step * 50, 0, 0))
 
@@ -514,6 +527,32 @@ def test_a_preview_that_cannot_be_read_is_dropped_and_the_render_goes_on(make_se
         assert job.status == "succeeded", job.error
     assert told[0] == {"step": 1, "total": STEPS, "fraction": 0.25}
     assert told[1]["step"] == 2 and "preview_url" in told[1]
+
+
+def test_a_16_bit_preview_is_shown_as_it_looks(make_settings: SettingsFactory) -> None:
+    # Converted to RGB as it was, each 16-bit sample above 255 was cut to 255: a mid-gray preview
+    # (30000 of 65535) was served all white.
+    app = create_app(make_settings(run_jobs=False, engines="fake-deep=tests.api.test_previews_shared:deep_factory"))
+    with TestClient(app) as client:
+        services: Services = app.state.services
+        job_id = add_job(services, engine="fake-deep")
+        [(claim, _lane)] = services.scheduler._claim_ready({})
+        engine = services.registry.get("fake-deep")
+        assert isinstance(engine, ThirdParty) and isinstance(engine.wrapped, DeepEngine)
+        deep = engine.wrapped
+        running = threading.Thread(target=asyncio.run, args=(services.runner.run(claim),))
+        running.start()
+        try:
+            assert deep.at.get(timeout=30) == 1
+            answer = client.get(f"/v1/jobs/{job_id}/preview")
+            assert answer.status_code == 200
+            with Image.open(io.BytesIO(answer.content)) as shown:
+                assert shown.size == (512, 512)
+                assert shown.convert("L").getpixel((256, 256)) == 30000 // 256
+        finally:
+            deep.go.release(2)
+            running.join(30)
+        assert row(services, job_id).status == "succeeded"
 
 
 def test_a_step_told_after_the_engine_returned_keeps_no_preview(make_settings: SettingsFactory) -> None:
