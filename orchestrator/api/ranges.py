@@ -61,8 +61,8 @@ def byte_range(ranges: list[str], if_range: list[str], etag: str, size: int) -> 
     first, last, suffix = spec.groups()
     if suffix is not None:
         if _number(suffix)[0] == 0:
-            raise RangeNotSatisfiable(f"the range 'bytes={specs[0][:60]}' asks for no bytes; the image has {size}",
-                                      size=size)
+            raise RangeNotSatisfiable(f"the range 'bytes={specs[0][:60]}' asks for no bytes; the image has "
+                                      f"{size} bytes", size=size)
         if size == 0:
             # Satisfiable (14.1.1: of no bytes, a suffix of some is), yet no Content-Range can
             # name a byte of it: sent whole, as an ignored Range is.
@@ -73,5 +73,5 @@ def byte_range(ranges: list[str], if_range: list[str], etag: str, size: int) -> 
     start = _position(first, size)
     if start >= size:
         raise RangeNotSatisfiable(f"the range 'bytes={specs[0][:60]}' starts past the image's last byte; it has "
-                                  f"{size}", size=size)
+                                  f"{size} bytes", size=size)
     return start, (min(_position(last, size), size - 1) if last else size - 1)
