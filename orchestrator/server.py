@@ -146,6 +146,12 @@ class Server(uvicorn.Server):
                 yield
             finally:
                 self._give_signals_back()
+            # A SIGTERM that stopped it (the last signal: raised first) ends the process here, the
+            # service stopped, as uvicorn's own does: raised by `run`, once the loop had closed, it
+            # first waited for the loop's threads still busy (a read on a slow disk, a database call
+            # the graceful wait gave up on), the stop held up for as long as they took.
+            if self._captured_signals and self._captured_signals[-1] == signal.SIGTERM:
+                signal.raise_signal(signal.SIGTERM)
             return
         self._taken = self._take_signals()
         try:

@@ -2442,6 +2442,35 @@ def test_a_ctrl_c_as_uvicorn_starts_its_loop_ends_serve_cleanly(make_settings: S
     assert said == ["orchestrator: interrupted"], done.stderr
 
 
+def test_a_sigterm_ends_serve_once_its_service_stopped_without_waiting_for_the_loop_s_threads(
+        make_settings: SettingsFactory, tmp_path: Path) -> None:
+    """A SIGTERM ends `serve` (143) as soon as its service has stopped: the event loop's threads
+    still busy then (a file read on a slow disk, a database call the graceful wait gave up on) are
+    not waited for. SIGTERM raised again only once the loop was closed waited for each, the stop
+    held up (for as long as they took, or until a supervisor's SIGKILL)."""
+    settings = make_settings()
+    env = {**os.environ, "ORCH_DATA_DIR": str(settings.data_dir), "ORCH_CACHE_DIR": str(settings.cache_dir),
+           "ORCH_LITE_MODEL": "builtin:tiny-sd", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    reached, outlived = tmp_path / "reached", tmp_path / "outlived"
+    # The start's asset sweep, on the loop's default executor, stuck in a read that ignores the stop.
+    code = ("import os, signal, threading, orchestrator.cli as cli, orchestrator.services as services\n"
+            "def measure(self):\n"
+            "    open(" + repr(str(reached)) + ", 'w').close()\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    threading.Event().wait(60)\n"
+            "    open(" + repr(str(outlived)) + ", 'w').close()\n"
+            "    return 0\n"
+            "services.Services.measure_assets = measure\n"
+            f"raise SystemExit(cli.main(['serve', '--port', '{free_port()}']))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=180)
+    assert reached.exists(), done.stderr  # the stop came as the sweep's thread ran
+    assert done.returncode == -signal.SIGTERM, done.stderr
+    assert "Application shutdown complete" in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert not outlived.exists(), done.stderr  # the process ended without waiting for the thread
+
+
 def test_a_ctrl_c_as_the_service_that_ran_ends_is_not_told_as_the_start_s_stop(make_settings: SettingsFactory,
                                                                                  tmp_path: Path) -> None:
     """A second Ctrl-C as `serve` ends, its service stopped by the first: it was told as "the start
