@@ -2135,6 +2135,7 @@ def _signaled_as_the_command_imports(tmp_path: Path, argv: list[str], sent: str)
     """The console script's entry run with `argv`, `sent` to it as it imports `orchestrator.cli`
     (httpx, pydantic, SQLAlchemy: half a second), from inside the import, as a supervisor's would come."""
     script = ("import builtins, os, signal, sys\n"
+              "signal.signal(signal.SIGINT, signal.default_int_handler)  # as a terminal's foreground command\n"
               "real = builtins.__import__\n"
               "def importing(name, *args, **kwargs):\n"
               "    if name == 'orchestrator.cli':\n"
@@ -2173,6 +2174,7 @@ def test_a_second_ctrl_c_as_the_first_is_told_still_ends_in_one_line(tmp_path: P
     # second from inside the first call that asks to ignore SIGINT (the command telling the first),
     # before it takes effect.
     script = ("import builtins, os, signal, sys\n"
+              "signal.signal(signal.SIGINT, signal.default_int_handler)  # as a terminal's foreground command\n"
               "real_import, real_signal = builtins.__import__, signal.signal\n"
               "sent = []\n"
               "def ctrl_c():\n"
@@ -2413,6 +2415,7 @@ def test_a_ctrl_c_as_uvicorn_starts_its_loop_ends_serve_cleanly(make_settings: S
            "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     reached = tmp_path / "reached"
     code = ("import os, signal, sys, uvicorn.server, orchestrator.cli as cli\n"
+            "signal.signal(signal.SIGINT, signal.default_int_handler)  # as a terminal's foreground command\n"
             "def ctrl_c():\n"
             "    if not os.path.exists(" + repr(str(reached)) + "):\n"
             "        open(" + repr(str(reached)) + ", 'w').close()\n"
