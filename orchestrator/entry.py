@@ -17,8 +17,10 @@ _held: list[set[int | signal.Signals]] = []
 def _hold_stop() -> None:
     """Block SIGTERM while the command imports: one sent meanwhile waits, to be told by whoever
     takes it (`release_stop`), where its default ended the process at once and silently. The
-    threads the imports start keep it blocked, and leave it to the main thread."""
-    if hasattr(signal, "pthread_sigmask"):
+    threads the imports start keep it blocked, and leave it to the main thread. Not one the
+    command's caller ignores (`trap '' TERM`), which it inherits: held, it became pending, and
+    ended the command it had left running."""
+    if hasattr(signal, "pthread_sigmask") and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
         _held.append(signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM}))
 
 

@@ -2131,9 +2131,11 @@ def test_the_command_takes_a_supervisor_s_signals_before_its_imports(tmp_path: P
         assert done.stderr == "orchestrator: interrupted\n"
 
 
-def _signaled_as_the_command_imports(tmp_path: Path, argv: list[str], sent: str) -> subprocess.CompletedProcess[str]:
+def _signaled_as_the_command_imports(tmp_path: Path, argv: list[str], sent: str,
+                                     ignored: bool = False) -> subprocess.CompletedProcess[str]:
     """The console script's entry run with `argv`, `sent` to it as it imports `orchestrator.cli`
-    (httpx, pydantic, SQLAlchemy: half a second), from inside the import, as a supervisor's would come."""
+    (httpx, pydantic, SQLAlchemy: half a second), from inside the import, as a supervisor's would come;
+    `ignored`: the signal ignored by the process that runs the command, which the command inherits."""
     script = ("import builtins, os, signal, sys\n"
               "signal.signal(signal.SIGINT, signal.default_int_handler)  # as a terminal's foreground command\n"
               "real = builtins.__import__\n"
@@ -2147,8 +2149,9 @@ def _signaled_as_the_command_imports(tmp_path: Path, argv: list[str], sent: str)
               "raise SystemExit(main())\n")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
            "ORCH_DATA_DIR": str(tmp_path / "data")}
+    sig = getattr(signal, sent)
     return subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=60)
+                          timeout=60, preexec_fn=(lambda: signal.signal(sig, signal.SIG_IGN)) if ignored else None)
 
 
 @pytest.mark.parametrize(("argv", "told"), [(["serve", "--port", "x"], "terminated; " + START_STOPPED),
@@ -2163,6 +2166,17 @@ def test_a_stop_as_the_command_imports_is_told_in_a_line(tmp_path: Path, argv: l
     assert done.returncode == -signal.SIGTERM, done.stderr
     assert done.stderr == f"orchestrator: {told}\n"
     assert not (tmp_path / "data").exists()  # nothing of the command ran
+
+
+def test_a_stop_its_caller_ignores_leaves_the_command_to_run_as_it_imports(tmp_path: Path) -> None:
+    """A SIGTERM as the command imports its modules, from a caller that ignores it (`trap '' TERM`
+    around a deploy's `orchestrator migrate`), which the command inherits: the import's hold made it
+    pending, and it ended the command (`terminated`, 143) before it had migrated anything; it ran on
+    before the hold, as it does once its imports are done."""
+    done = _signaled_as_the_command_imports(tmp_path, ["migrate"], "SIGTERM", ignored=True)
+    assert done.returncode == 0, done.stderr
+    assert "terminated" not in done.stderr and "migrated from nothing" in done.stdout, done.stdout + done.stderr
+    assert (tmp_path / "data" / "orchestrator.db").exists()
 
 
 @pytest.mark.parametrize("first", ["as it imports", "as it runs"])
