@@ -18,10 +18,12 @@ def _hold_stop() -> None:
     """Block SIGTERM while the command imports: one sent meanwhile waits, to be told by whoever
     takes it (`release_stop`), where its default ended the process at once and silently. The
     threads the imports start keep it blocked, and leave it to the main thread. Not one the
-    command's caller ignores (`trap '' TERM`), which it inherits: held, it became pending, and
-    ended the command it had left running."""
+    command's caller ignores (`trap '' TERM`) or blocks, which it inherits: held, it became
+    pending, and ended the command it had left running."""
     if hasattr(signal, "pthread_sigmask") and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
-        _held.append(signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM}))
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        if signal.SIGTERM not in previous:
+            _held.append(previous)
 
 
 def release_stop() -> None:

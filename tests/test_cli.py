@@ -2132,10 +2132,11 @@ def test_the_command_takes_a_supervisor_s_signals_before_its_imports(tmp_path: P
 
 
 def _signaled_as_the_command_imports(tmp_path: Path, argv: list[str], sent: str,
-                                     ignored: bool = False) -> subprocess.CompletedProcess[str]:
+                                     left: str = "") -> subprocess.CompletedProcess[str]:
     """The console script's entry run with `argv`, `sent` to it as it imports `orchestrator.cli`
     (httpx, pydantic, SQLAlchemy: half a second), from inside the import, as a supervisor's would come;
-    `ignored`: the signal ignored by the process that runs the command, which the command inherits."""
+    `left`: "ignored" or "blocked", the signal as the process that runs the command left it to the
+    command, which inherits it."""
     script = ("import builtins, os, signal, sys\n"
               "signal.signal(signal.SIGINT, signal.default_int_handler)  # as a terminal's foreground command\n"
               "real = builtins.__import__\n"
@@ -2150,8 +2151,15 @@ def _signaled_as_the_command_imports(tmp_path: Path, argv: list[str], sent: str,
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
            "ORCH_DATA_DIR": str(tmp_path / "data")}
     sig = getattr(signal, sent)
+
+    def leave() -> None:
+        if left == "ignored":
+            signal.signal(sig, signal.SIG_IGN)
+        else:
+            signal.pthread_sigmask(signal.SIG_BLOCK, {sig})
+
     return subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=60, preexec_fn=(lambda: signal.signal(sig, signal.SIG_IGN)) if ignored else None)
+                          timeout=60, preexec_fn=leave if left else None)
 
 
 @pytest.mark.parametrize(("argv", "told"), [(["serve", "--port", "x"], "terminated; " + START_STOPPED),
@@ -2168,12 +2176,14 @@ def test_a_stop_as_the_command_imports_is_told_in_a_line(tmp_path: Path, argv: l
     assert not (tmp_path / "data").exists()  # nothing of the command ran
 
 
-def test_a_stop_its_caller_ignores_leaves_the_command_to_run_as_it_imports(tmp_path: Path) -> None:
+@pytest.mark.parametrize("left", ["ignored", "blocked"])
+def test_a_stop_its_caller_ignores_leaves_the_command_to_run_as_it_imports(tmp_path: Path, left: str) -> None:
     """A SIGTERM as the command imports its modules, from a caller that ignores it (`trap '' TERM`
-    around a deploy's `orchestrator migrate`), which the command inherits: the import's hold made it
-    pending, and it ended the command (`terminated`, 143) before it had migrated anything; it ran on
-    before the hold, as it does once its imports are done."""
-    done = _signaled_as_the_command_imports(tmp_path, ["migrate"], "SIGTERM", ignored=True)
+    around a deploy's `orchestrator migrate`) or blocks it, which the command inherits: the
+    import's hold took it for one its default would have ended the command with, and ended it
+    (`terminated`, 143) before it had migrated anything; it ran on before the hold, as it does
+    once its imports are done."""
+    done = _signaled_as_the_command_imports(tmp_path, ["migrate"], "SIGTERM", left=left)
     assert done.returncode == 0, done.stderr
     assert "terminated" not in done.stderr and "migrated from nothing" in done.stdout, done.stdout + done.stderr
     assert (tmp_path / "data" / "orchestrator.db").exists()
