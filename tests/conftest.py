@@ -25,6 +25,12 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 # same split of the work. Read once, when torch loads its OpenMP runtime: set before any import of
 # torch, and inherited by the servers tests start as subprocesses.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# A run started with SIGINT ignored (a shell's background job, `trap '' INT`) passes that on to
+# every child, and Python keeps an inherited SIG_IGN: the tests' Ctrl-Cs to a child service never
+# arrived. A handler of our own is reset to the default in each child at exec, as a terminal's
+# foreground command has it.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 import httpx
 import pytest
