@@ -58,11 +58,31 @@ def pending(s: Session, shas: Collection[str]) -> set[str]:
     # Few rows: running jobs of remote engines between their store and their end.
     for stored in s.exec(select(Job.stored_images).where(col(Job.status) == "running",
                                                          col(Job.stored_images).is_not(None))):
-        for image in (stored or {}).get("images") or []:
-            sha = image.get("sha256") if isinstance(image, dict) else None
+        for image in _listed(stored):
+            sha = image.get("sha256")
             if sha in wanted:
                 named.add(sha)
     return named
+
+
+def _listed(stored: object) -> list[dict[str, Any]]:
+    """The images a `Job.stored_images` value lists: none where it is not as the runner writes it (a
+    row mended by hand, another version's), which failed every store sweep and every recovery of the job."""
+    images = stored.get("images") if isinstance(stored, dict) else None
+    return [image for image in images if isinstance(image, dict)] if isinstance(images, list) else []
+
+
+def _sound(image: dict[str, Any]) -> bool:
+    """Whether an image's fields are what the runner writes, within the asset row's columns: one that
+    is not is taken for lost, not raised from the recovery's write at every sweep (the job left running)."""
+    def whole(value: object, top: int) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and 0 < value < top
+
+    seed = image.get("seed")
+    return (isinstance(image.get("sha256"), str) and SHA_RE.fullmatch(image["sha256"]) is not None
+            and isinstance(image.get("record"), dict) and whole(image.get("bytes"), 2 ** 63)
+            and whole(image.get("width"), 2 ** 31) and whole(image.get("height"), 2 ** 31)
+            and (seed is None or (isinstance(seed, int) and not isinstance(seed, bool) and -2 ** 63 <= seed < 2 ** 63)))
 
 
 @dataclass
@@ -83,10 +103,8 @@ class Adoption:
         stored = job.stored_images
         if not isinstance(stored, dict) or stored.get("attempt") != job.attempt:
             return None
-        images = [image for image in stored.get("images") or [] if isinstance(image, dict)]
-        whole = [image for image in images
-                 if isinstance(image.get("sha256"), str) and SHA_RE.fullmatch(image["sha256"])
-                 and intact(image["sha256"])]
+        images = _listed(stored)
+        whole = [image for image in images if _sound(image) and intact(image["sha256"])]
         if not whole:
             if images:
                 log.error("job %s: none of the %d images its dead process stored is in the store whole: it is "

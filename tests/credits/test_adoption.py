@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from orchestrator.adopt import Adoption, stored_images
+from sqlalchemy.pool import StaticPool
+from sqlmodel import Session, SQLModel, create_engine
+
+from orchestrator.adopt import Adoption, pending, stored_images
 from orchestrator.clock import utcnow
 from orchestrator.models import Job
 
@@ -44,3 +47,51 @@ def test_nothing_is_adopted_of_another_attempt_or_of_files_none_of_which_is_whol
     job = stored_job(1)
     job.stored_images = {**(job.stored_images or {}), "images": [{"sha256": "../../etc/passwd"}]}
     assert Adoption.of(job, lambda sha: True) is None  # a row mended by hand names no file
+
+
+def test_a_garbled_stored_image_is_not_adopted_and_does_not_stop_recovery_or_the_sweep() -> None:
+    """A row mended by hand, or written by another version: an image whose fields are not what the
+    runner writes is not whole (the others are adopted), and nothing raises. Raised, recovery of the
+    job failed at every sweep and left it running with its hold, and one such row failed every
+    store sweep and `orchestrator check` (`pending`)."""
+    good = stored_job(1).stored_images
+    assert good is not None
+    image = good["images"][0]
+    garbled: list[dict[str, object]] = [
+        {k: v for k, v in image.items() if k != "width"}, {**image, "record": None}, {**image, "record": "x"},
+        {**image, "bytes": "many"}, {**image, "height": -8}, {**image, "width": True}, {**image, "seed": 2 ** 70},
+        {**image, "width": 2 ** 40}, {**image, "seed": "5"},
+    ]
+    for bad in garbled:
+        job = stored_job(1)
+        other = {**image, "sha256": f"{9:064x}"}
+        job.stored_images = {**good, "images": [bad, other]}
+        adoption = Adoption.of(job, lambda sha: True)
+        assert adoption is not None and [row.sha256 for row in adoption.rows] == [f"{9:064x}"], bad
+        assert adoption.status == "failed"
+        job.stored_images = {**good, "images": [bad]}
+        assert Adoption.of(job, lambda sha: True) is None, bad
+    for images in (5, "ab", {"sha256": f"{0:064x}"}, None):
+        job = stored_job(1)
+        job.stored_images = {**good, "images": images}
+        assert Adoption.of(job, lambda sha: True) is None
+    job = stored_job(1)
+    job.stored_images = ["not", "a", "dict"]  # type: ignore[assignment]
+    assert Adoption.of(job, lambda sha: True) is None
+
+
+def test_the_sweep_s_look_at_running_jobs_passes_over_a_garbled_row() -> None:
+    engine = create_engine("sqlite://", poolclass=StaticPool, connect_args={"check_same_thread": False})
+    SQLModel.metadata.create_all(engine)
+    try:
+        with Session(engine) as s:
+            named = stored_job(1)
+            for i, garbled in enumerate(([1, 2], {"images": 5}, {"images": "ab"}, {"images": [None, 3]})):
+                job = stored_job(1)
+                job.id, job.stored_images = f"job_{i}", garbled  # type: ignore[assignment]
+                s.add(job)
+            s.add(named)
+            s.commit()
+            assert pending(s, [f"{0:064x}", f"{1:064x}"]) == {f"{0:064x}"}
+    finally:
+        engine.dispose()
