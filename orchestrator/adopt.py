@@ -96,10 +96,11 @@ class Adoption:
     stored: dict[str, Any]
 
     @classmethod
-    def of(cls, job: Job, intact: Callable[[str], bool]) -> Adoption | None:
+    def of(cls, job: Job, intact: Callable[[str], bool], *, canceled: bool = False) -> Adoption | None:
         """The adoption of the job's stored images, where its row holds them for the attempt it is
         running and at least one is in the store whole (`intact`: the store's check of a file
-        against its sha256); None otherwise (recovery then goes on as it did)."""
+        against its sha256); None otherwise (recovery then goes on as it did). `canceled`: for a
+        cancel of the job being written now (`JobService.cancel_orphan`), as for one asked before."""
         stored = job.stored_images
         if not isinstance(stored, dict) or stored.get("attempt") != job.attempt:
             return None
@@ -119,7 +120,7 @@ class Adoption:
                       sha256=image["sha256"], record=image["record"], bytes=int(image["bytes"]))
                 for index, image in enumerate(whole)]
         error: OrchestratorError | None = None
-        if job.cancel_requested_at is not None:
+        if canceled or job.cancel_requested_at is not None:
             # As the runner ends a remote job canceled once its engine had answered: with its images.
             status = "canceled"
             error = Canceled("canceled; its worker stopped after storing the images its engine made, which the job "

@@ -24,6 +24,7 @@ from sqlalchemy import update
 from sqlmodel import Session, col, select
 
 from orchestrator import cache, device_time, idempotency, quota, webhooks
+from orchestrator.adopt import Adoption
 from orchestrator.cache import cache_key, cached_copies
 from orchestrator.clock import iso, shared_now, utcnow
 from orchestrator.db import Database, changed
@@ -45,8 +46,8 @@ from orchestrator.errors import (
     gone,
     not_found,
 )
-from orchestrator.events import EventBus
-from orchestrator.follow import tell_end
+from orchestrator.events import EventBus, on_loop
+from orchestrator.follow import catch_up, tell_end
 from orchestrator.ids import new_id
 from orchestrator.ledger import Balance, Ledger
 from orchestrator.models import NO_LEASE, Asset, Job, Project
@@ -889,6 +890,14 @@ class JobService:
         """Cancel a running job whose worker is gone; False when it is back in the queue (a
         recovery or a fallback moved it meanwhile)."""
         error = Canceled("canceled; its worker was gone").to_dict()
+        # The images its worker stored before it died, made and paid for (`orchestrator.adopt`), are
+        # kept as recovery keeps them for a canceled job: checked against their sha256 before the
+        # write lock is taken, and adopted only for the attempt read then.
+        with self.db.session() as s:
+            seen = s.get(Job, job_id)
+        adoption = (Adoption.of(seen, self.store.intact, canceled=True)
+                    if seen is not None and seen.status == "running" and seen.stored_images else None)
+        adopted: list[str] | None = None
         with self.db.transaction() as s:
             job = s.get(Job, job_id)
             if job is None:
@@ -907,7 +916,11 @@ class JobService:
                 if held is not None:
                     values["device_seconds"] = device_time.added(held)
             done = False
-            if job.sent_nothing():
+            if adoption is not None and adoption.job.attempt == job.attempt:
+                done = changed(s.execute(running.values(**adoption.values()))) == 1
+                if done:
+                    adopted = adoption.write(s, self.ledger)  # its rows, its end's webhook, its charge as made
+            elif job.sent_nothing():
                 # Its worker vanished before its first paid request: nothing to charge, unless it
                 # is alive after all and recording one right now (then the update below).
                 done = changed(s.execute(running.where(col(Job.unsent_attempt) == job.attempt).values(**values))) == 1
@@ -918,8 +931,13 @@ class JobService:
                 if done:
                     # The worker may have reached the provider before it vanished.
                     self.ledger.capture(s, job, None, unreconciled=True, note="canceled while a worker held it")
-            if done:
+            if done and adopted is None:
                 webhooks.job_ended(s, job_id, job.project_id, "canceled")
+        if adopted is not None:
+            log.info("job %s canceled; its worker %s was gone, and the %d image(s) it stored are kept", job_id,
+                     job.lease_owner, len(adopted))
+            self._tell_adopted(job_id, adopted)
+            return True
         if done:
             log.info("job %s canceled; its worker %s was gone", job_id, job.lease_owner)
             tell_end(self.bus, job, "canceled", error)
@@ -928,6 +946,26 @@ class JobService:
         if job.status in ("queued", "running"):
             return False
         raise JobFinished(f"job '{job_id}' already {job.status}", details={"status": job.status})
+
+    def _tell_adopted(self, job_id: str, asset_ids: list[str]) -> None:
+        """A stream this process has of the job is told its kept assets and its end, as recovery's
+        adoption tells them (`Scheduler._tell_adopted`). Safe from any thread."""
+        loop = self.bus.loop
+        if loop is None:
+            return
+        with self.db.session() as s:
+            ended = s.get(Job, job_id)
+        if ended is None:
+            return
+
+        def tell() -> None:
+            if self.bus.view(job_id) is not None:
+                catch_up(self.bus, ended, asset_ids)
+
+        if on_loop(loop):
+            tell()
+        else:
+            loop.call_soon_threadsafe(tell)
 
 
 def asset_ids_in(s: Session, job_ids: list[str]) -> dict[str, list[str]]:

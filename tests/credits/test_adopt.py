@@ -161,3 +161,48 @@ def check_adopted(service_env: dict[str, str], tmp_path: Path, settings: Setting
         asyncio.run(svc.aclose())
     assert made <= store_files(data_dir)
 
+
+
+def test_a_cancel_of_a_paid_job_whose_process_died_after_storing_its_images_keeps_them(
+        service_env: dict[str, str], tmp_path: Path, paid_settings_for: Callable[..., Settings],
+        services: list[Service]) -> None:
+    """A client cancels the job its dead worker left running before any recovery has run (the API's
+    cancel of a job whose worker is gone). Before, the cancel ignored what the row said was stored: the
+    job ended canceled with no asset, its estimate captured `unreconciled` as possibly billed, the
+    row kept `stored_images`, and the next store sweep removed the files made and paid for."""
+    settings = paid_settings_for(Path(service_env["ORCH_DATA_DIR"]))
+    data_dir = settings.data_dir
+    with serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30.0) as client:
+        project_id, asset_id = project_with_draft(client, {"limit": 100, "period": "month"})
+    before = store_files(data_dir)
+    services.append(DyingService(service_env, tmp_path, tmp_path / "first.log", DIE_BEFORE_THE_ROWS))
+    with httpx.Client(base_url=services[0].url, timeout=30.0) as client:
+        job_id = promote_ok(client, asset_id, tags={"cost": "7"})["id"]
+    assert services[0].process.wait(timeout=60) == -signal.SIGKILL
+    services[0].kill()
+    made = store_files(data_dir) - before
+    assert len(made) == 1
+
+    svc = Services.build(settings)
+    try:
+        assert svc.jobs.cancel_orphan(job_id) is True
+        with svc.db.session() as s:
+            row = s.get(Job, job_id)
+            assert row is not None and row.status == "canceled" and row.stored_images is None
+        svc.sweep_asset_files(older_than=0)
+    finally:
+        asyncio.run(svc.aclose())
+    assert made <= store_files(data_dir)
+
+    with serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30.0) as client:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        assert job["status"] == "canceled" and len(job["assets"]) == 1, job
+        adopted = client.get(f"/v1/assets/{job['assets'][0]}").json()
+        assert adopted["parent_id"] == asset_id and adopted["job_id"] == job_id
+        assert {hashlib.sha256(client.get(adopted["content_url"]).content).hexdigest()} == made
+        # Charged what the provider reported, once, as a recovery's adoption charges it.
+        assert job["cost"]["held"] == 0 and job["cost"]["charged"] == 7
+        entries = [e for e in ledger(client, project_id) if e["job_id"] == job_id]
+        assert kinds(entries) == {"hold": 1, "capture": 1, "release": 1}
+        assert not any(e["unreconciled"] for e in entries)
+        assert_settled_once(entries)
