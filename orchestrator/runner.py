@@ -1916,10 +1916,18 @@ class JobRunner:
         job = claim.job
         rows = _asset_rows(job, result, records, pngs)
         now = utcnow()
+        # Landed: its own rows too. Another process's recovery that adopted these images while this
+        # write retried (`orchestrator.adopt`) ends the attempt alike, with rows of its own: read as
+        # this write, the stream was told ids of assets never committed.
         self._end_write(claim, f"job {job.id}'s success",
                         lambda s: self._succeed_in(s, claim, result, rows, now, seconds),
-                        lambda row: row.status == "succeeded" and _last_attempt(row, claim, "succeeded", None))
+                        lambda row: row.status == "succeeded" and _last_attempt(row, claim, "succeeded", None)
+                        and (not rows or self._committed(rows[0].id)))
         return self._served(rows, pngs)
+
+    def _committed(self, asset_id: str) -> bool:
+        with self.db.session() as s:
+            return s.get(Asset, asset_id) is not None
 
     def _served(self, rows: list[Asset], pngs: list[tuple[Put, bytes]]) -> list[str]:
         """The ids of the committed `rows`, whose bytes the store serves from memory for a while."""

@@ -1597,3 +1597,58 @@ def test_a_paid_job_killed_between_its_files_and_its_rows_keeps_its_images_on_po
     settings = paid_settings_for(Path(service_env["ORCH_DATA_DIR"]), database_url=postgres_url)
     check_adopted({**service_env, "ORCH_DATABASE_URL": postgres_url}, tmp_path, settings, services,
                   DIE_BEFORE_THE_ROWS, swept_first=True)
+
+
+def test_a_success_whose_commit_was_lost_as_another_process_adopted_its_images_tells_the_adopted_assets(
+        postgres_url: str, tmp_path: Path, paid_settings_for: Callable[..., Settings],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker's COMMIT of a paid job's success was lost with its connection (not in the database),
+    and while its final write retried, another process, finding its lease out, adopted the images
+    its row said it stored (`orchestrator.adopt`), ending the job `succeeded` with attempts alike.
+    The worker's retry read the row as its own write landed and told its stream the ids of asset
+    rows that were never committed (each a 404), not the adopted ones the job lists."""
+    from sqlalchemy.dialects.postgresql.psycopg import PGDialect_psycopg
+
+    from orchestrator.adopt import Adoption
+
+    settings = paid_settings_for(tmp_path / "data", database_url=postgres_url)
+    other = Services.build(settings)  # the process whose recovery adopts them
+    commit = PGDialect_psycopg.do_commit
+    armed: list[bool] = []
+    adopted: list[str] = []
+
+    def lost_meanwhile(self: PGDialect_psycopg, connection: Any) -> None:
+        ended = bool(armed) and connection.execute(
+            "SELECT id FROM jobs WHERE stage <> 'ideation' AND status = 'succeeded'").fetchone()
+        if not ended:
+            commit(self, connection)
+            return
+        armed.clear()
+        connection.rollback()  # the COMMIT never reached the server
+        with other.db.session() as s:
+            job = s.get(Job, ended[0])
+        assert job is not None and job.status == "running"
+        adoption = Adoption.of(job, other.runner.store.intact)
+        assert adoption is not None and other.scheduler._adopt(job, adoption) is not None
+        adopted.append(job.id)
+        raise psycopg.OperationalError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(PGDialect_psycopg, "do_commit", lost_meanwhile)
+    try:
+        with serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30.0) as client:
+            project_id, asset_id = project_with_draft(client)
+            armed.append(True)
+            job = promote_ok(client, asset_id, engine="fake-paid")
+            with client.stream("GET", f"/v1/jobs/{job['id']}/events", timeout=httpx.Timeout(30, read=15)) as answer:
+                events = list(iter_sse(answer))
+            done = wait_for_job(client, job["id"])
+            entries = [e for e in ledger(client, project_id) if e["job_id"] == job["id"]]
+            told = [e.data["asset_id"] for e in events if e.event == "asset"]
+            found = [client.get(f"/v1/assets/{asset}").status_code for asset in told]
+    finally:
+        asyncio.run(other.aclose())
+    assert adopted == [job["id"]] and done["status"] == "succeeded" and len(done["assets"]) == 1
+    assert events[-1].event == "succeeded", [e.event for e in events]
+    assert told == done["assets"] == events[-1].data["assets"], (told, done["assets"])
+    assert found == [200]
+    assert_settled_once(entries)
