@@ -656,3 +656,34 @@ def test_the_migration_lock_is_never_opened_through_a_link(tmp_path: Path) -> No
     with pytest.raises(OSError):
         upgrade(url)
     assert not victim.exists()
+
+
+def test_0040_downgrade_is_refused_while_a_running_job_lists_images_to_adopt(tmp_path: Path) -> None:
+    """Dropped, the column took with it the images a dead paid job's row said it stored: the release
+    before failed the job `interrupted`, captured its estimate as possibly billed, and swept its
+    files, made and paid for. A value that lists none (the runner's cleared JSON null, a garbled one)
+    is in no downgrade's way."""
+    from alembic import command
+
+    from orchestrator.db import alembic_config
+
+    url = f"sqlite:///{tmp_path / 'm.db'}"
+    upgrade(url)
+    engine = create_engine(url)
+    try:
+        _project_and_job(engine)
+        stored = '{"attempt": 1, "images": [{"sha256": "' + "0" * 64 + '"}]}'
+        with engine.begin() as conn:
+            conn.execute(text("UPDATE jobs SET status = 'running', stored_images = :stored"), {"stored": stored})
+        head = _revision(engine)
+        with pytest.raises(MigrationRefused, match=r"1 running job\(s\) list images"):
+            command.downgrade(alembic_config(url), "0039")
+        assert _revision(engine) == head
+        for cleared in ("null", '[1, 2]', '{"images": 5}'):
+            with engine.begin() as conn:
+                conn.execute(text("UPDATE jobs SET stored_images = :stored"), {"stored": cleared})
+            command.downgrade(alembic_config(url), "0039")
+            assert _revision(engine) == "0039"
+            command.upgrade(alembic_config(url), "head")
+    finally:
+        engine.dispose()
