@@ -906,7 +906,7 @@ class JobService:
                 return False  # its holder renewed since the look: it is asked instead, at the next try
             running = update(Job).where(col(Job.id) == job_id, col(Job.status) == "running",
                                         col(Job.attempt) == job.attempt)
-            values = {"status": "canceled", "finished_at": utcnow(), **NO_LEASE,
+            values = {"status": "canceled", "finished_at": utcnow(), **NO_LEASE, "stored_images": None,
                       "error": error, "attempts": job.with_attempt("canceled", error)}
             # What the gone worker's attempt surely held of a local device counts toward its
             # project's quota, as recovery counts it (`device_time.held_until_lease`); never charged.

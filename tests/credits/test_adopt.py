@@ -163,13 +163,15 @@ def check_adopted(service_env: dict[str, str], tmp_path: Path, settings: Setting
 
 
 
+@pytest.mark.parametrize("lost", [False, True], ids=["kept", "file-lost"])
 def test_a_cancel_of_a_paid_job_whose_process_died_after_storing_its_images_keeps_them(
         service_env: dict[str, str], tmp_path: Path, paid_settings_for: Callable[..., Settings],
-        services: list[Service]) -> None:
+        services: list[Service], lost: bool) -> None:
     """A client cancels the job its dead worker left running before any recovery has run (the API's
     cancel of a job whose worker is gone). Before, the cancel ignored what the row said was stored: the
     job ended canceled with no asset, its estimate captured `unreconciled` as possibly billed, the
-    row kept `stored_images`, and the next store sweep removed the files made and paid for."""
+    row kept `stored_images`, and the next store sweep removed the files made and paid for. With the
+    file lost from the store since, the job ends as before, its row's record cleared all the same."""
     settings = paid_settings_for(Path(service_env["ORCH_DATA_DIR"]))
     data_dir = settings.data_dir
     with serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30.0) as client:
@@ -182,6 +184,9 @@ def test_a_cancel_of_a_paid_job_whose_process_died_after_storing_its_images_keep
     services[0].kill()
     made = store_files(data_dir) - before
     assert len(made) == 1
+    if lost:
+        for path in (data_dir / "assets").glob(f"*/{next(iter(made))}.png"):
+            path.unlink()
 
     svc = Services.build(settings)
     try:
@@ -192,6 +197,13 @@ def test_a_cancel_of_a_paid_job_whose_process_died_after_storing_its_images_keep
         svc.sweep_asset_files(older_than=0)
     finally:
         asyncio.run(svc.aclose())
+    if lost:
+        with serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30.0) as client:
+            job = client.get(f"/v1/jobs/{job_id}").json()
+            assert job["status"] == "canceled" and job["assets"] == [], job
+            entries = [e for e in ledger(client, project_id) if e["job_id"] == job_id]
+            assert kinds(entries) == {"hold": 1, "capture": 1} and any(e["unreconciled"] for e in entries)
+        return
     assert made <= store_files(data_dir)
 
     with serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30.0) as client:
