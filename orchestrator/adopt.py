@@ -22,6 +22,7 @@ leaves every file a running job's row names (`pending`), so it cannot take them 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
@@ -36,7 +37,7 @@ from orchestrator.ledger import Ledger
 from orchestrator.models import NO_LEASE, Asset, Job
 from orchestrator.quota import add_assets
 from orchestrator.store import SHA_RE
-from tiers.base import UNKNOWN_MODEL
+from tiers.base import UNKNOWN_MODEL, is_amount
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,12 @@ def stored_images(attempt: int, *, model: str | None, cost: object, cost_unread:
     """`Job.stored_images` for `attempt`: `images` holds each stored file's sha256, bytes, seed,
     width, height and record, in the job's order. `cost`: the engine's reported cost, as it said it
     (the ledger judges whether it is a charge, as it does for a success)."""
+    if cost is not None and is_amount(cost):
+        cost = int(cost)  # a numpy integer's too
+    elif cost is not None and not (isinstance(cost, float) and math.isfinite(cost)):
+        # Kept as its text: written as it is, JSON's null (an infinity, NaN) read as no cost
+        # reported, and the estimate was captured without the flag the runner's success gives it.
+        cost = repr(cost)[:40]
     return {"attempt": attempt, "model": model, "cost_millicredits": cost, "cost_unread": cost_unread,
             "provider_request_id": provider_request_id, "cache_key": cache_key, "images": images}
 
@@ -167,8 +174,10 @@ class Adoption:
         unread = self.stored.get("cost_unread")
         # What the runner's success would have charged: the engine's reported cost, else the estimate
         # (a hold of 0 on an engine that bills is captured as reported), once: the hold is settled here.
-        # A cost the engine reported as no whole number is passed on as it was: the ledger flags it.
-        ledger.charge_made(s, self.job, cost if isinstance(cost, (int, float)) else None,  # type: ignore[arg-type]
+        # A cost the engine reported as no whole number is passed on as it was (or as its text,
+        # `stored_images`): the ledger flags it.
+        reported = cost if cost is None or isinstance(cost, (int, float)) else str(cost)[:40]
+        ledger.charge_made(s, self.job, reported,  # type: ignore[arg-type]
                            note=None if self.error is None else self.error.code,
                            unread=str(unread) if unread else None)
         return [row.id for row in self.rows]

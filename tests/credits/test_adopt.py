@@ -218,3 +218,31 @@ def test_a_cancel_of_a_paid_job_whose_process_died_after_storing_its_images_keep
         assert kinds(entries) == {"hold": 1, "capture": 1, "release": 1}
         assert not any(e["unreconciled"] for e in entries)
         assert_settled_once(entries)
+
+
+def test_an_adopted_job_whose_engine_reported_a_cost_that_is_no_number_is_flagged_as_its_success_is(
+        service_env: dict[str, str], tmp_path: Path, paid_settings_for: Callable[..., Settings],
+        services: list[Service]) -> None:
+    """A plugin's cost of no whole millicredits that JSON cannot hold (an infinite one, NaN): the
+    runner's success captures the estimate flagged `unreconciled`. The row's record kept it as null
+    (the database's JSON writes no infinity), which reads as no cost reported: the adoption captured
+    the estimate as if nothing were left to reconcile."""
+    settings = paid_settings_for(Path(service_env["ORCH_DATA_DIR"]))
+    with serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30.0) as client:
+        project_id, asset_id = project_with_draft(client, {"limit": 100, "period": "month"})
+        live = wait_for_job(client, promote_ok(client, asset_id, tags={"cost": "inf"})["id"])
+        assert live["status"] == "succeeded"
+        flagged = [e["unreconciled"] for e in ledger(client, project_id)
+                   if e["job_id"] == live["id"] and e["kind"] == "capture"]
+        assert flagged == [True]  # as the runner's success settles it
+    services.append(DyingService(service_env, tmp_path, tmp_path / "first.log", DIE_BEFORE_THE_ROWS))
+    with httpx.Client(base_url=services[0].url, timeout=30.0) as client:
+        job_id = promote_ok(client, asset_id, tags={"cost": "inf"})["id"]
+    assert services[0].process.wait(timeout=60) == -signal.SIGKILL
+    services[0].kill()
+    with serve_in_thread(settings) as base, httpx.Client(base_url=base, timeout=30.0) as client:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        assert job["status"] == "succeeded" and len(job["assets"]) == 1, job
+        entries = [e for e in ledger(client, project_id) if e["job_id"] == job_id]
+        assert [e["unreconciled"] for e in entries if e["kind"] == "capture"] == [True], entries
+        assert_settled_once(entries)
