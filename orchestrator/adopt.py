@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
@@ -48,7 +49,7 @@ def stored_images(attempt: int, *, model: str | None, cost: object, cost_unread:
     """`Job.stored_images` for `attempt`: `images` holds each stored file's sha256, bytes, seed,
     width, height and record, in the job's order. `cost`: the engine's reported cost, as it said it
     (the ledger judges whether it is a charge, as it does for a success)."""
-    if cost is not None and is_amount(cost):
+    if isinstance(cost, numbers.Integral) and is_amount(cost):
         cost = int(cost)  # a numpy integer's too
     elif cost is not None and not (isinstance(cost, float) and math.isfinite(cost)):
         # Kept as its text: written as it is, JSON's null (an infinity, NaN) read as no cost
