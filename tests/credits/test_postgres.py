@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import signal
@@ -1645,10 +1646,14 @@ def test_a_success_whose_commit_was_lost_as_another_process_adopted_its_images_t
             entries = [e for e in ledger(client, project_id) if e["job_id"] == job["id"]]
             told = [e.data["asset_id"] for e in events if e.event == "asset"]
             found = [client.get(f"/v1/assets/{asset}").status_code for asset in told]
+            # The worker, superseded, discards what it stored but the files the adopted rows name.
+            content = client.get(f"/v1/assets/{done['assets'][0]}/content")
     finally:
         asyncio.run(other.aclose())
     assert adopted == [job["id"]] and done["status"] == "succeeded" and len(done["assets"]) == 1
     assert events[-1].event == "succeeded", [e.event for e in events]
     assert told == done["assets"] == events[-1].data["assets"], (told, done["assets"])
-    assert found == [200]
+    assert found == [200] and content.status_code == 200
+    sha = hashlib.sha256(content.content).hexdigest()
+    assert list((tmp_path / "data" / "assets").glob(f"*/{sha}.png")), "the adopted file was discarded"
     assert_settled_once(entries)
