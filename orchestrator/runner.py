@@ -327,6 +327,10 @@ class JobProgress:
             if preview is not None and (not isinstance(preview, Image.Image) or preview.mode not in PREVIEW_MODES):
                 # A mode PNG cannot hold (CMYK) failed the preview's every read.
                 preview = preview.convert("RGB") if isinstance(preview, Image.Image) else None
+            if preview is not None:
+                # Read now, not at its first encode: only a shrink read the pixels here, so a small
+                # preview cut short was told with a `preview_url` whose every GET failed 500.
+                preview.load()
             shown = Preview.of(preview) if preview is not None else None  # shrunk; None when empty
         except Exception as exc:  # the plugin's pixels (a file cut short, opened lazily): Pillow raises any kind
             # Read here, on the engine's thread: raised into the engine, it failed the render for

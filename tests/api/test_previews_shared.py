@@ -187,17 +187,29 @@ class BrokenEngine(SteppedEngine):
     `Image.open` of a file it is still writing would be); step 2's is whole."""
 
     name = "fake-broken"
+    side = 1024
 
     def preview(self, step: int) -> Image.Image:
         if step != 1:
             return preview_of(step)
         buf = io.BytesIO()
-        Image.effect_noise((1024, 1024), 50).convert("RGB").save(buf, format="PNG")
+        Image.effect_noise((self.side, self.side), 50).convert("RGB").save(buf, format="PNG")
         return Image.open(io.BytesIO(buf.getvalue()[:len(buf.getvalue()) // 2]))
 
 
 def broken_factory(ctx: EngineContext) -> BrokenEngine:
     return BrokenEngine()
+
+
+class SmallBrokenEngine(BrokenEngine):
+    """`BrokenEngine` with a preview already within `PREVIEW_MAX_SIDE`: no shrink reads its pixels."""
+
+    name = "fake-small-broken"
+    side = 256
+
+
+def small_broken_factory(ctx: EngineContext) -> SmallBrokenEngine:
+    return SmallBrokenEngine()
 
 
 class DeepEngine(SteppedEngine):
@@ -527,6 +539,43 @@ def test_a_preview_that_cannot_be_read_is_dropped_and_the_render_goes_on(make_se
         assert job.status == "succeeded", job.error
     assert told[0] == {"step": 1, "total": STEPS, "fraction": 0.25}
     assert told[1]["step"] == 2 and "preview_url" in told[1]
+
+
+def test_a_small_preview_that_cannot_be_read_is_dropped_too(make_settings: SettingsFactory) -> None:
+    # Only a shrink read a preview's pixels as it was told: one within PREVIEW_MAX_SIDE (256 px, cut
+    # short, opened lazily) was kept unread, its step told with a `preview_url`, and each GET of it
+    # failed 500 when the encode met the truncated data.
+    app = create_app(make_settings(
+        run_jobs=False, engines="fake-small-broken=tests.api.test_previews_shared:small_broken_factory"))
+    with TestClient(app, raise_server_exceptions=False) as client:
+        services: Services = app.state.services
+        told: list[dict[str, Any]] = []
+        publish = services.bus.publish
+
+        def recorded(job_id: str, type_: str, data: dict[str, Any], **kwargs: Any) -> None:
+            if type_ == "progress":
+                told.append(data)
+            publish(job_id, type_, data, **kwargs)
+
+        services.bus.publish = recorded  # type: ignore[method-assign]
+        job_id = add_job(services, engine="fake-small-broken")
+        [(claim, _lane)] = services.scheduler._claim_ready({})
+        engine = services.registry.get("fake-small-broken")
+        assert isinstance(engine, ThirdParty) and isinstance(engine.wrapped, SmallBrokenEngine)
+        broken = engine.wrapped
+        running = threading.Thread(target=asyncio.run, args=(services.runner.run(claim),))
+        running.start()
+        try:
+            assert broken.at.get(timeout=30) == 1
+            assert_error(client.get(f"/v1/jobs/{job_id}/preview"), 404, "not_found")
+            broken.go.release()
+            assert broken.at.get(timeout=30) == 2
+            assert client.get(f"/v1/jobs/{job_id}/preview").status_code == 200
+        finally:
+            broken.go.release(2)
+            running.join(30)
+        assert row(services, job_id).status == "succeeded"
+    assert told[0] == {"step": 1, "total": STEPS, "fraction": 0.25}
 
 
 def test_a_16_bit_preview_is_shown_as_it_looks(make_settings: SettingsFactory) -> None:
