@@ -606,6 +606,9 @@ class ArtifactStore:
             try:
                 os.link(tmp, path)
             except FileExistsError:
+                # Another put's link, likely before its folder's fsync: made durable here, as the
+                # file found is what this put's row will name (a rename over it fsynced it too).
+                _fsync_dir(path.parent)
                 return None
             except OSError as exc:
                 if exc.errno not in NO_HARD_LINKS:

@@ -132,6 +132,39 @@ def test_a_put_makes_the_rename_durable_before_it_returns(tmp_path: Path, monkey
     assert synced == ["dir assets", "file", "rename", f"dir {sha[:2]}"]
 
 
+def test_a_put_that_finds_its_name_just_linked_makes_that_name_durable_before_it_returns(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Two puts of the same bytes: the other links its file first, and has not fsynced the folder yet
+    # when this one's link finds the name taken. This put returned on the file found, and its row
+    # committed naming a name a power loss could still take away (a rename over it, before
+    # `write_new`, fsynced the folder itself).
+    store = ArtifactStore(tmp_path / "assets")
+    data = b"stored twice at once"
+    sha = hashlib.sha256(data).hexdigest()
+    store.path_for(sha).parent.mkdir()
+    done: list[str] = []
+    real_fsync, real_link = os.fsync, os.link
+
+    def fsync(fd: int) -> None:
+        path = Path(os.readlink(f"/proc/self/fd/{fd}"))
+        done.append("dir " + path.name if path.is_dir() else "file")
+        real_fsync(fd)
+
+    def link(src: Any, dst: Any) -> None:
+        if not Path(dst).exists():  # the other put, between its link and its folder's fsync
+            other = Path(dst).with_name(".tmp-other.png")
+            other.write_bytes(data)
+            real_link(other, dst)
+            other.unlink()
+            done.append("the other's link")
+        real_link(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "link", link)
+    assert store.put_file(data).made is None  # the other put's file
+    assert f"dir {sha[:2]}" in done[done.index("the other's link"):]
+
+
 def test_a_service_makes_its_store_s_shard_folders_ahead_so_a_first_image_pays_no_root_fsync(
         make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     # A new store's first image in each shard fsynced the root for the shard's name as well: most
