@@ -503,12 +503,20 @@ def test_an_empty_preview_is_dropped_and_its_step_told_without_one(make_settings
     assert told[:2] == [{"step": 1, "total": STEPS, "fraction": 0.25}, {"step": 2, "total": STEPS, "fraction": 0.5}]
 
 
-def test_a_preview_that_cannot_be_read_is_dropped_and_the_render_goes_on(make_settings: SettingsFactory) -> None:
+@pytest.mark.parametrize(("name", "factory", "kind"), [
     # Shrunk on the engine's thread as it is told (it was shrunk when first read, by a GET or the
     # write behind), a plugin's unreadable preview raised out of `progress.step` into the plugin:
     # its render failed ("image file is truncated") for a preview, which is only ever shown.
-    app = create_app(make_settings(run_jobs=False, engines="fake-broken=tests.api.test_previews_shared:broken_factory"))
-    with TestClient(app) as client:
+    ("fake-broken", "broken_factory", BrokenEngine),
+    # Only a shrink read a preview's pixels as it was told: one within PREVIEW_MAX_SIDE (256 px, cut
+    # short, opened lazily) was kept unread, its step told with a `preview_url`, and each GET of it
+    # failed 500 when the encode met the truncated data.
+    ("fake-small-broken", "small_broken_factory", SmallBrokenEngine),
+], ids=["shrunk", "small"])
+def test_a_preview_that_cannot_be_read_is_dropped_and_the_render_goes_on(
+        make_settings: SettingsFactory, name: str, factory: str, kind: type[BrokenEngine]) -> None:
+    app = create_app(make_settings(run_jobs=False, engines=f"{name}=tests.api.test_previews_shared:{factory}"))
+    with TestClient(app, raise_server_exceptions=False) as client:
         services: Services = app.state.services
         told: list[dict[str, Any]] = []
         publish = services.bus.publish
@@ -519,10 +527,10 @@ def test_a_preview_that_cannot_be_read_is_dropped_and_the_render_goes_on(make_se
             publish(job_id, type_, data, **kwargs)
 
         services.bus.publish = recorded  # type: ignore[method-assign]
-        job_id = add_job(services, engine="fake-broken")
+        job_id = add_job(services, engine=name)
         [(claim, _lane)] = services.scheduler._claim_ready({})
-        engine = services.registry.get("fake-broken")
-        assert isinstance(engine, ThirdParty) and isinstance(engine.wrapped, BrokenEngine)
+        engine = services.registry.get(name)
+        assert isinstance(engine, ThirdParty) and isinstance(engine.wrapped, kind)
         broken = engine.wrapped
         running = threading.Thread(target=asyncio.run, args=(services.runner.run(claim),))
         running.start()
@@ -539,43 +547,6 @@ def test_a_preview_that_cannot_be_read_is_dropped_and_the_render_goes_on(make_se
         assert job.status == "succeeded", job.error
     assert told[0] == {"step": 1, "total": STEPS, "fraction": 0.25}
     assert told[1]["step"] == 2 and "preview_url" in told[1]
-
-
-def test_a_small_preview_that_cannot_be_read_is_dropped_too(make_settings: SettingsFactory) -> None:
-    # Only a shrink read a preview's pixels as it was told: one within PREVIEW_MAX_SIDE (256 px, cut
-    # short, opened lazily) was kept unread, its step told with a `preview_url`, and each GET of it
-    # failed 500 when the encode met the truncated data.
-    app = create_app(make_settings(
-        run_jobs=False, engines="fake-small-broken=tests.api.test_previews_shared:small_broken_factory"))
-    with TestClient(app, raise_server_exceptions=False) as client:
-        services: Services = app.state.services
-        told: list[dict[str, Any]] = []
-        publish = services.bus.publish
-
-        def recorded(job_id: str, type_: str, data: dict[str, Any], **kwargs: Any) -> None:
-            if type_ == "progress":
-                told.append(data)
-            publish(job_id, type_, data, **kwargs)
-
-        services.bus.publish = recorded  # type: ignore[method-assign]
-        job_id = add_job(services, engine="fake-small-broken")
-        [(claim, _lane)] = services.scheduler._claim_ready({})
-        engine = services.registry.get("fake-small-broken")
-        assert isinstance(engine, ThirdParty) and isinstance(engine.wrapped, SmallBrokenEngine)
-        broken = engine.wrapped
-        running = threading.Thread(target=asyncio.run, args=(services.runner.run(claim),))
-        running.start()
-        try:
-            assert broken.at.get(timeout=30) == 1
-            assert_error(client.get(f"/v1/jobs/{job_id}/preview"), 404, "not_found")
-            broken.go.release()
-            assert broken.at.get(timeout=30) == 2
-            assert client.get(f"/v1/jobs/{job_id}/preview").status_code == 200
-        finally:
-            broken.go.release(2)
-            running.join(30)
-        assert row(services, job_id).status == "succeeded"
-    assert told[0] == {"step": 1, "total": STEPS, "fraction": 0.25}
 
 
 def test_a_16_bit_preview_is_shown_as_it_looks(make_settings: SettingsFactory) -> None:
