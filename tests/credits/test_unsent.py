@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
+from PIL import Image
 from sqlalchemy import update
 from sqlmodel import col, select
 
@@ -29,7 +30,7 @@ from orchestrator.settings import Settings
 from tests import fakes
 from tests.credits import PRICE, ledger, poll, project_with_draft, promote_ok, wait_for_state
 from tests.credits.conftest import POLICY, Service
-from tiers.base import CancelToken
+from tiers.base import CancelToken, RenderedImage, RenderResult, billable_send
 
 HOLD = int(PRICE * 1000)  # millicredits
 
@@ -395,3 +396,83 @@ def test_a_killed_paid_job_runs_again_only_if_its_request_had_not_gone(
         done = poll(lambda: client.get(f"/v1/jobs/{job_id}").json(), lambda j: j["status"] == "canceled")
         assert done["cost"]["held"] == 0 and done["cost"]["charged"] == 0
         assert entries() == [("hold", False), ("release", False)]
+
+
+@pytest.mark.parametrize("closed_at", ["before-encoding", "before-the-puts"])
+def test_a_paid_answer_whose_images_a_stop_cut_off_is_not_queued_again_as_unsent(
+        paid_settings_for: Callable[..., Settings], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        closed_at: str) -> None:
+    """A synchronous paid engine (as Gemini's: no provider id before its answer, which holds the
+    images) answered; the stop closed the runner while those images were being stored, its pools
+    then refusing work: `_store_pngs` raises a `Canceled` saying "no". Read as nothing having
+    reached the provider, the job would be queued again as unsent and its request sent, and
+    billed, a second time on the next start. `JobRunner._store` raises any `Canceled` after the
+    engine's return to "yes" for a remote engine, so `_canceled` leaves the job to recovery, which
+    ends it charged, and nothing is sent again."""
+    settings = paid_settings_for(tmp_path / "data")
+    first = Services.build(settings)
+    try:
+        prompt = f"answered, closed {closed_at}"  # `left_running`'s label: SENT holds every test's
+        ids = left_running(first, **{prompt: {"status": "queued", "attempt": 0, "lease_owner": None,
+                                              "lease_expires_at": None, "started_at": None}})
+        job_id = ids[prompt]
+        with first.db.session() as s:
+            queued = s.get(Job, job_id)
+            assert queued is not None
+        claim = first.scheduler._claim(queued)
+        assert claim is not None and claim.surely_unsent()
+        first.scheduler._claimed.pop(job_id, None)
+        runner = first.runner
+
+        async def answered(self: fakes.FakePaidEngine, req: Any, progress: Any, cancel: CancelToken) -> RenderResult:
+            await billable_send()
+            fakes.SENT.append(req.prompt)
+            # The answer is in; the stop (`Scheduler._interrupt`) marks every running claim.
+            claim.shutdown = True
+            claim.cancel.cancel(abandon=True)
+            return RenderResult(images=[RenderedImage(Image.new("RGB", (64, 64)), 7)], model="fake-1",
+                                cost_millicredits=HOLD, provider_request_id="resp-1")
+
+        monkeypatch.setattr(fakes.FakePaidEngine, "run", answered)
+        if closed_at == "before-encoding":
+            record = runner._record
+
+            def close_then_record(*args: Any, **kwargs: Any) -> dict[str, Any]:
+                runner.close()  # the stop stopped waiting: its pools refuse the encoding
+                return record(*args, **kwargs)
+
+            monkeypatch.setattr(runner, "_record", close_then_record)
+        else:
+            keep = runner._keep_for_recovery
+
+            def keep_then_close(*args: Any, **kwargs: Any) -> None:
+                keep(*args, **kwargs)
+                runner.close()  # encoded and recorded for a recovery; the store's pool refuses the puts
+
+            monkeypatch.setattr(runner, "_keep_for_recovery", keep_then_close)
+        asyncio.run(runner.run(claim))
+        with first.db.session() as s:
+            left = s.get(Job, job_id)
+            assert left is not None
+            # Not queued again as having sent nothing: left running, to this process's lease.
+            assert (left.status, left.unsent_attempt) == ("running", None)
+        assert settled(first, job_id) == [("hold", False)]
+        with first.db.transaction() as s:  # the process is gone: its lease runs out
+            s.execute(update(Job).where(col(Job.id) == job_id).values(
+                lease_owner="dead-host:1:0", lease_expires_at=utcnow() - timedelta(seconds=1)))
+    finally:
+        asyncio.run(first.aclose())
+    assert fakes.SENT.count(prompt) == 1
+    again = Services.build(settings)
+    try:
+        assert asyncio.run(again.scheduler.recover(all_foreign=False)) == [job_id]
+        with again.db.session() as s:
+            ended = s.get(Job, job_id)
+            assert ended is not None
+        # Ended, never run again: possibly billed, its estimate captured for reconciliation (the
+        # images the stop cut off were never stored, so there is nothing to adopt).
+        assert (ended.status, (ended.error or {}).get("code")) == ("failed", "interrupted")
+        assert settled(again, job_id) == [("hold", False), ("capture", True)]
+    finally:
+        asyncio.run(again.aclose())
+    assert fakes.SENT.count(prompt) == 1
